@@ -1,0 +1,1 @@
+"""ViT, the MCF model, heads and teachers."""

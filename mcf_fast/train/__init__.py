@@ -1,0 +1,1 @@
+"""Training: config, loop, schedules, EMA, checkpoints, logging, export."""

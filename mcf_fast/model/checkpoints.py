@@ -1,0 +1,124 @@
+"""Reading foreign ViT checkpoints: MoCo v3, MAE, timm / plain state dicts, safetensors, and ours.
+
+Everything is loaded with `weights_only=True` (or safetensors): an untrusted file cannot run code.
+A checkpoint whose keys do not fit is an error naming the missing and unexpected keys; nothing is
+ever loaded partially by accident.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+# Prefixes by which known formats wrap a ViT's own keys, tried in this order.
+_PREFIXES = ("module.base_encoder.", "base_encoder.", "module.encoder.", "encoder.", "module.", "model.")
+# Keys that belong to a classification / projection head, not to the backbone.
+_HEAD = re.compile(r"^(head|fc_norm|pre_logits|head_drop)\b")
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Load a file into a flat {name: tensor} dict, unwrapping {'state_dict'|'model'|'module': ...}."""
+    if not path:
+        raise ValueError("empty checkpoint path: give checkpoint:/path/to/file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r} (check the path; nothing was loaded)")
+    if os.path.isdir(path):
+        cand = os.path.join(path, "encoder.safetensors")
+        if os.path.exists(cand):
+            path = cand
+        else:
+            raise IsADirectoryError(f"{path!r} is a folder: give the checkpoint file (e.g. .pth, .safetensors)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses pickled code: say so instead of a pickle trace
+        raise ValueError(f"could not read {path!r} as a weights-only torch checkpoint: {e}. Files that need "
+                         "arbitrary code to unpickle are refused; re-save it as a plain state dict.") from e
+    for key in ("state_dict", "model", "module", "model_state"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        bad = type(obj).__name__ if not isinstance(obj, dict) else \
+            [k for k, v in obj.items() if not torch.is_tensor(v)][:5]
+        raise ValueError(f"{path!r} is not a state dict of tensors (found {bad})")
+    return obj
+
+
+def extract_vit(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Strip the wrapping prefix and head keys; return the backbone's timm-named keys and the prefix."""
+    for prefix in _PREFIXES:
+        if any(k.startswith(prefix + "patch_embed.") for k in sd):
+            out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    else:
+        if "patch_embed.proj.weight" not in sd:
+            sample = sorted(sd)[:8]
+            raise ValueError("no ViT backbone in this checkpoint: expected 'patch_embed.proj.weight' with one "
+                             f"of the prefixes {('',) + _PREFIXES}; first keys are {sample}")
+        prefix, out = "", dict(sd)
+    keep = {}
+    for k, v in out.items():
+        if _HEAD.match(k) or k.startswith("decoder") or k == "mask_token":
+            continue
+        keep[k] = v
+    return keep, prefix
+
+
+def infer_vit_arch(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> dict:
+    """ViT hyper-parameters read off the tensor shapes (heads are not in the weights: D // 64 default)."""
+    w = sd["patch_embed.proj.weight"]
+    D, C, p, _ = w.shape
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    L = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else None
+    grid = int(round(L ** 0.5)) if L else 224 // p
+    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    return dict(img_size=grid * p, patch_size=p, in_chans=C, embed_dim=D, depth=depth,
+                num_heads=num_heads or max(1, D // 64), mlp_ratio=hidden / D,
+                qkv_bias="blocks.0.attn.qkv.bias" in sd)
+
+
+def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with an error that lists what is missing and what is unexpected."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or wrong:
+        shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:10]]
+        raise ValueError(f"checkpoint {source!r} does not fit the model: missing keys {missing[:20]}"
+                         f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
+                         f"{' ...' if len(unexpected) > 20 else ''}; shape mismatches {shapes}")
+    module.load_state_dict(sd, strict=True)
+
+
+def load_mae_decoder(model, path: str, num_blocks: int = -1) -> list[str]:
+    """Initialise the MCF decoder from an MAE checkpoint: embed + mask token, the first `num_blocks`
+    blocks (-1 = all), and norm + pixel head only when every block is loaded. Returns loaded keys."""
+    sd = read_state_dict(path)
+    if any(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if "decoder_embed.weight" not in sd:
+        raise ValueError(f"{path!r} has no MAE decoder (no 'decoder_embed.weight'); give an MAE pre-training "
+                         "checkpoint such as mae_pretrain_vit_base_full.pth")
+    have = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"decoder_blocks\.(\d+)\.", k))), default=-1)
+    depth = len(model.decoder_blocks)
+    n = depth if num_blocks < 0 else num_blocks
+    if n > depth or n > have:
+        raise ValueError(f"asked to load {n} decoder blocks but the model has {depth} and {path!r} has {have}")
+    want = ["decoder_embed.", "mask_token"] + [f"decoder_blocks.{i}." for i in range(n)]
+    if n == depth:
+        want += ["decoder_norm.", "decoder_pred."]
+    own = model.state_dict()
+    picked = {k: v for k, v in sd.items() if any(k.startswith(w) for w in want)}
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in picked.items()
+             if k in own and own[k].shape != v.shape]
+    absent = [k for k in own if any(k.startswith(w) for w in want) and k not in picked and "pos_embed" not in k]
+    if wrong or absent:
+        raise ValueError(f"MAE decoder in {path!r} does not fit: shape mismatches {wrong[:10]}, "
+                         f"missing {absent[:10]}")
+    model.load_state_dict(picked, strict=False)
+    return sorted(picked)

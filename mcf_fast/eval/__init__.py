@@ -1,0 +1,1 @@
+"""Downstream evaluation: face alignment and face parsing."""

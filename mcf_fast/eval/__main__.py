@@ -1,0 +1,40 @@
+"""`python -m mcf_fast.eval alignment|parsing --data DIR --encoder FILE|random --out DIR [...]`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import EvalConfig, add_arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mcf_fast.eval",
+                                description="Fine-tune a pre-trained (or random) ViT encoder on a downstream "
+                                            "face task and score it as FaRL does.")
+    sub = p.add_subparsers(dest="task", required=True, metavar="{alignment,parsing}")
+    for task, what in (("alignment", "AFLW-19 landmarks: NME_diag / NME_box / NME_inter-ocular, AUC and FR at 0.07"),
+                       ("parsing", "LaPa face parsing: F1 per class, mean over the 10 foreground classes")):
+        add_arguments(sub.add_parser(task, help=what, description=what))
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = EvalConfig(**vars(args))
+    from .train import run  # torch and friends load only once the arguments are known to be sane
+    try:
+        cfg.validate()
+        out = run(cfg)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    keys = [k for k in out if k.startswith(("nme", "auc", "fr_", "f1_mean", "stopped"))]
+    print(json.dumps({k: out[k] for k in keys}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The fine-tuning loop: build, (resume,) train for --max-steps, score, write the run folder.
+
+A run folder explains itself: config.json, metrics.jsonl (one line per logged step and a final line
+with the scores), ckpt.pt (atomic; rerunning the same command resumes from it), metrics.json,
+metrics.md and predictions.png.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+
+from .config import EvalConfig
+from .encoders import build_encoder, param_groups
+from .heads import DenseModel
+from .tasks import TASK_CLASSES
+from .transforms import StepBatches
+from .viz import alignment_sheet, parsing_sheet, summary_markdown
+
+log = logging.getLogger(__name__)
+CKPT = "ckpt.pt"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu")
+    return dev
+
+
+def lr_at(step: int, cfg: EvalConfig) -> float:
+    """Linear warm-up then cosine decay to 0 (MAE fine-tuning's schedule), as a factor of --lr."""
+    warm = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, cfg.max_steps // 20)
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, cfg.max_steps - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _atomic_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(path: str, model, opt, step: int, cfg: EvalConfig) -> None:
+    state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+             "fingerprint": cfg.fingerprint()}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a checkpoint counts only once it is complete
+
+
+def load_checkpoint(path: str, model, opt, cfg: EvalConfig) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != cfg.fingerprint():
+        old, new = state.get("fingerprint", {}), cfg.fingerprint()
+        diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+        raise ValueError(f"{path} was written by a different configuration {diff} (old, new); "
+                         "use another --out or --no-resume to start over")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def build_model(cfg: EvalConfig, out_channels: int):
+    enc, info = build_encoder(cfg.encoder, cfg.arch or None, cfg.img_size or None, cfg.seed)
+    # The head's initial weights depend on the seed alone: the pre-trained and scratch runs of a
+    # comparison start from the same head.
+    torch.manual_seed(cfg.seed)
+    model = DenseModel(enc, out_channels, cfg.head_width, cfg.freeze_backbone)
+    return model, info
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Train and score; returns the metrics (also written to OUT/metrics.json)."""
+    cfg.validate()
+    os.makedirs(cfg.out, exist_ok=True)
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    task_cls = TASK_CLASSES[cfg.task]
+    model, info = build_model(cfg, task_cls.out_channels)
+    size = model.encoder.arch["img_size"]
+    task = task_cls(cfg, size, info["norm_mean"], info["norm_std"])
+    train_ds = task.train_data()
+    task.test_records()  # fail on a broken test split before spending time on training
+    model.to(device)
+    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay), betas=(0.9, 0.999))
+    _atomic_json(os.path.join(cfg.out, "config.json"), {**vars(cfg), "encoder_info": info})
+
+    ckpt = os.path.join(cfg.out, CKPT)
+    start = load_checkpoint(ckpt, model, opt, cfg) if cfg.resume and os.path.exists(ckpt) else 0
+    end = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
+    if start:
+        log.info("resuming %s from step %d", cfg.out, start)
+
+    def autocast():
+        # bf16 on GPU (as pre-training); fp32 on CPU, where bf16 autocast is slower on most machines.
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    t0 = time.time()
+    if start < end:
+        model.train()
+        sampler = StepBatches(len(train_ds), cfg.batch_size, cfg.seed, start, end)
+        loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers)
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.max_steps, initial=start, desc=cfg.task, dynamic_ncols=True)
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as mlog:
+            for step, batch in zip(range(start, end), loader):
+                scale = lr_at(step, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * g["lr_scale"] * scale
+                with autocast():
+                    loss, logs = task.loss(model, batch, device)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                opt.step()
+                last = step + 1 == end
+                if (step + 1) % cfg.log_every == 0 or last:
+                    rec = {"step": step + 1, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in logs.items()},
+                           "lr": cfg.lr * scale, "elapsed_s": round(time.time() - t0, 3)}
+                    if not math.isfinite(rec["loss"]):
+                        raise FloatingPointError(f"loss became {rec['loss']} at step {step + 1}; lower --lr "
+                                                 "or raise --warmup-steps")
+                    mlog.write(json.dumps(rec) + "\n")
+                    mlog.flush()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                if bar is not None:
+                    bar.update(1)
+                if last or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0):
+                    save_checkpoint(ckpt, model, opt, step + 1, cfg)
+        if bar is not None:
+            bar.close()
+    train_s = time.time() - t0
+    if end < cfg.max_steps:
+        log.info("stopped after step %d of %d (--stop-after); rerun without it to finish", end, cfg.max_steps)
+        return {"stopped_at": end}
+
+    model.eval()
+    t1 = time.time()
+    metrics, viz = task.evaluate(model, device, cfg.num_viz, autocast)
+    eval_s = time.time() - t1
+    run_info = {"encoder": info["source"], "arch": info["arch"], "img_size": size, "freeze_backbone": cfg.freeze_backbone,
+                "steps": cfg.max_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "layer_decay": cfg.layer_decay,
+                "seed": cfg.seed, "train_images": len(train_ds), "train_seconds": round(train_s, 2),
+                "eval_seconds": round(eval_s, 2), "device": str(device), "eval_split": cfg.eval_split}
+    out = {"task": cfg.task, **metrics, "units": "fraction", "run": run_info}
+    _atomic_json(os.path.join(cfg.out, "metrics.json"), out)
+    with open(os.path.join(cfg.out, "metrics.md"), "w") as f:
+        f.write(summary_markdown(cfg.task, metrics, run_info))
+    (alignment_sheet if cfg.task == "alignment" else parsing_sheet)(viz, os.path.join(cfg.out, "predictions.png"))
+    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as mlog:
+        mlog.write(json.dumps({"step": cfg.max_steps, "final": True,
+                               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}) + "\n")
+    return out

@@ -1,0 +1,16 @@
+"""Data path: synthetic faces, readers (shards, folders, list files), torch and DALI loaders,
+face-crop preparation and scanning. See docs/ARCHITECTURE.md ("Data") for the contract.
+
+Importing this package imports numpy only; torch, DALI and the decoders load on first use.
+"""
+from .config import DataConfig
+
+__all__ = ["DataConfig", "build_pretrain_loader", "PretrainLoader", "Batch"]
+
+
+def __getattr__(name):
+    # lazy: `from mcf_fast.data import build_pretrain_loader` should not pay for torch at import time
+    if name in ("build_pretrain_loader", "PretrainLoader", "Batch"):
+        from . import loader
+        return getattr(loader, name)
+    raise AttributeError(name)

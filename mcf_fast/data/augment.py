@@ -1,0 +1,62 @@
+"""The paper's augmentation on the CPU side of the torch loader, and normalisation on the device.
+
+Per sample (decisions from `sampling`, so they depend on (seed, epoch, sample id) only):
+- plain: resize the shorter side to S (area filter when shrinking, bilinear when enlarging), then the
+  central S x S crop (square face crops, the normal case, are simply resized);
+- random_resized_crop: torchvision's box rule, the box resized to S x S;
+- horizontal flip (p = 0.5) when enabled.
+Workers hand back uint8 [N, 3, S, S]; `normalize` turns it into float on the training device, so the
+host->device copy moves bytes, not floats. DALI fuses the same steps (see `dali.py`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # cv2's resize is ~3x faster than pillow's here; pillow is the fallback
+    import cv2
+except ImportError:  # pragma: no cover - opencv is part of the `faces`/`dev` extras
+    cv2 = None
+
+
+def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
+    if img.shape[1] == w and img.shape[0] == h:
+        return img
+    if cv2 is not None:
+        shrink = w < img.shape[1] or h < img.shape[0]
+        return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    from PIL import Image
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+
+
+def resize_center(img: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side to `size`, then the central size x size crop."""
+    h, w = img.shape[:2]
+    if h == w:
+        return _resize(img, size, size)
+    s = size / min(h, w)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    img = _resize(img, nw, nh)
+    y0, x0 = (nh - size) // 2, (nw - size) // 2
+    return img[y0:y0 + size, x0:x0 + size]
+
+
+def crop_resize(img: np.ndarray, box, size: int) -> np.ndarray:
+    """The (x0, y0, w, h) box of img, resized to size x size."""
+    x0, y0, w, h = (int(v) for v in box)
+    return _resize(np.ascontiguousarray(img[y0:y0 + h, x0:x0 + w]), size, size)
+
+
+def to_chw(img: np.ndarray, flip: bool) -> np.ndarray:
+    """HWC uint8 -> CHW uint8, mirrored left-right when `flip`."""
+    if flip:
+        img = img[:, ::-1]
+    return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+def normalize(images_u8, mean, std, dtype, device, non_blocking=True):
+    """uint8 [N, 3, S, S] -> (x / 255 - mean) / std in `dtype` on `device` (one fused-ish pass)."""
+    import torch
+    x = images_u8.to(device, non_blocking=non_blocking)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
+    return ((x.float() - m) / s).to(dtype)

@@ -1,0 +1,162 @@
+"""NVIDIA DALI backend: decode + augmentation in DALI, order and resume from `sampling`.
+
+Design: the sample order must be the one `sampling.EpochOrder` defines (exact mid-epoch resume, same
+samples as the torch loader), so Python reads each sample's encoded bytes by index-file offset (one
+pread, no decoding) and feeds them with the per-sample flip bit and crop box to
+`fn.external_source`. DALI then does the heavy part: `fn.decoders.image` (device "mixed" = nvJPEG /
+the hardware decoder on a GPU, "cpu" with device_id=None otherwise), `fn.resize` (shorter side to S,
+antialiased) or the random-resized-crop box via `fn.decoders.image_slice`, and one fused
+`fn.crop_mirror_normalize` (central S x S crop, mirror, ImageNet mean/std, NCHW, fp32/fp16).
+DALI's own `fn.readers.webdataset` uses the same index files (see `webdataset_reader_pipeline`, used
+by the benchmark) but shuffles with its own buffer, which cannot resume mid-epoch exactly.
+
+Bad data: one undecodable image makes `pipe.run()` raise for the whole batch, so this backend only
+reads validated shards (index files + manifest from `prepare` / `scan --write-index`, which leave bad
+samples out and record their counts, reported by `stats()`); unvalidated shards are refused with the
+command to run.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import sampling
+from .sources import ShardSource
+
+
+def _dali():
+    import nvidia.dali  # noqa: F401
+    return nvidia.dali
+
+
+def unavailable_reason(cfg, source, device) -> str | None:
+    """None when DALI can serve this data, else why not (said once, in the error or the log)."""
+    try:
+        _dali()
+    except ImportError as e:
+        return f"nvidia-dali is not installed ({e}); pip install nvidia-dali-cuda130"
+    if not isinstance(source, ShardSource):
+        return ("DALI reads validated webdataset shards only; this data is "
+                f"{'synthetic (drawn in Python)' if source.kind == 'synthetic' else 'a folder / list of image files'}"
+                "; pack it with `python -m mcf_fast.data.prepare` or use data.loader=torch")
+    if not source.all_validated:
+        bad = [s for s, v in zip(source.shards, source.validated) if not v][:3]
+        return (f"shards are not validated (e.g. {bad}); one undecodable JPEG kills a DALI batch, so run "
+                "`python -m mcf_fast.data.scan --write-index SHARDS` (or build them with prepare)")
+    return None
+
+
+class DaliBackend:
+    """Runs the pipeline for one rank; `iterate(epoch, step)` yields batch dicts like BatchMaker."""
+
+    def __init__(self, cfg, source, *, batch_size, rank, world_size, seed, device, drop_last):
+        import torch
+        self.cfg, self.source, self.batch_size, self.seed = cfg, source, batch_size, seed
+        self.rank = rank
+        self.order = sampling.EpochOrder(source.counts, seed, cfg.shuffle_window)
+        self.per_rank, self.steps_per_epoch = sampling.per_rank(source.num_samples, batch_size, world_size,
+                                                                 drop_last)
+        self.device = torch.device(device)
+        self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+        self._pipe = None
+
+    def _feed(self, epoch, step):
+        """external_source callback state: yields (jpegs, flips, ids, crop anchors, crop shapes)."""
+        cfg = self.cfg
+        e, s = epoch, step
+        while True:
+            start = self.rank * self.per_rank + s * self.batch_size
+            ids = self.order.ids(e, start, start + self.batch_size)
+            data = [np.frombuffer(self.source.read(int(i))[0], np.uint8) for i in ids]
+            flips = (sampling.flip_flags(self.seed, e, ids) & cfg.hflip).astype(np.int32)
+            if cfg.random_resized_crop:
+                hw = np.array([_jpeg_hw(d) for d in data])
+                boxes = sampling.rrc_boxes(self.seed, e, ids, hw[:, 0], hw[:, 1], cfg.rrc_scale, cfg.rrc_ratio)
+            else:
+                boxes = np.zeros((len(ids), 4), np.int64)
+            anchors = [b[[0, 1]].astype(np.float32) for b in boxes]   # (x, y)
+            shapes = [b[[2, 3]].astype(np.float32) for b in boxes]    # (w, h)
+            yield (data, list(flips), [np.array([i, e, s], np.int64) for i in ids], anchors, shapes)
+            s += 1
+            if s == self.steps_per_epoch:
+                e, s = e + 1, 0
+
+    def build(self, epoch, step):
+        dali = _dali()
+        from nvidia.dali import fn, types
+        cfg, S = self.cfg, self.cfg.img_size
+        gen = self._feed(epoch, step)
+        pipe = dali.Pipeline(batch_size=self.batch_size, num_threads=max(1, cfg.workers),
+                             device_id=self.device_id, prefetch_queue_depth=cfg.prefetch,
+                             exec_dynamic=self.device_id is not None)
+        with pipe:
+            jpegs, flips, meta, anchor, shape = fn.external_source(
+                source=gen, num_outputs=5, batch=True, cycle=False,
+                dtype=[types.UINT8, types.INT32, types.INT64, types.FLOAT, types.FLOAT])
+            dev = "mixed" if self.device_id is not None else "cpu"
+            if cfg.random_resized_crop:
+                imgs = fn.decoders.image_slice(jpegs, anchor, shape, device=dev, output_type=types.RGB,
+                                               normalized_anchor=False, normalized_shape=False, axis_names="WH")
+                imgs = fn.resize(imgs, size=[S, S], antialias=True)
+            else:
+                imgs = fn.decoders.image(jpegs, device=dev, output_type=types.RGB)
+                imgs = fn.resize(imgs, resize_shorter=S, antialias=True)
+            out_dtype = types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT
+            imgs = fn.crop_mirror_normalize(
+                imgs, crop=(S, S), crop_pos_x=0.5, crop_pos_y=0.5, mirror=flips, dtype=out_dtype,
+                output_layout="CHW", mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std])
+            pipe.set_outputs(imgs, meta)
+        pipe.build()
+        return pipe
+
+    def iterate(self, epoch, step):
+        import torch
+        pipe = self.build(epoch, step)
+        self._pipe = pipe
+        while True:
+            try:
+                imgs, meta = pipe.run()
+            except RuntimeError as e:
+                raise RuntimeError(
+                    f"DALI failed on a batch of validated shards ({str(e).splitlines()[0][:300]}); a shard "
+                    "changed after validation? rerun `python -m mcf_fast.data.scan --write-index`") from e
+            meta = np.stack([np.asarray(m) for m in (meta.as_cpu() if hasattr(meta, "as_cpu") else meta)])
+            if self.device_id is None:
+                x = torch.from_numpy(np.asarray(imgs.as_tensor()))
+            else:
+                from nvidia.dali.plugin.pytorch import feed_ndarray
+                t = imgs.as_tensor()
+                x = torch.empty(t.shape(), dtype=torch.float16 if self.cfg.dtype == "float16" else torch.float32,
+                                device=self.device)
+                feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device))
+            yield {"images": x, "ids": torch.from_numpy(meta[:, 0].copy()), "skipped": {}, "converted": {},
+                   "epoch": int(meta[0, 1]), "step": int(meta[0, 2])}
+
+    def close(self):
+        self._pipe = None
+
+
+def _jpeg_hw(data: np.ndarray) -> tuple[int, int]:
+    import simplejpeg
+    h, w = simplejpeg.decode_jpeg_header(data.tobytes())[:2]
+    return h, w
+
+
+def webdataset_reader_pipeline(shards, batch_size, size, *, num_threads=2, device_id=None, seed=0):
+    """DALI's native path (fn.readers.webdataset + index files): for throughput comparisons."""
+    dali = _dali()
+    from nvidia.dali import fn, types
+    pipe = dali.Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
+    with pipe:
+        jpegs = fn.readers.webdataset(paths=list(shards), index_paths=[s + ".idx" for s in shards],
+                                      ext=["jpg"], random_shuffle=True, initial_fill=256,
+                                      missing_component_behavior="skip", name="reader")
+        imgs = fn.decoders.image(jpegs, device="mixed" if device_id is not None else "cpu",
+                                 output_type=types.RGB)
+        imgs = fn.resize(imgs, resize_shorter=size, antialias=True)
+        imgs = fn.crop_mirror_normalize(imgs, crop=(size, size), mirror=fn.random.coin_flip(),
+                                        dtype=types.FLOAT, output_layout="CHW",
+                                        mean=[0.485 * 255, 0.456 * 255, 0.406 * 255],
+                                        std=[0.229 * 255, 0.224 * 255, 0.225 * 255])
+        pipe.set_outputs(imgs)
+    pipe.build()
+    return pipe

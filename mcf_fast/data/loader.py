@@ -1,0 +1,255 @@
+"""`build_pretrain_loader` and the torch (DataLoader) backend.
+
+A `PretrainLoader` yields `Batch(images [N, 3, S, S] normalised float on the device, sample_ids int64
+[N])` forever, epoch after epoch. Step b of epoch e on rank r is a pure function of (seed, e, b, r,
+world size, batch size, data): see `sampling`. `state_dict()` holds (epoch, step) of the next batch,
+so a resumed run continues with exactly the batches the uninterrupted run would have seen.
+
+Bad samples (torch backend) are skipped and counted, never silent and never fatal: the slot is filled
+by a deterministic substitute (another sample of the same epoch, probed by hash), so batches stay full
+and every rank runs the same number of steps. `stats()` returns the counters for metrics.jsonl.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import NamedTuple
+
+import numpy as np
+
+from . import augment, sampling
+from .config import DataConfig
+from .decode import BadSample, decode_rgb, resolve_decoder
+
+log = logging.getLogger(__name__)
+
+
+class Batch(NamedTuple):
+    images: "object"      # torch.FloatTensor [N, 3, S, S], normalised, on the training device
+    sample_ids: "object"  # torch.LongTensor [N], global sample ids
+
+
+class BatchMaker:
+    """Builds the uint8 batch of (epoch, step) for one rank: read, decode, augment, substitute."""
+
+    def __init__(self, cfg: DataConfig, source, *, batch_size, rank, world_size, seed, drop_last):
+        self.cfg, self.source = cfg, source
+        self.batch_size, self.rank, self.seed = batch_size, rank, seed
+        self.order = sampling.EpochOrder(source.counts, seed, cfg.shuffle_window)
+        self.per_rank, self.steps_per_epoch = sampling.per_rank(
+            source.num_samples, batch_size, world_size, drop_last)
+        self.decoder = resolve_decoder(cfg.decoder)
+
+    def ids(self, epoch: int, step: int) -> np.ndarray:
+        start = self.rank * self.per_rank + step * self.batch_size
+        return self.order.ids(epoch, start, start + self.batch_size)
+
+    def load(self, sample_id: int) -> tuple[np.ndarray, str | None]:
+        """Decoded RGB uint8 HWC image of one sample (raises BadSample)."""
+        payload, key = self.source.read(int(sample_id))
+        if isinstance(payload, np.ndarray):
+            return payload, None
+        return decode_rgb(payload, self.decoder, self.cfg.min_image_size)
+
+    def make(self, epoch: int, step: int) -> dict:
+        cfg, S = self.cfg, self.cfg.img_size
+        ids = self.ids(epoch, step)
+        out = np.empty((len(ids), 3, S, S), np.uint8)
+        used = ids.copy()
+        skipped, converted = Counter(), Counter()
+        for n, sid in enumerate(ids):
+            img = None
+            for attempt in range(cfg.max_retries + 1):
+                try:
+                    img, note = self.load(sid)
+                    if note:
+                        converted[note] += 1
+                    break
+                except BadSample as e:
+                    skipped[e.reason] += 1
+                    # substitute: a hashed position of this epoch, the same in every run
+                    pos = int(sampling.hash_u64(sampling.SALT_RETRY, self.seed, epoch, int(sid), attempt)
+                              % np.uint64(self.order.total))
+                    sid = int(self.order.ids(epoch, pos, pos + 1)[0])
+            if img is None:
+                raise RuntimeError(
+                    f"{cfg.max_retries + 1} samples in a row were bad (last: {skipped.most_common(3)}); "
+                    "the data is mostly unusable: run `python -m mcf_fast.data.scan` on it")
+            used[n] = sid
+            flip = bool(cfg.hflip and sampling.flip_flags(self.seed, epoch, [sid])[0])
+            if cfg.random_resized_crop:
+                box = sampling.rrc_boxes(self.seed, epoch, [sid], [img.shape[0]], [img.shape[1]],
+                                         cfg.rrc_scale, cfg.rrc_ratio)[0]
+                img = augment.crop_resize(img, box, S)
+            else:
+                img = augment.resize_center(img, S)
+            out[n] = augment.to_chw(img, flip)
+        return {"images": out, "ids": used, "skipped": dict(skipped), "converted": dict(converted),
+                "epoch": epoch, "step": step}
+
+
+class _StepDataset:
+    """Map-style dataset over (epoch, step) keys: each item is a whole batch (batch_size=None)."""
+
+    def __init__(self, maker: BatchMaker):
+        self.maker = maker
+
+    def __getitem__(self, key):
+        import torch
+        d = self.maker.make(*key)
+        d["images"] = torch.from_numpy(d["images"])
+        d["ids"] = torch.from_numpy(d["ids"])
+        return d
+
+
+class _Steps:
+    """Infinite (epoch, step) sequence starting at a given position (the DataLoader's sampler)."""
+
+    def __init__(self, epoch, step, steps_per_epoch):
+        self.epoch, self.step, self.spe = epoch, step, steps_per_epoch
+
+    def __iter__(self):
+        e, s = self.epoch, self.step
+        while True:
+            yield (e, s)
+            s += 1
+            if s == self.spe:
+                e, s = e + 1, 0
+
+
+def _worker_init(_):
+    import torch
+    torch.set_num_threads(1)  # workers are the parallelism; nested thread pools only thrash
+    if augment.cv2 is not None:
+        augment.cv2.setNumThreads(1)
+
+
+class PretrainLoader:
+    """Iterable of `Batch` over epochs forever; see the module docstring."""
+
+    def __init__(self, cfg: DataConfig, source, maker: BatchMaker | None, *, batch_size, rank, world_size,
+                 seed, device, backend="torch", dali=None):
+        import torch
+        self.cfg, self.source, self.maker = cfg, source, maker
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.device = torch.device(device)
+        self.backend = backend
+        self._dali = dali
+        self.steps_per_epoch = (maker or dali).steps_per_epoch
+        self.num_samples = source.num_samples
+        self.epoch, self.step = 0, 0
+        self._it = None
+        self._counts = {"skipped": Counter(), "converted": Counter()}
+        self._batches = 0
+        self._dtype = getattr(torch, cfg.dtype)
+
+    # --- iteration -------------------------------------------------------------------------------
+    def _start(self):
+        import torch
+        self.close()
+        if self._dali is not None:
+            self._it = self._dali.iterate(self.epoch, self.step)
+            return
+        ds = _StepDataset(self.maker)
+        w = self.cfg.workers
+        pin = self.cfg.pin_memory and self.device.type == "cuda"
+        dl = torch.utils.data.DataLoader(
+            ds, batch_size=None, sampler=_Steps(self.epoch, self.step, self.steps_per_epoch), num_workers=w,
+            pin_memory=pin, prefetch_factor=self.cfg.prefetch if w else None, persistent_workers=False,
+            worker_init_fn=_worker_init if w else None)
+        self._it = iter(dl)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._start()
+        d = next(self._it)
+        assert (d["epoch"], d["step"]) == (self.epoch, self.step), "loader order broke"
+        self._counts["skipped"].update(d["skipped"])
+        self._counts["converted"].update(d["converted"])
+        self._batches += 1
+        self.step += 1
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        imgs = d["images"]
+        if imgs.dtype.is_floating_point:  # DALI already normalised on its side
+            imgs = imgs.to(self.device, self._dtype, non_blocking=True)
+        else:
+            imgs = augment.normalize(imgs, self.cfg.mean, self.cfg.std, self._dtype, self.device)
+        return Batch(imgs, d["ids"].to(self.device, non_blocking=True))
+
+    # --- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "batch_size": self.batch_size,
+                "world_size": self.world_size, "num_samples": self.num_samples,
+                "skipped": dict(self._counts["skipped"]), "converted": dict(self._counts["converted"])}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Continue from a saved (epoch, step). The data, seed, batch size and world size must match,
+        else the positions would mean different samples: refused with the mismatch named."""
+        for k in ("seed", "batch_size", "world_size", "num_samples"):
+            if k in sd and sd[k] != getattr(self, k):
+                raise ValueError(
+                    f"loader state was saved with {k}={sd[k]} but this loader has {k}={getattr(self, k)}; "
+                    "an exact mid-epoch resume needs the same data, seed, batch size and world size "
+                    "(to change them, resume at an epoch boundary: load only {'epoch': e, 'step': 0})")
+        if not 0 <= sd.get("step", 0) < self.steps_per_epoch:
+            raise ValueError(f"loader state step={sd['step']} outside [0, {self.steps_per_epoch})")
+        self.close()
+        self.epoch, self.step = int(sd["epoch"]), int(sd.get("step", 0))
+        self._counts = {"skipped": Counter(sd.get("skipped", {})), "converted": Counter(sd.get("converted", {}))}
+
+    def stats(self) -> dict:
+        """Counters for metrics.jsonl: skipped samples (by reason, including problems met while
+        indexing or excluded by scan), converted images (gray, cmyk, ...), batches served."""
+        by = Counter(self._counts["skipped"])
+        by.update(self.source.index_stats)
+        return {"skipped": int(sum(by.values())), "skipped_by_reason": dict(sorted(by.items())),
+                "converted": int(sum(self._counts["converted"].values())),
+                "converted_by_reason": dict(sorted(self._counts["converted"].items())),
+                "batches": self._batches, "epoch": self.epoch, "step": self.step, "backend": self.backend}
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to release
+            pass
+
+
+def build_pretrain_loader(cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                          seed: int = 0, device="cpu", drop_last: bool = True) -> PretrainLoader:
+    """The pre-training loader for `cfg` (see the module docstring and docs/ARCHITECTURE.md)."""
+    from .sources import open_source
+    cfg.validate()
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need "
+                         "batch_size >= 1 and 0 <= rank < world_size")
+    source = open_source(cfg.path, seed=seed, img_size=cfg.img_size, synthetic_size=cfg.synthetic_size,
+                         cache_mb=cfg.synthetic_cache_mb,
+                         require_validated=cfg.require_validated or cfg.loader == "dali")
+    backend = cfg.loader
+    if backend in ("auto", "dali"):
+        from . import dali as dali_mod
+        why = dali_mod.unavailable_reason(cfg, source, device)
+        if backend == "dali" and why:
+            raise ValueError(f"data.loader=dali cannot run: {why}")
+        if why:
+            log.info("data.loader=auto -> torch (%s)", why)
+        backend = "torch" if why else "dali"
+    if backend == "dali":
+        from .dali import DaliBackend
+        dali = DaliBackend(cfg, source, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                           device=device, drop_last=drop_last)
+        return PretrainLoader(cfg, source, None, batch_size=batch_size, rank=rank, world_size=world_size,
+                              seed=seed, device=device, backend="dali", dali=dali)
+    maker = BatchMaker(cfg, source, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                       drop_last=drop_last)
+    return PretrainLoader(cfg, source, maker, batch_size=batch_size, rank=rank, world_size=world_size,
+                          seed=seed, device=device)

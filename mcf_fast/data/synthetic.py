@@ -1,0 +1,280 @@
+"""Procedural synthetic faces with exact labels: the embedded data set and the downstream test fixture.
+
+`draw_face(seed, index, size)` -> `Face(image, landmarks, bbox, parsing, visible, quality)` depends only
+on (seed, index, size). Every pixel is classified in a canonical face frame and the landmarks are
+mapped through the same similarity transform, so labels and pixels agree exactly.
+
+Conventions (the eval readers in `mcf_fast.eval` rely on these):
+- Coordinates are pixels, x to the right, y down, integer values at pixel centres (pixel (row i,
+  column j) is centred on (x=j, y=i)).
+- 19 landmarks in AFLW-19 order: 0-2 left brow (outer, centre, inner), 3-5 right brow (inner, centre,
+  outer), 6-8 left eye (outer, centre, inner), 9-11 right eye (inner, centre, outer), 12-14 nose
+  (left, tip, right), 15-17 mouth (left corner, centre, right corner), 18 chin. "Left" is image-left.
+- 11-class parsing map in LaPa order: 0 background, 1 skin, 2 left brow, 3 right brow, 4 left eye,
+  5 right eye, 6 nose, 7 upper lip, 8 inner mouth, 9 lower lip, 10 hair (left = image-left again).
+- bbox = (left, right, top, bottom) of the face ellipse (hair excluded), in pixels.
+Variation: roll, scale, shift, yaw (a horizontal squeeze plus a sideways shift of the features), skin
+tone, feature shapes, open/closed mouth, hair style/colour, background clutter, lighting, noise and
+JPEG quality (`Face.quality`, used by the writers).
+
+CLI (writers and their on-disk formats are documented in `mcf_fast.data.formats`):
+    python -m mcf_fast.data.synthetic --out DIR --num N --size S --format wds|aflw19|lapa [--seed K]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+AFLW19_NAMES = (
+    "left_brow_outer", "left_brow_centre", "left_brow_inner",
+    "right_brow_inner", "right_brow_centre", "right_brow_outer",
+    "left_eye_outer", "left_eye_centre", "left_eye_inner",
+    "right_eye_inner", "right_eye_centre", "right_eye_outer",
+    "nose_left", "nose_tip", "nose_right", "mouth_left", "mouth_centre", "mouth_right", "chin")
+LAPA_CLASSES = ("background", "skin", "left_eyebrow", "right_eyebrow", "left_eye", "right_eye",
+                "nose", "upper_lip", "inner_mouth", "lower_lip", "hair")
+# Landmark index -> parsing classes it must fall in (what the tests check).
+LANDMARK_CLASSES = ((2,), (2,), (2,), (3,), (3,), (3,), (4,), (4,), (4,), (5,), (5,), (5,),
+                    (6,), (6,), (6,), (7, 8, 9), (7, 8, 9), (7, 8, 9), (1,))
+FACE_HALF_H = 1.3  # face ellipse half-height in canonical units (half-width is 1)
+LM_INSET = 0.7     # corner landmarks sit this far along a feature's half-width (inside it)
+
+_SKIN = np.array([[255, 224, 196], [234, 192, 150], [198, 144, 105], [141, 85, 54], [88, 54, 36]], np.float32)
+_HAIR = np.array([[20, 15, 12], [70, 45, 25], [140, 95, 50], [210, 180, 120], [120, 120, 120], [160, 40, 20]],
+                 np.float32)
+_NOISE = None  # a fixed noise tile, drawn once per process (cheaper than fresh noise per image)
+
+
+@dataclass
+class Face:
+    image: np.ndarray      # uint8 [S, S, 3] RGB
+    landmarks: np.ndarray  # float32 [19, 2] (x, y)
+    bbox: np.ndarray       # float32 [4] (left, right, top, bottom)
+    parsing: np.ndarray    # uint8 [S, S], LaPa classes
+    visible: np.ndarray    # uint8 [19], 1 = visible (always 1 here: no occluders over features)
+    quality: int           # JPEG quality the writers use for this face
+
+
+def _noise_tile() -> np.ndarray:
+    global _NOISE
+    if _NOISE is None:
+        _NOISE = np.random.default_rng(12345).normal(0, 1, (512, 512)).astype(np.float32)
+    return _NOISE
+
+
+class _Canvas:
+    """Canonical coordinates (u, v) of every pixel plus the forward map for landmarks."""
+
+    def __init__(self, size, cx, cy, scale, squeeze, roll):
+        self.size, self.cx, self.cy = size, cx, cy
+        self.sx, self.sy = scale * squeeze, scale
+        self.c, self.s = math.cos(roll), math.sin(roll)
+        g = np.arange(size, dtype=np.float32)
+        dx, dy = g[None, :] - cx, g[:, None] - cy
+        # inverse rotation, then inverse anisotropic scale
+        self.u = (self.c * dx + self.s * dy) / self.sx
+        self.v = (-self.s * dx + self.c * dy) / self.sy
+
+    def to_pixels(self, pts):
+        pts = np.asarray(pts, np.float32)
+        x, y = pts[..., 0] * self.sx, pts[..., 1] * self.sy
+        return np.stack([self.cx + self.c * x - self.s * y, self.cy + self.s * x + self.c * y], -1)
+
+    def window(self, u0, u1, v0, v1):
+        """Pixel slices covering the canonical box [u0,u1] x [v0,v1] (all 4 corners mapped)."""
+        xs, ys = [], []
+        for a in (u0, u1):
+            for b in (v0, v1):
+                x, y = a * self.sx, b * self.sy
+                xs.append(self.cx + self.c * x - self.s * y)
+                ys.append(self.cy + self.s * x + self.c * y)
+        x0, y0 = math.floor(min(xs)) - 1, math.floor(min(ys)) - 1
+        x1, y1 = math.ceil(max(xs)) + 2, math.ceil(max(ys)) + 2
+        S = self.size
+        return slice(max(0, y0), min(S, y1)), slice(max(0, x0), min(S, x1))
+
+
+def _lens(u, v, cu, cv, hw, hh, bend=0.0):
+    """Almond/lens shape: |v - centre line| < hh * (1 - r^2), r = (u - cu) / hw; the centre line bends
+    up by `bend` at the middle. Returns the mask."""
+    r2 = ((u - cu) / hw) ** 2
+    return (r2 < 1) & (np.abs(v - (cv - bend * (1 - r2))) < hh * (1 - r2))
+
+
+def face_params(seed: int, index: int) -> dict:
+    """The random choices of face `index` (a pure function of seed and index)."""
+    r = np.random.default_rng([seed & 0xFFFFFFFF, index & 0xFFFFFFFF, 0x5FACE]).random(40)
+    return dict(
+        roll=(r[0] - 0.5) * math.radians(50), scale=0.24 + 0.1 * r[1],
+        shift=((r[2] - 0.5) * 0.14, (r[3] - 0.5) * 0.14 + 0.02), yaw=(r[4] - 0.5) * 0.5,
+        skin=r[5], hair_color=int(r[6] * len(_HAIR)), hair_style=int(r[7] * 4),
+        brow_y=-0.42 + (r[8] - 0.5) * 0.08, brow_hw=0.22 + 0.08 * r[9], brow_hh=0.05 + 0.035 * r[10],
+        brow_bend=0.02 + 0.06 * r[11],
+        eye_y=-0.16 + (r[12] - 0.5) * 0.06, eye_x=0.36 + 0.08 * r[13], eye_hw=0.17 + 0.06 * r[14],
+        eye_hh=0.08 + 0.06 * r[15], iris=r[16],
+        nose_len=0.3 + 0.12 * r[17], nose_hw=0.13 + 0.07 * r[18],
+        mouth_y=0.66 + (r[19] - 0.5) * 0.1, mouth_hw=0.26 + 0.12 * r[20], lip_u=0.07 + 0.05 * r[21],
+        lip_l=0.08 + 0.06 * r[22], mouth_open=(r[23] < 0.5) * (0.04 + 0.12 * r[24]),
+        light_angle=r[25] * 2 * math.pi, light_amp=0.1 + 0.35 * r[26], brightness=0.75 + 0.45 * r[27],
+        bg=(r[28], r[29], r[30]), clutter=int(r[31] * 6), clutter_seed=int(r[32] * 2**31),
+        quality=int(55 + 40 * r[33]), noise_amp=2 + 8 * r[34], noise_off=(int(r[35] * 256), int(r[36] * 256)),
+        lip_color=r[37], hairline=-0.75 + 0.2 * r[38])
+
+
+def draw_face(seed: int, index: int, size: int = 128) -> Face:
+    """Draw face `index` of the data set `seed` at `size` x `size` pixels, with its labels."""
+    p = face_params(seed, index)
+    S = size
+    cv = _Canvas(S, S / 2 + p["shift"][0] * S, S / 2 + p["shift"][1] * S, p["scale"] * S,
+                 1.0 - 0.6 * abs(p["yaw"]), p["roll"])
+    u, v = cv.u, cv.v
+    lab = np.zeros((S, S), np.uint8)
+    dx = 0.45 * p["yaw"]  # features slide towards the turned side
+
+    face = u * u + (v / FACE_HALF_H) ** 2 < 1
+    style = p["hair_style"]  # 0 bald, 1 short, 2 long, 3 fringe
+    if style:
+        hair = (u * u / 1.15**2 + ((v + 0.2) / 1.42) ** 2 < 1)
+        hair &= (v < (0.9 if style == 2 else -0.1))
+        lab[hair] = 10
+    lab[face] = 1
+    if style:
+        hl = p["hairline"] + (0.12 if style == 3 else 0.0)
+        lab[face & (v < hl + 0.08 * u * u)] = 10
+
+    lm = np.zeros((19, 2), np.float32)
+    # nose: a wedge from the bridge to a rounded base; drawn before the eyes so they win any overlap
+    ny = 0.02 + p["nose_len"] * 0.75
+    ys, xs = cv.window(dx - p["nose_hw"] - 0.02, dx + p["nose_hw"] + 0.02, -0.1, ny + 0.1)
+    uu, vv = u[ys, xs] - dx, v[ys, xs]
+    wedge = (vv > -0.05) & (vv < ny) & (np.abs(uu) < 0.05 + (vv + 0.05) * p["nose_hw"] / (ny + 0.05))
+    base = (uu / p["nose_hw"]) ** 2 + ((vv - ny) / 0.08) ** 2 < 1
+    lab[ys, xs][wedge | base] = 6
+    lm[12:15] = [(-0.6 * p["nose_hw"], ny), (0, ny + 0.03), (0.6 * p["nose_hw"], ny)]
+
+    for side, (bc, ec) in ((-1, (2, 4)), (1, (3, 5))):
+        bx = side * p["eye_x"]
+        ys, xs = cv.window(dx + bx - p["brow_hw"], dx + bx + p["brow_hw"], p["brow_y"] - 0.2, p["brow_y"] + 0.1)
+        m = _lens(u[ys, xs] - dx, v[ys, xs], bx, p["brow_y"], p["brow_hw"], p["brow_hh"], p["brow_bend"])
+        lab[ys, xs][m] = bc
+        ex, ey, ew, eh = bx, p["eye_y"], p["eye_hw"], p["eye_hh"]
+        ys, xs = cv.window(dx + ex - ew, dx + ex + ew, ey - eh, ey + eh)
+        m = _lens(u[ys, xs] - dx, v[ys, xs], ex, ey, ew, eh)
+        lab[ys, xs][m] = ec
+        # brow: outer/centre/inner on its bent centre line; eye: outer/centre/inner on its axis
+        k = LM_INSET
+        b_line = p["brow_y"] - p["brow_bend"] * (1 - k * k)
+        outer, inner = bx + side * k * p["brow_hw"], bx - side * k * p["brow_hw"]
+        brow = [(outer, b_line), (bx, p["brow_y"] - p["brow_bend"]), (inner, b_line)]
+        eye = [(ex + side * k * ew, ey), (ex, ey), (ex - side * k * ew, ey)]
+        if side < 0:
+            lm[0:3], lm[6:9] = brow, eye
+        else:
+            lm[3:6], lm[9:12] = brow[::-1], eye[::-1]
+
+    # mouth: upper lip / inner mouth / lower lip between curves that meet at the corners
+    my, mw, g = p["mouth_y"], p["mouth_hw"], p["mouth_open"]
+    ys, xs = cv.window(dx - mw, dx + mw, my - g - p["lip_u"], my + g + p["lip_l"])
+    uu, vv = u[ys, xs] - dx, v[ys, xs] - my
+    t = np.sqrt(np.clip(1 - (uu / mw) ** 2, 0, None))
+    inside = np.abs(uu) < mw
+    sub = lab[ys, xs]
+    sub[inside & (vv < -g * t) & (vv > -(g + p["lip_u"]) * t)] = 7
+    sub[inside & (vv >= -g * t) & (vv <= g * t) & (g > 0)] = 8
+    sub[inside & (vv > g * t) & (vv < (g + p["lip_l"]) * t)] = 9
+    lm[15:18] = [(-LM_INSET * mw, my), (0, my), (LM_INSET * mw, my)]
+    lm[:18, 0] += dx
+    lm[18] = (0, FACE_HALF_H - 0.12)
+
+    landmarks = cv.to_pixels(lm).astype(np.float32)
+    a, b = cv.sx, cv.sy * FACE_HALF_H
+    hx, hy = math.hypot(a * cv.c, b * cv.s), math.hypot(a * cv.s, b * cv.c)
+    bbox = np.array([cv.cx - hx, cv.cx + hx, cv.cy - hy, cv.cy + hy], np.float32)
+    image = _paint(lab, p, cv, size)
+    return Face(image, landmarks, bbox, lab, np.ones(19, np.uint8), p["quality"])
+
+
+_LEVELS = 32          # quantised lighting levels (noise dithers between them)
+_GAIN_LO, _GAIN_HI = 0.3, 1.9
+
+
+def _paint(lab, p, cv, S) -> np.ndarray:
+    """Colour the label map. Speed matters (>= 1000 faces/s at 128 px on one core), so colour goes
+    through one table look-up: each pixel gets a palette entry (class colour, iris, background,
+    clutter) and a quantised lighting level (linear gradient x brightness, dithered by a fixed noise
+    tile), and a packed-uint32 table maps (level, entry) to RGB. Labels never depend on colour."""
+    skin_pos = p["skin"] * (len(_SKIN) - 1)
+    i0 = int(skin_pos)
+    skin = _SKIN[i0] + (_SKIN[min(i0 + 1, len(_SKIN) - 1)] - _SKIN[i0]) * (skin_pos - i0)
+    hair = _HAIR[p["hair_color"]]
+    lip = skin * np.array([0.85, 0.55, 0.55], np.float32) * (0.8 + 0.3 * p["lip_color"])
+    cr = np.random.default_rng(p["clutter_seed"]).random((p["clutter"], 7))
+    pal = [np.zeros(3, np.float32), skin, hair * 0.8, hair * 0.8, [235, 235, 230], [235, 235, 230],
+           skin * 0.88, lip, [70, 20, 25], lip * 1.08, hair,
+           np.array([60, 40, 20]) + 120 * p["iris"], np.array(p["bg"]) * 255]  # 11 iris, 12 background
+    pal += [c[4:7] * 255 for c in cr]  # 13.. clutter
+    pal = np.asarray(pal, np.float32)
+    # background: palette entry 12 with clutter rectangles, only where no face class is drawn
+    bgi = np.full((S, S), 12, np.uint8)
+    for k, (x0, y0, w, h) in enumerate(cr[:, :4]):
+        x0, y0 = int(x0 * S), int(y0 * S)
+        bgi[y0:y0 + int(h * S * 0.5) + 1, x0:x0 + int(w * S * 0.5) + 1] = 13 + k
+    cls = np.where(lab == 0, bgi, lab)
+    ir = 0.6 * p["eye_hh"] * cv.sy
+    for side, eye_cls in ((-1, 4), (1, 5)):
+        ex, ey = cv.to_pixels([(side * p["eye_x"] + 0.45 * p["yaw"], p["eye_y"])])[0]
+        y0, y1 = max(0, int(ey - ir) - 1), min(S, int(ey + ir) + 2)
+        x0, x1 = max(0, int(ex - ir) - 1), min(S, int(ex + ir) + 2)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        disc = ((yy - ey) ** 2 + (xx - ex) ** 2 < ir * ir) & (lab[y0:y1, x0:x1] == eye_cls)
+        cls[y0:y1, x0:x1][disc] = 11
+    g = np.arange(S, dtype=np.float32) / S - 0.5
+    ca, sa = math.cos(p["light_angle"]), math.sin(p["light_angle"])
+    scale = (_LEVELS - 1) / (_GAIN_HI - _GAIN_LO)
+    b = p["brightness"]
+    gx = (b * (1 + p["light_amp"] * ca * g) - _GAIN_LO) * scale + 0.5
+    gy = (b * p["light_amp"] * sa * g) * scale
+    oy, ox = p["noise_off"]
+    noise = _noise_tile()[oy:oy + S, ox:ox + S] if S <= 256 else 0.0
+    lvl = gx[None, :] + gy[:, None] + noise * (p["noise_amp"] / 255 * scale)
+    np.clip(lvl, 0, _LEVELS - 1, out=lvl)
+    idx = lvl.astype(np.uint16) * np.uint16(len(pal)) + cls
+    gains = _GAIN_LO + np.arange(_LEVELS, dtype=np.float32) / scale
+    rgb = np.clip(gains[:, None, None] * pal[None], 0, 255).astype(np.uint32)
+    table = (rgb[..., 0] | (rgb[..., 1] << 8) | (rgb[..., 2] << 16)).reshape(-1)
+    packed = table[idx]
+    # little-endian uint32 -> bytes R, G, B, 0
+    return np.ascontiguousarray(packed.view(np.uint8).reshape(S, S, 4)[..., :3])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mcf_fast.data.synthetic", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output folder (created)")
+    ap.add_argument("--num", type=int, required=True, help="number of faces")
+    ap.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    ap.add_argument("--format", choices=("wds", "aflw19", "lapa"), required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard-size", type=int, default=1000, help="wds: samples per shard")
+    ap.add_argument("--train-fraction", type=float, default=0.8,
+                    help="aflw19/lapa: fraction of faces in the training split (rest: test, or val+test)")
+    a = ap.parse_args(argv)
+    if a.num < 1 or a.size < 32:
+        ap.error("--num must be >= 1 and --size >= 32 (features vanish below 32 px)")
+    if not 0 < a.train_fraction < 1:
+        ap.error("--train-fraction must be in (0, 1)")
+    from . import formats
+    writer = {"wds": formats.write_wds, "aflw19": formats.write_aflw19, "lapa": formats.write_lapa}[a.format]
+    kw = {"shard_size": a.shard_size} if a.format == "wds" else {"train_fraction": a.train_fraction}
+    summary = writer(a.out, a.num, a.size, a.seed, **kw)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -60,7 +60,7 @@ def _extensions():
             _log(f"building the CPU extension only (nvcc found={have_nvcc}, "
                  f"torch CUDA build={have_cuda_torch}); set MCF_FAST_BUILD_CUDA=1 to require CUDA")
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.10 headers need C++20
     link = ["-fopenmp"]
     if os.environ.get("MCF_FAST_ASAN") == "1":
         cxx += ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1"]
@@ -71,7 +71,7 @@ def _extensions():
         for a in archs:
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         # -Xptxas -v: keep the register / spill report of every kernel in the build log.
-        nvcc_flags = ["-O3", "-std=c++17", "-Xptxas", "-v", "-DMCF_FAST_WITH_CUDA", *gencode]
+        nvcc_flags = ["-O3", "-std=c++20", "-Xptxas", "-v", "-DMCF_FAST_WITH_CUDA", *gencode]
         ext = cpp_extension.CUDAExtension(
             "mcf_fast._C", cpp + cu, include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": cxx + ["-DMCF_FAST_WITH_CUDA"], "nvcc": nvcc_flags},

@@ -109,6 +109,22 @@ def test_warp_and_points_agree():
     assert out[int(y), int(x)] == 255
 
 
+def test_alignment_points_follow_pixel_centres(tmp_path):
+    """A landmark at integer (x, y) (a pixel centre, as the files store it) lands on that pixel's
+    image in the crop: the points and the warped image agree."""
+    from mcf_fast.eval.datasets import FaceRecord
+    src = np.zeros((50, 60, 3), np.uint8)
+    src[23, 31] = 255
+    Image.fromarray(src).save(tmp_path / "dot.png")
+    rec = FaceRecord(str(tmp_path / "dot.png"), np.array([20.0, 44, 10, 36]), np.tile([31.0, 23.0], (19, 1)),
+                     np.ones(19, bool))
+    item = AlignmentData([rec], 128, [0.0] * 3, [1.0] * 3, augment=True, seed=2)[(0, 9)]
+    img = item["image"][0].numpy()
+    y, x = np.unravel_index(img.argmax(), img.shape)
+    px, py = item["points"][0].tolist()
+    assert abs(px - (x + 0.5)) <= 1.0 and abs(py - (y + 0.5)) <= 1.0
+
+
 def test_alignment_item_maps_back_exactly(tmp_path):
     """Crop points through inv(M) give the original landmarks; the box centre goes to the crop centre."""
     write_aflw19(str(tmp_path), 4, 48, train_count=2)

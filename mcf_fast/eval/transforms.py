@@ -1,8 +1,9 @@
 """Geometry and torch datasets for the downstream tasks.
 
-Coordinates are continuous with pixel i covering [i, i + 1) (PIL's convention for `Image.transform`),
-so one 3x3 matrix M (original -> network input) warps the image, moves the landmarks, and its inverse
-maps predictions back to the original image for scoring.
+Warps use continuous coordinates with pixel i covering [i, i + 1) (PIL's `Image.transform`). Landmark
+files put integer values at pixel centres (cv2's convention, and the synthetic generator's), so
+points enter the continuous frame shifted by +0.5 (`CENTRE`). One matrix per sample then maps
+dataset points to network-input pixels, and its inverse maps predictions back exactly for scoring.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from PIL import Image
 from .datasets import FaceRecord, ParsingRecord
 
 IGNORE = 255  # label value for pixels warped in from outside the image
+CENTRE = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1.0]])  # dataset points -> continuous pixel frame
 
 
 def box_crop_matrix(box: np.ndarray, size: int, scale: float) -> np.ndarray:
@@ -85,7 +87,8 @@ class _Base(torch.utils.data.Dataset):
 
 
 class AlignmentData(_Base):
-    """Box crops of AFLW-19 faces; items: image [3,S,S], points [19,2] in crop pixels, M [3,3], index."""
+    """Box crops of AFLW-19 faces; items: image [3,S,S], points [19,2] in input pixels, matrix [3,3]
+(dataset points -> input pixels), index."""
 
     def __init__(self, records: list[FaceRecord], size: int, mean, std, crop_scale: float = 1.2,
                  augment: bool = False, seed: int = 0):
@@ -97,6 +100,7 @@ class AlignmentData(_Base):
         r = self.records[i]
         m = self._jitter(pos) @ box_crop_matrix(r.box, self.size, self.crop_scale)
         img = warp(load_rgb(r.image), m, self.size, Image.BILINEAR)
+        m = m @ CENTRE  # from here on: dataset points -> input pixels
         pts = apply_points(m, r.landmarks)
         return {"image": to_tensor(img, self.mean, self.std), "points": torch.from_numpy(pts).float(),
                 "matrix": torch.from_numpy(m), "index": i}

@@ -1,0 +1,44 @@
+"""MAE's reconstruction picture: original | masked | reconstruction | reconstruction + visible."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    img = (x.detach().float().cpu() * s + m).clamp(0, 1)
+    return (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def recon_grid(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch: int, mean, std,
+               max_rows: int = 8) -> np.ndarray:
+    """HWC uint8 grid, one row per image: original, masked (removed patches grey), prediction, paste."""
+    n = min(max_rows, imgs.shape[0])
+    H = imgs.shape[-1]
+    g = H // patch
+    m = mask[:n].float().cpu().reshape(n, 1, g, 1, g, 1).expand(n, 1, g, patch, g, patch).reshape(n, 1, H, H)
+    x, p = imgs[:n].detach().float().cpu(), pred[:n].detach().float().cpu()
+    rows = []
+    for i in range(n):
+        masked = x[i] * (1 - m[i])
+        paste = x[i] * (1 - m[i]) + p[i] * m[i]
+        tiles = [_to_uint8(t, mean, std) for t in (x[i], masked, p[i], paste)]
+        tiles[1][m[i, 0].numpy() > 0] = 127
+        rows.append(np.concatenate(tiles, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def save_grid(grid: np.ndarray, out_dir: str, step: int) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"recon_step{step:07d}.png")
+    Image.fromarray(grid).save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+    latest = os.path.join(out_dir, "recon_latest.png")
+    Image.fromarray(grid).save(latest + ".tmp.png")
+    os.replace(latest + ".tmp.png", latest)
+    return path

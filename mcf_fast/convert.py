@@ -1,0 +1,142 @@
+"""`python -m mcf_fast.convert CKPT [--out FILE] [--encoder DIR]`: a DCP checkpoint to plain files.
+
+CKPT is a checkpoint folder (`RUN/checkpoints/step_XXXXXXXX`), a run's `checkpoints/` folder or the
+run folder itself (then the newest complete checkpoint is used). Checkpoints written by any number of
+ranks convert the same way, in one process, without a process group: DCP's metadata holds each
+tensor's global shape, and loading into full-size tensors re-assembles the shards.
+
+  --out FILE     the model's state dict (`MCFModel.state_dict()` keys, frozen teacher excluded) as one
+                 file: safetensors when FILE ends in .safetensors, else `torch.save` (.pt / .pth).
+  --encoder DIR  DIR/encoder.safetensors + DIR/encoder.json (timm names; `mcf_fast.model.vit.load_encoder`
+                 reads it back), the same export a finished run writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+MODEL_PREFIX = "model."
+
+
+def resolve_checkpoint(path: str) -> str:
+    """The complete checkpoint folder that `path` names (a step folder, checkpoints/ or a run folder)."""
+    from mcf_fast.train.checkpoint import complete_checkpoints
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a folder: pass RUN/checkpoints/step_XXXXXXXX, RUN/checkpoints "
+                                "or the run folder")
+    if os.path.exists(os.path.join(path, ".metadata")):
+        if not os.path.exists(os.path.join(path, "COMPLETE")):
+            raise ValueError(f"{path} has no COMPLETE marker: it is a half-written checkpoint (a run stopped while "
+                             "saving). Use an earlier step folder, or the run folder to pick the newest complete one")
+        return path
+    for folder in (path, os.path.join(path, "checkpoints")):
+        ckpts = complete_checkpoints(folder)
+        if ckpts:
+            return ckpts[-1][1]
+    raise FileNotFoundError(f"no complete checkpoint under {path} (looked for step_*/COMPLETE in it and in "
+                            f"{os.path.join(path, 'checkpoints')})")
+
+
+def load_model_state(ckpt: str) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model tensors of a DCP checkpoint, keys as `MCFModel.state_dict()`, on the CPU."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(ckpt).read_metadata()
+    empty = {k[len(MODEL_PREFIX):]: torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in meta.state_dict_metadata.items()
+             if k.startswith(MODEL_PREFIX) and isinstance(m, TensorStorageMetadata)}
+    if not empty:
+        raise ValueError(f"{ckpt} holds no model tensors (keys start with {MODEL_PREFIX!r}): not an mcf_fast checkpoint?")
+    state = {"model": empty}
+    dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    return state["model"]
+
+
+def _run_config(ckpt: str) -> dict | None:
+    """The run's config.json (two levels up from a step folder), if present."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def encoder_from_state(sd: dict[str, torch.Tensor], num_heads: int | None, mlp_ratio: float | None = None):
+    """A `VisionTransformer` holding the `encoder.*` tensors of a model state dict."""
+    from mcf_fast.model.checkpoints import infer_vit_arch
+    from mcf_fast.model.vit import VisionTransformer
+    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    if not enc:
+        raise ValueError("the checkpoint has no encoder.* tensors")
+    arch = infer_vit_arch(enc, num_heads)
+    if mlp_ratio is not None:
+        arch["mlp_ratio"] = mlp_ratio
+    vit = VisionTransformer(**arch)
+    missing, unexpected = vit.load_state_dict(enc, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"encoder tensors do not fit the inferred architecture {arch}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return vit
+
+
+def convert(ckpt: str, out: str | None = None, encoder_dir: str | None = None,
+            num_heads: int | None = None) -> dict:
+    """Write the requested files; returns {'checkpoint', 'step', 'out'?, 'encoder'?}."""
+    if not out and not encoder_dir:
+        raise ValueError("nothing to do: pass --out FILE and/or --encoder DIR")
+    ckpt = resolve_checkpoint(ckpt)
+    with open(os.path.join(ckpt, "COMPLETE")) as f:
+        marker = json.load(f)
+    sd = load_model_state(ckpt)
+    result = {"checkpoint": ckpt, "step": marker.get("step"), "world_size": marker.get("world_size")}
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        tmp = out + ".tmp"
+        if out.endswith(".safetensors"):
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in sd.items()}, tmp,
+                      metadata={"format": "mcf_fast.model.v1", "step": str(marker.get("step"))})
+        else:
+            torch.save(sd, tmp)
+        os.replace(tmp, out)
+        result["out"] = out
+    if encoder_dir:
+        from mcf_fast.model.vit import save_encoder
+        cfg = _run_config(ckpt) or {}
+        mcfg = cfg.get("model", {})
+        heads = num_heads or mcfg.get("num_heads")
+        if heads is None:
+            print("warning: no run config.json beside the checkpoint and no --num-heads: assuming head width 64",
+                  file=sys.stderr)
+        vit = encoder_from_state(sd, heads, mcfg.get("mlp_ratio"))
+        st, _ = save_encoder(vit, encoder_dir, extra={"source": "mcf_fast.convert", "checkpoint": ckpt,
+                                                      "steps": marker.get("step"), "preset": cfg.get("preset")})
+        result["encoder"] = st
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mcf_fast.convert", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="RUN/checkpoints/step_XXXXXXXX, RUN/checkpoints or RUN")
+    p.add_argument("--out", help="single-file model state dict (.safetensors, or torch.save for anything else)")
+    p.add_argument("--encoder", help="folder for encoder.safetensors + encoder.json")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="encoder heads when the run's config.json is not beside the checkpoint")
+    a = p.parse_args(argv)
+    try:
+        res = convert(a.checkpoint, a.out, a.encoder, a.num_heads)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

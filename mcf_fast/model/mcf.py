@@ -155,7 +155,8 @@ class MCFModel(nn.Module):
         return (per_patch * m).sum() / m.sum()
 
     def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor,
-                mask: torch.Tensor, ids_keep_target: torch.Tensor, rank: int = 0) -> MCFOutput:
+                mask: torch.Tensor, ids_keep_target: torch.Tensor, rank: int = 0,
+                local_negatives: bool = False) -> MCFOutput:
         """One MCF step's losses. ids_* for the online view [N, K] / [N, L]; mask [N, L] bool (True=removed);
         ids_keep_target [N, K] for the target view. The EMA update happens before this call."""
         latent = self.encode(self.encoder, imgs, ids_keep)
@@ -168,8 +169,10 @@ class MCFModel(nn.Module):
         q = self.predictor(self.projector(latent[:, 0]))
         with torch.no_grad():
             k = self.target_projector(self.encode(self.target_encoder, imgs, ids_keep_target)[:, 0])
-            k_all = all_gather_nograd(k.float())
-        loss_c = ops.info_nce(q.float(), k_all, self.temperature, label_offset=q.shape[0] * rank,
+            # local_negatives: this rank's keys only (labels 0..N-1), as a per-GPU reference run saw.
+            k_all = k.float() if local_negatives else all_gather_nograd(k.float())
+        offset = 0 if local_negatives else q.shape[0] * rank
+        loss_c = ops.info_nce(q.float(), k_all, self.temperature, label_offset=offset,
                               scale=2 * self.temperature)
         loss = self.perceptual_weight * loss_p + self.contrastive_weight * loss_c
         return MCFOutput(loss, loss_p.detach(), loss_c.detach(), pred)

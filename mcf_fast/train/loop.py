@@ -163,7 +163,7 @@ def train(cfg: Config) -> dict:
                 ema_update(ema_t, ema_o, m)  # before k, every forward, as the reference does
                 with rt.autocast():
                     res = model(imgs, masks.ids_keep[0], masks.ids_restore[0], masks.mask[0], masks.ids_keep[1],
-                                rank=rt.rank if cfg.dist.negatives == "global" else 0)
+                                rank=rt.rank, local_negatives=cfg.dist.negatives == "local")
                 loss = res.loss.float() / o.accum_steps
                 (scaler.scale(loss) if scaler else loss).backward()
                 for acc, v in zip(step_loss, (res.loss, res.loss_perceptual, res.loss_contrastive)):

@@ -13,6 +13,11 @@ gather_scatter.py wires them.
 import torch
 
 
+def nothing(device):
+    """A fresh empty fp32 tensor for a gradient not asked for (custom-op outputs may not alias)."""
+    return torch.empty(0, device=device, dtype=torch.float32)
+
+
 def _row_base(n: int, stride: int, device) -> torch.Tensor:
     return torch.arange(n, device=device, dtype=torch.int64).mul_(stride).unsqueeze(1)
 
@@ -23,17 +28,25 @@ def gather_fwd(x, ids, pos, cls, out_dtype):
     K = ids.shape[1]
     C = 1 if cls is not None else 0
     ids64 = ids.to(torch.int64)
-    flat = (ids64 + _row_base(N, L, x.device)).reshape(-1)
-    xs = x.reshape(N * L, D).index_select(0, flat).view(N, K, D)
-    out = torch.empty((N, C + K, D), device=x.device, dtype=out_dtype)
-    body = out[:, C:] if C else out
+    # source row of every output row, CLS rows included (they read row 0 and are overwritten below)
+    # so that the rows land in `out` with one index_select, without a [N*K, D] temporary
+    src = ids64 + _row_base(N, L, x.device)
+    if C:
+        src = torch.cat([torch.zeros((N, 1), dtype=torch.int64, device=x.device), src], 1)
+    src = src.reshape(-1)
+    x2 = x.reshape(N * L, D)
+    if x.dtype == out_dtype:
+        out = torch.index_select(x2, 0, src).view(N, C + K, D)
+    else:
+        out = x2.index_select(0, src).to(out_dtype).view(N, C + K, D)
     off = 0
     if pos is not None:
         off = pos.shape[0] - L
-        ps = pos.index_select(0, ids64.reshape(-1) + off if off else ids64.reshape(-1)).view(N, K, D)
-        torch.add(xs, ps, out=body)
-    else:
-        body.copy_(xs)
+        prow = ids64 + off
+        if C:
+            prow = torch.cat([torch.zeros((N, 1), dtype=torch.int64, device=x.device), prow], 1)
+        # same rounding as the reference's x + pos: one add in the output dtype
+        out.add_(pos.index_select(0, prow.reshape(-1)).view(N, C + K, D))
     if C:
         c = cls.reshape(D)
         if pos is not None and off == 1:
@@ -49,16 +62,19 @@ def gather_bwd(g, ids, L, has_cls, pos_rows, need_x, need_pos, need_cls, x_dtype
     K = CK - C
     dev = g.device
     ids64 = ids.to(torch.int64)
-    empty = torch.empty(0, device=dev)
     gbody = g[:, C:] if C else g
-    gx = empty
+    gx = nothing(dev)
     if need_x:
-        # zeros + index_copy_ of [N*K] rows: cheaper than scatter_ with an [N, K, D] index
-        gx = torch.zeros((N * L, D), device=dev, dtype=x_dtype)
-        gx.index_copy_(0, (ids64 + _row_base(N, L, dev)).reshape(-1), gbody.reshape(N * K, D).to(x_dtype))
-        gx = gx.view(N, L, D)
+        # zeros + one index_copy_ of every gradient row, the CLS rows sent to a spare last row: no
+        # [N*K, D] copy of the strided body and no [N, K, D] index; gx is a view of the first N*L rows
+        dst = ids64 + _row_base(N, L, dev)
+        if C:
+            dst = torch.cat([torch.full((N, 1), N * L, dtype=torch.int64, device=dev), dst], 1)
+        buf = torch.zeros((N * L + C, D), device=dev, dtype=x_dtype)
+        buf.index_copy_(0, dst.reshape(-1), g.reshape(N * CK, D).to(x_dtype))
+        gx = buf[:N * L].view(N, L, D)
     gcls32 = g[:, 0].sum(0, dtype=torch.float32) if C and (need_cls or (need_pos and pos_rows == L + 1)) else None
-    gpos = empty
+    gpos = nothing(dev)
     if need_pos:
         if need_x and g.dtype == x_dtype:
             # gx holds exact copies of g: its batch sum (one parallel, vectorised pass) is d(pos)
@@ -71,7 +87,7 @@ def gather_bwd(g, ids, L, has_cls, pos_rows, need_x, need_pos, need_cls, x_dtype
             gpos = torch.cat([first.unsqueeze(0), body], 0)
         else:
             gpos = body
-    gcls = gcls32 if need_cls else empty
+    gcls = gcls32 if need_cls else nothing(dev)
     return gx, gpos, gcls
 
 
@@ -108,15 +124,14 @@ def scatter_bwd(g, ids_restore, K, need_tokens, need_mask, need_pos, tokens_dtyp
     N, T1, Dd = g.shape
     L = T1 - 1
     dev = g.device
-    empty = torch.empty(0, device=dev)
-    gpos = g.sum(0, dtype=torch.float32) if need_pos else empty
-    gt = empty
+    gpos = g.sum(0, dtype=torch.float32) if need_pos else nothing(dev)
+    gt = nothing(dev)
     if need_tokens or (need_mask and g.dtype not in (torch.float32, torch.float64)):
         keep = inverse_keep(ids_restore, K)
         base = _row_base(N, T1, dev)
         src = torch.cat([base, base + 1 + keep], 1).reshape(-1)
         gt = g.reshape(N * T1, Dd).index_select(0, src).view(N, 1 + K, Dd)
-    gm = empty
+    gm = nothing(dev)
     if need_mask:
         if g.dtype in (torch.float32, torch.float64):
             # BLAS sum of the masked rows: [N, 1, L] @ [N, L, Dd] reads g once, accumulates in g's dtype
@@ -130,5 +145,5 @@ def scatter_bwd(g, ids_restore, K, need_tokens, need_mask, need_pos, tokens_dtyp
     if need_tokens:
         gt = gt.to(tokens_dtype)
     else:
-        gt = empty
+        gt = nothing(dev)
     return gt, gm, gpos

@@ -65,7 +65,8 @@ def set_backend(name: str) -> None:
             raise RuntimeError("kernel backend 'triton' was requested but cannot run: "
                                + "; ".join(why) + f". Use {_ENV}=auto to fall back automatically.")
     _chosen = name
-    _LOG.info("mcf_fast.kernels backend: %s", name)
+    if not torch.compiler.is_compiling():  # a logger call inside a traced region breaks the graph
+        _LOG.info("mcf_fast.kernels backend: %s", name)
 
 
 def get_backend() -> str:
@@ -107,6 +108,6 @@ def resolve(device: torch.device) -> str:
 
 
 def _once(msg: str) -> None:
-    if msg not in _logged:
+    if msg not in _logged and not torch.compiler.is_compiling():
         _logged.add(msg)
         _LOG.warning("mcf_fast.kernels %s", msg)

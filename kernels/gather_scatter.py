@@ -149,19 +149,18 @@ def _gather_bwd_op(g: torch.Tensor, ids_keep: torch.Tensor, L: int, has_cls: boo
     K = CK - C
     dev = g.device
     g = _lastdim_contig(g)
-    empty = torch.empty(0, device=dev)
     # inverse map [N, L]: kept slot j for kept patches, K (= "no source", filled with 0) elsewhere
     inv = torch.full((N, L), K, device=dev, dtype=torch.int32)
     inv.scatter_(1, ids_keep.long(), torch.arange(K, device=dev, dtype=torch.int32).expand(N, K))
-    gx = torch.empty((N, L, D), device=dev, dtype=x_dtype) if need_x else empty
+    gx = torch.empty((N, L, D), device=dev, dtype=x_dtype) if need_x else _gs_cpu.nothing(dev)
     body = _gs_triton.gather_rows(gx, g, inv, S=K, fill=torch.zeros(D, device=dev, dtype=torch.float32),
                                   src_row_off=C, store=need_x, acc=need_pos) if (need_x or need_pos) else None
     gc = g[:, 0].sum(0, dtype=torch.float32) if C and (need_cls or (need_pos and pos_rows == L + 1)) else None
-    gpos = empty
+    gpos = _gs_cpu.nothing(dev)
     if need_pos:
         gpos = torch.cat([(gc if gc is not None else body.new_zeros(D)).unsqueeze(0), body]) \
             if pos_rows == L + 1 else body
-    return gx, gpos, (gc if need_cls else empty)
+    return gx, gpos, (gc if need_cls else _gs_cpu.nothing(dev))
 
 
 @_gather_bwd_op.register_fake
@@ -207,14 +206,13 @@ def _scatter_bwd_op(g: torch.Tensor, ids_restore: torch.Tensor, K: int, need_tok
     N, _, Dd = g.shape
     dev = g.device
     g = _lastdim_contig(g)
-    empty = torch.empty(0, device=dev)
-    gt = torch.empty((N, 1 + K, Dd), device=dev, dtype=tokens_dtype) if need_tokens else empty
+    gt = torch.empty((N, 1 + K, Dd), device=dev, dtype=tokens_dtype) if need_tokens else _gs_cpu.nothing(dev)
     accp, accm = _gs_triton.scatter_rows_bwd(gt, g, ids_restore, S=K, store=need_tokens,
                                              acc_pos=need_pos, acc_mask=need_mask)
     if need_tokens:
         gt[:, 0] = g[:, 0]
-    gpos = torch.cat([g[:, 0].sum(0, dtype=torch.float32).unsqueeze(0), accp]) if need_pos else empty
-    return gt, (accm if need_mask else empty), gpos
+    gpos = torch.cat([g[:, 0].sum(0, dtype=torch.float32).unsqueeze(0), accp]) if need_pos else _gs_cpu.nothing(dev)
+    return gt, (accm if need_mask else _gs_cpu.nothing(dev)), gpos
 
 
 @_scatter_bwd_op.register_fake

@@ -81,9 +81,9 @@ def _cpu_forward(qn, kn, inv_t, off, scale, need_dq, need_dk):
                 torch.mm(p, kn, out=dq[s:s + b]).mul_(coeff)
             if need_dk:
                 dk.addmm_(p.t(), qc, alpha=coeff)
-    empty = qn.new_empty(0)
     loss = (total * (scale / N)).to(torch.float32)
-    return loss, (dq if need_dq else empty), (dk if need_dk else empty)
+    # distinct empty tensors: a custom op's outputs may not alias each other
+    return loss, (dq if need_dq else qn.new_empty(0)), (dk if need_dk else qn.new_empty(0))
 
 
 @torch.library.custom_op("mcf_fast::info_nce_fwd", mutates_args=())
@@ -103,11 +103,11 @@ def _nce_fwd_op(qn: torch.Tensor, kn: torch.Tensor, inv_t: float, label_offset: 
 
 @_nce_fwd_op.register_fake
 def _(qn, kn, inv_t, label_offset, scale, need_dq, need_dk, dot_dtype, impl):
-    e = qn.new_empty(0)
+    e = qn.new_empty
     if impl != "triton":
-        return (qn.new_empty((), dtype=torch.float32), e,
-                qn.new_empty(qn.shape) if need_dq else e, kn.new_empty(kn.shape) if need_dk else e)
-    return qn.new_empty((), dtype=torch.float32), qn.new_empty(qn.shape[0], dtype=torch.float32), e, e
+        return (e((), dtype=torch.float32), e(0),
+                e(qn.shape) if need_dq else e(0), kn.new_empty(kn.shape) if need_dk else e(0))
+    return e((), dtype=torch.float32), e(qn.shape[0], dtype=torch.float32), e(0), e(0)
 
 
 @torch.library.custom_op("mcf_fast::info_nce_bwd", mutates_args=())
@@ -123,14 +123,13 @@ def _nce_bwd_op(qn: torch.Tensor, kn: torch.Tensor, lse: torch.Tensor, inv_t: fl
         dq = (dq - kn[label_offset:label_offset + N]).mul_(coeff)
     if need_dk:
         dk = dk.index_add_(0, rows, qn, alpha=-1.0).mul_(coeff)
-    e = qn.new_empty(0)
-    return (dq if need_dq else e), (dk if need_dk else e)
+    return (dq if need_dq else qn.new_empty(0)), (dk if need_dk else qn.new_empty(0))
 
 
 @_nce_bwd_op.register_fake
 def _(qn, kn, lse, inv_t, label_offset, scale, need_dq, need_dk, dot_dtype):
-    e = qn.new_empty(0)
-    return (qn.new_empty(qn.shape) if need_dq else e), (kn.new_empty(kn.shape) if need_dk else e)
+    return (qn.new_empty(qn.shape) if need_dq else qn.new_empty(0)), \
+        (kn.new_empty(kn.shape) if need_dk else qn.new_empty(0))
 
 
 class _InfoNCE(torch.autograd.Function):

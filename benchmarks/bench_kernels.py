@@ -1,0 +1,235 @@
+"""CPU benchmarks of mcf_fast.kernels against MAE's formulation and the naive InfoNCE, plus a
+bytes-moved model of the GPU kernels.
+
+    python benchmarks/bench_kernels.py [--quick] [--threads 2] [--json out.json]
+
+For benchmarks/run.py: `cases(quick)` returns a list of zero-argument callables, each returning
+one result dict ({"name", "baseline_ms", "ours_ms", "speedup", ...}); `gpu_bytes_model()` returns
+the modelled rows. Every timed provider is first checked against the reference (a baseline doing
+less work than the op would make the ratio a lie). Times are medians of `repeats` fwd+bwd runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import mcf_fast.kernels as K
+
+
+def _compare_ms(base_fn, ours_fn, repeats):
+    """Median and spread (max - min) in ms of each, runs interleaved so that load from other
+    processes on a shared machine hits both providers alike."""
+    base_fn(), ours_fn()  # warm-up (allocator, first-touch, lazy init)
+    tb, to = [], []
+    for _ in range(repeats):
+        for fn, ts in ((base_fn, tb), (ours_fn, to)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return (statistics.median(tb), max(tb) - min(tb)), (statistics.median(to), max(to) - min(to))
+
+
+# MAE's formulation, restated (models_mae.py forward_encoder / forward_decoder, with its .repeat)
+def mae_encoder_input(x, ids_keep, pos, cls):
+    N, L, D = x.shape
+    x = x + pos[1:].unsqueeze(0)
+    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    c = (cls.reshape(1, 1, D) + pos[:1].unsqueeze(0)).expand(N, -1, -1)
+    return torch.cat((c, x), 1)
+
+
+def mae_decoder_unshuffle(tokens, ids_restore, mask_token, pos):
+    N, T, Dd = tokens.shape
+    mt = mask_token.reshape(1, 1, Dd).repeat(N, ids_restore.shape[1] + 1 - T, 1)
+    x_ = torch.cat([tokens[:, 1:], mt], 1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, Dd))
+    return torch.cat([tokens[:, :1], x_], 1) + pos.unsqueeze(0)
+
+
+def _masks(N, L, ratio, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shuffle = torch.rand(N, L, generator=g).argsort(1)
+    restore = shuffle.argsort(1)
+    return shuffle[:, :int(L * (1 - ratio))], restore
+
+
+def _fwd_bwd(fn, args, grads_of, g):
+    out = fn(*args)
+    torch.autograd.grad(out, grads_of, g)
+
+
+def bench_gather(N=256, L=196, D=768, ratio=0.75, dtype=torch.float32, repeats=5):
+    """gather_visible (x, cls trainable; fixed sin-cos pos as MAE) vs MAE's add+gather+cat, fwd+bwd."""
+    ids, _ = _masks(N, L, ratio)
+    x = torch.randn(N, L, D, dtype=dtype, requires_grad=True)
+    pos = torch.randn(1 + L, D, dtype=dtype)
+    cls = torch.randn(1, 1, D, dtype=dtype, requires_grad=True)
+    g = torch.randn(N, 1 + ids.shape[1], D, dtype=dtype)
+    K.set_backend("cpu")
+    assert torch.equal(K.gather_visible(x, ids, pos, cls), mae_encoder_input(x, ids, pos, cls))
+    (base, base_sp), (ours, ours_sp) = _compare_ms(
+        lambda: _fwd_bwd(mae_encoder_input, (x, ids, pos, cls), (x, cls), g),
+        lambda: _fwd_bwd(K.gather_visible, (x, ids, pos, cls), (x, cls), g), repeats)
+    return dict(name=f"gather_visible N={N} L={L} D={D} r={ratio} {str(dtype)[6:]}", baseline="MAE add+gather+cat",
+                baseline_ms=base, baseline_spread_ms=base_sp, ours_ms=ours, ours_spread_ms=ours_sp,
+                speedup=base / ours)
+
+
+def bench_scatter(N=256, L=196, Dd=512, ratio=0.75, dtype=torch.float32, repeats=5):
+    """scatter_to_full (tokens, mask_token trainable; fixed pos) vs MAE's repeat+cat+gather+cat+add."""
+    _, restore = _masks(N, L, ratio)
+    k = int(L * (1 - ratio))
+    t = torch.randn(N, 1 + k, Dd, dtype=dtype, requires_grad=True)
+    m = torch.randn(1, 1, Dd, dtype=dtype, requires_grad=True)
+    pos = torch.randn(1 + L, Dd, dtype=dtype)
+    g = torch.randn(N, 1 + L, Dd, dtype=dtype)
+    K.set_backend("cpu")
+    assert torch.equal(K.scatter_to_full(t, restore, m, pos), mae_decoder_unshuffle(t, restore, m, pos))
+    (base, base_sp), (ours, ours_sp) = _compare_ms(
+        lambda: _fwd_bwd(mae_decoder_unshuffle, (t, restore, m, pos), (t, m), g),
+        lambda: _fwd_bwd(K.scatter_to_full, (t, restore, m, pos), (t, m), g), repeats)
+    return dict(name=f"scatter_to_full N={N} L={L} Dd={Dd} r={ratio} {str(dtype)[6:]}",
+                baseline="MAE repeat+cat+gather+cat+add", baseline_ms=base, baseline_spread_ms=base_sp,
+                ours_ms=ours, ours_spread_ms=ours_sp, speedup=base / ours)
+
+
+def naive_info_nce(q, k, T, scale):
+    """The formulation MoCo v3 / MCF use: full logits, cross-entropy."""
+    return K.info_nce_ref(q, k, T, 0, scale)
+
+
+_CHILD = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[5]))
+import mcf_fast.kernels as K
+which, N, M, C = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+def rd(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+g = torch.Generator().manual_seed(0)
+q = torch.randn(N, C, generator=g).requires_grad_(True)
+k = torch.randn(M, C, generator=g)
+K.set_backend('cpu')
+f = K.info_nce if which == 'ours' else K.info_nce_ref
+f(q[:8], k[:16], 0.2, 0, 0.4).backward()   # warm-up on tiny inputs: lazy init outside the peak
+q.grad = None
+open('/proc/self/clear_refs', 'w').write('5')   # reset the peak-RSS mark (Linux)
+base = rd('VmRSS')
+t0 = time.perf_counter()
+loss = f(q, k, 0.2, 0, 0.4)
+loss.backward()
+dt = time.perf_counter() - t0
+print(json.dumps(dict(peak_bytes=rd('VmHWM') - base, ms=dt * 1e3, loss=loss.item(),
+                      gsum=q.grad.double().abs().sum().item())))
+"""
+
+
+def peak_info_nce(which, N, M, C, threads=2):
+    """Run one fwd+bwd of info_nce ('ours') or the naive path ('naive') in a fresh process.
+
+    Returns {"peak_bytes": peak RSS above the inputs, "ms": that run's time, "loss", "gsum"}.
+    A fresh process per run keeps one measurement's freed pages out of the next one's peak.
+    """
+    out = subprocess.run([sys.executable, "-c", _CHILD, which, str(N), str(M), str(C), str(threads)],
+                         capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_info_nce(N=4096, M=4096, C=256, repeats=3, threads=2):
+    """Time (median in-process) and peak memory (fresh process) of info_nce vs the naive logits path."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(N, C, generator=g).requires_grad_(True)
+    k = torch.randn(M, C, generator=g)
+    K.set_backend("cpu")
+    a, b = K.info_nce(q, k, 0.2, 0, 0.4), naive_info_nce(q, k, 0.2, 0.4)
+    assert abs(a.item() - b.item()) <= 1e-4 * abs(b.item()), (a.item(), b.item())
+    (base, base_sp), (ours, ours_sp) = _compare_ms(
+        lambda: naive_info_nce(q, k, 0.2, 0.4).backward(), lambda: K.info_nce(q, k, 0.2, 0, 0.4).backward(),
+        repeats)
+    pn, po = peak_info_nce("naive", N, M, C, threads), peak_info_nce("ours", N, M, C, threads)
+    return dict(name=f"info_nce N={N} M={M} C={C} fp32", baseline="naive logits + cross_entropy",
+                baseline_ms=base, baseline_spread_ms=base_sp, ours_ms=ours, ours_spread_ms=ours_sp,
+                speedup=base / ours, baseline_peak_mib=pn["peak_bytes"] / 2**20,
+                ours_peak_mib=po["peak_bytes"] / 2**20, memory_ratio=pn["peak_bytes"] / max(po["peak_bytes"], 1))
+
+
+def gpu_bytes_model(N=256, L=196, D=768, Dd=512, ratio=0.75, elem=2, idx=8, hbm_tb_s=3.0):
+    """Bytes each fused GPU kernel moves vs MAE's un-fused op sequence (model, not measured).
+
+    elem: bytes per activation element (2 = bf16); idx: bytes per index (8 = int64 as MAE).
+    Counts DRAM reads + writes of activations and indices, ignoring caches (pos tables are tiny).
+    """
+    k = int(L * (1 - ratio))
+    E, kD, lD = elem, N * k * D, N * L * D
+    rows = []
+    # encoder input, forward: MAE = add pos to all L (r+w), build repeated index (w), gather (r idx, r, w),
+    # cat with CLS (r+w); fused = read N*K rows + ids, write N*(1+K) rows
+    mae_f = 2 * lD * E + kD * idx + (kD * idx + 2 * kD * E) + 2 * kD * E
+    ours_f = kD * E + N * k * idx + N * (1 + k) * D * E
+    rows.append(("gather_visible fwd", mae_f, ours_f))
+    # backward: MAE = cat slice, scatter_add into zeros (w full, r idx, r/w rows), d(pos) sum over N (r full);
+    # fused = read rows once, write dx once (every element), fp32 partial d(pos) negligible
+    mae_b = lD * E + kD * idx + 2 * kD * E + lD * E
+    ours_b = N * (1 + k) * D * E + lD * E + N * L * 4
+    rows.append(("gather_visible bwd", mae_b, ours_b))
+    kd, ld = N * k * Dd, N * (1 + L) * Dd
+    # decoder un-shuffle forward: repeat mask (w), cat (r+w), repeated index (w), gather (r idx, r, w),
+    # cat CLS (r+w), add pos (r+w); fused = read visible rows + ids, write the full output once
+    mae_df = N * (L - k) * Dd * E + 2 * N * L * Dd * E + N * L * Dd * idx + (N * L * Dd * idx + 2 * N * L * Dd * E) \
+        + 2 * ld * E + 2 * ld * E
+    ours_df = (N * (1 + k) * Dd) * E + N * L * idx + ld * E
+    rows.append(("scatter_to_full fwd", mae_df, ours_df))
+    # backward: add (pass-through + sum over N: r), cat slice, gather bwd (zeros w, scatter r idx/r/w),
+    # cat slice, repeat bwd (r masked), sum; fused = read g once, write d(tokens)
+    mae_db = ld * E + N * L * Dd * E + N * L * Dd * idx + 2 * N * L * Dd * E + N * (L - k) * Dd * E
+    ours_db = ld * E + N * L * idx + N * (1 + k) * Dd * E
+    rows.append(("scatter_to_full bwd", mae_db, ours_db))
+    out = []
+    for name, a, b in rows:
+        out.append(dict(name=name, mae_mb=a / 1e6, fused_mb=b / 1e6, ratio=a / b,
+                        mae_us_at_3tbs=a / (hbm_tb_s * 1e12) * 1e6, fused_us_at_3tbs=b / (hbm_tb_s * 1e12) * 1e6,
+                        note="model, not measured"))
+    return out
+
+
+def cases(quick: bool) -> list:
+    """Benchmark thunks for benchmarks/run.py (quick: smaller shapes, fewer repeats)."""
+    if quick:
+        return [lambda: bench_gather(N=32, repeats=3), lambda: bench_scatter(N=32, repeats=3),
+                lambda: bench_info_nce(N=1024, M=1024, repeats=2)]
+    return [bench_gather, bench_scatter, lambda: bench_gather(dtype=torch.bfloat16),
+            lambda: bench_scatter(dtype=torch.bfloat16), bench_info_nce]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    res = [c() for c in cases(args.quick)]
+    for r in res:
+        extra = f"  peak {r['baseline_peak_mib']:.0f} -> {r['ours_peak_mib']:.0f} MiB ({r['memory_ratio']:.1f}x less)" \
+            if "memory_ratio" in r else ""
+        print(f"{r['name']:<48} {r['baseline_ms']:8.1f} ms -> {r['ours_ms']:7.1f} ms  x{r['speedup']:.2f}{extra}")
+    model = gpu_bytes_model()
+    for m in model:
+        print(f"{m['name']:<22} MAE {m['mae_mb']:8.1f} MB  fused {m['fused_mb']:7.1f} MB  x{m['ratio']:.1f}  "
+              f"H100 @3TB/s {m['mae_us_at_3tbs']:6.1f} -> {m['fused_us_at_3tbs']:5.1f} us  ({m['note']})")
+    meta = dict(torch=torch.__version__, threads=args.threads, cpu=os.cpu_count(), quick=args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=res, gpu_model=model), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -47,7 +47,9 @@ class DenseHead(nn.Module):
         self.norms = nn.ModuleList([nn.LayerNorm(dim, eps=1e-6) for _ in factors])
         self.lateral = nn.ModuleList([_resampler(dim, width, f) for f in factors])
         self.smooth = nn.ModuleList([_conv_bn(width, width) for _ in factors])
-        self.fuse = _conv_bn(width * len(factors), width)
+        # 1x1 then 3x3: a 3x3 straight on the concatenation costs 4x more and dominated the step time
+        # of small encoders (measured on a ViT-tiny at 64 px).
+        self.fuse = nn.Sequential(nn.Conv2d(width * len(factors), width, 1), _conv_bn(width, width))
         self.pred = nn.Conv2d(width, out_channels, 1)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:

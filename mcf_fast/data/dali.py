@@ -68,14 +68,15 @@ class DaliBackend:
             ids = self.order.ids(e, start, start + self.batch_size)
             data = [np.frombuffer(self.source.read(int(i))[0], np.uint8) for i in ids]
             flips = (sampling.flip_flags(self.seed, e, ids) & cfg.hflip).astype(np.int32)
+            meta = [np.array([i, e, s], np.int64) for i in ids]
             if cfg.random_resized_crop:
                 hw = np.array([_jpeg_hw(d) for d in data])
                 boxes = sampling.rrc_boxes(self.seed, e, ids, hw[:, 0], hw[:, 1], cfg.rrc_scale, cfg.rrc_ratio)
+                anchors = [b[[0, 1]].astype(np.float32) for b in boxes]   # (x, y)
+                shapes = [b[[2, 3]].astype(np.float32) for b in boxes]    # (w, h)
+                yield (data, list(flips), meta, anchors, shapes)
             else:
-                boxes = np.zeros((len(ids), 4), np.int64)
-            anchors = [b[[0, 1]].astype(np.float32) for b in boxes]   # (x, y)
-            shapes = [b[[2, 3]].astype(np.float32) for b in boxes]    # (w, h)
-            yield (data, list(flips), [np.array([i, e, s], np.int64) for i in ids], anchors, shapes)
+                yield (data, list(flips), meta)
             s += 1
             if s == self.steps_per_epoch:
                 e, s = e + 1, 0
@@ -89,12 +90,13 @@ class DaliBackend:
                              device_id=self.device_id, prefetch_queue_depth=cfg.prefetch,
                              exec_dynamic=self.device_id is not None)
         with pipe:
-            jpegs, flips, meta, anchor, shape = fn.external_source(
-                source=gen, num_outputs=5, batch=True, cycle=False,
-                dtype=[types.UINT8, types.INT32, types.INT64, types.FLOAT, types.FLOAT])
+            rrc = cfg.random_resized_crop
+            outs = fn.external_source(source=gen, num_outputs=5 if rrc else 3, batch=True, cycle=False,
+                                      dtype=[types.UINT8, types.INT32, types.INT64, types.FLOAT, types.FLOAT][:5 if rrc else 3])
+            jpegs, flips, meta = outs[:3]
             dev = "mixed" if self.device_id is not None else "cpu"
             if cfg.random_resized_crop:
-                imgs = fn.decoders.image_slice(jpegs, anchor, shape, device=dev, output_type=types.RGB,
+                imgs = fn.decoders.image_slice(jpegs, outs[3], outs[4], device=dev, output_type=types.RGB,
                                                normalized_anchor=False, normalized_shape=False, axis_names="WH")
                 imgs = fn.resize(imgs, size=[S, S], antialias=True)
             else:
@@ -121,7 +123,8 @@ class DaliBackend:
                     "changed after validation? rerun `python -m mcf_fast.data.scan --write-index`") from e
             meta = np.stack([np.asarray(m) for m in (meta.as_cpu() if hasattr(meta, "as_cpu") else meta)])
             if self.device_id is None:
-                x = torch.from_numpy(np.asarray(imgs.as_tensor()))
+                # copy: DALI recycles its output buffers on the next run()
+                x = torch.from_numpy(np.array(imgs.as_tensor(), copy=True))
             else:
                 from nvidia.dali.plugin.pytorch import feed_ndarray
                 t = imgs.as_tensor()
@@ -136,8 +139,11 @@ class DaliBackend:
 
 
 def _jpeg_hw(data: np.ndarray) -> tuple[int, int]:
-    import simplejpeg
-    h, w = simplejpeg.decode_jpeg_header(data.tobytes())[:2]
+    """(height, width) from the image header only (any format pillow knows)."""
+    import io
+
+    from PIL import Image
+    w, h = Image.open(io.BytesIO(data.tobytes())).size
     return h, w
 
 

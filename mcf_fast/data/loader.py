@@ -11,7 +11,9 @@ and every rank runs the same number of steps. `stats()` returns the counters for
 """
 from __future__ import annotations
 
+import gc
 import logging
+import sys
 from collections import Counter
 from typing import NamedTuple
 
@@ -152,6 +154,8 @@ class PretrainLoader:
             return
         ds = _StepDataset(self.maker)
         w = self.cfg.workers
+        if w and "nvidia.dali" in sys.modules:
+            gc.collect()  # unreferenced DALI pipelines must die before fork, not inside a worker
         pin = self.cfg.pin_memory and self.device.type == "cuda"
         dl = torch.utils.data.DataLoader(
             ds, batch_size=None, sampler=_Steps(self.epoch, self.step, self.steps_per_epoch), num_workers=w,
@@ -215,6 +219,11 @@ class PretrainLoader:
         it, self._it = self._it, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
+        elif it is not None and hasattr(it, "close"):
+            it.close()  # the DALI generator: drops its pipeline
+        if self._dali is not None:
+            # release DALI's threads now: a later fork (DataLoader workers) must not inherit them
+            self._dali.close()
 
     def __del__(self):
         try:

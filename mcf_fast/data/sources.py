@@ -2,8 +2,9 @@
 
 Every source is random-access by global sample id (0 .. num_samples-1) and exposes `counts` (samples
 per shard or pseudo-shard) for `sampling.EpochOrder`, plus `index_stats` (problems found while
-indexing: missing/empty shards, samples without an image). `read(i)` returns (payload, key) where the
-payload is encoded bytes, or a decoded uint8 array for synthetic faces.
+indexing: missing/empty shards). `read(i)` returns (payload, key) where the payload is encoded bytes,
+or a decoded uint8 array for synthetic faces; it raises `decode.BadSample` for a sample without an
+image ("missing_image") or a file that cannot be read ("unreadable_file").
 
 Tar shards are read through DALI-format index files (`SHARD.idx`, "v1.2 N" then per sample
 "ext offset size name ..." with offset = the member's data offset), the same files DALI's webdataset
@@ -22,6 +23,8 @@ import tarfile
 from collections import Counter, OrderedDict
 
 import numpy as np
+
+from .decode import BadSample
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -85,8 +88,8 @@ class FileListSource:
         try:
             with open(p, "rb") as f:
                 return f.read(), p
-        except OSError:
-            return None, p  # the decoder reports "empty"; missing files are counted there
+        except OSError as e:
+            raise BadSample("unreadable_file", f"{p}: {e}") from None
 
 
 class ShardSource:
@@ -130,10 +133,10 @@ class ShardSource:
                 self.index_stats.update(stats)
                 self._index[k] = entries
                 counts[k] = len(entries)
-        if any(not v for v in self.validated) and os.path.exists(shards[0]):
+        if self._index:
             log.warning("%d of %d shards are not validated: indexed their tars at start-up; run "
                         "`python -m mcf_fast.data.scan --write-index` once to skip this",
-                        self.validated.count(False), len(shards))
+                        len(self._index), len(shards))
         self.counts = np.asarray(counts, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
         self.num_samples = int(self.counts.sum())
@@ -171,7 +174,7 @@ class ShardSource:
         k, j = self.locate(i)
         key, off, size = self._entries(k)[j]
         if size < 0:
-            return None, key
+            raise BadSample("missing_image", f"{self.shards[k]}: sample {key} has no image member")
         fd = self._fds.get(k)
         if fd is None:
             fd = os.open(self.shards[k], os.O_RDONLY)

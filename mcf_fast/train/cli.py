@@ -32,7 +32,7 @@ def _convert(text: str, default, type_name: str, key: str):
             return float(text)
         return text
     except ValueError as e:
-        raise SystemExit(f"error: --{key}: cannot read {text!r} as {type_name} ({e})") from None
+        raise ValueError(f"--{key}: cannot read {text!r} as {type_name} ({e})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +89,10 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         sec, name = key.split(".", 1)
         sub = getattr(cfg, sec)
         ftype = next(f.type for f in fields(sub) if f.name == name)
-        setattr(sub, name, _convert(text, getattr(sub, name), str(ftype), key))
+        try:
+            setattr(sub, name, _convert(text, getattr(sub, name), str(ftype), key))
+        except ValueError as e:
+            parser.error(str(e))
         img_size_set |= key == "model.img_size"
     for short, (sec, name) in SHORTCUTS.items():
         v = getattr(ns, short)

@@ -1,0 +1,112 @@
+"""End to end: `python -m mcf_fast.pretrain` trains, writes a self-explaining run folder, and resumes exactly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+TINY = ["--model.img_size", "32", "--model.patch_size", "8", "--model.embed_dim", "32", "--model.depth", "2",
+        "--model.num_heads", "2", "--model.decoder_embed_dim", "32", "--model.decoder_depth", "1",
+        "--model.decoder_num_heads", "2", "--model.proj_hidden", "64", "--model.proj_dim", "16",
+        "--model.teacher_img_size", "32", "--model.teacher_patch_size", "8", "--model.teacher_embed_dim", "32",
+        "--model.teacher_depth", "2", "--model.teacher_num_heads", "2", "--model.teacher_layers", "0,1",
+        "--optim.batch_size", "8", "--data.synthetic_size", "64", "--optim.warmup_steps", "2",
+        "--optim.lr", "1e-3", "--run.progress", "lines", "--run.threads", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(out, *extra, steps=20, timeout=600):
+    cmd = [sys.executable, "-m", "mcf_fast.pretrain", "--out", str(out), "--max-steps", str(steps), *TINY, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_run_trains_and_writes_everything(tmp_path):
+    """A 20-step CPU run lowers the loss and leaves config, metrics, events, checkpoint, grid and export."""
+    out = tmp_path / "run"
+    r = _run(out, "--run.log_every", "2", "--run.ckpt_every", "10", "--run.vis_every", "10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(out)
+    assert [row["step"] for row in rows] == list(range(2, 21, 2))
+    for key in ("step", "loss", "loss_perceptual", "loss_contrastive", "lr", "momentum", "images_per_s",
+                "step_time_s", "data_time_s", "peak_mem_mb", "skipped_nonfinite", "data_skipped"):
+        assert key in rows[0], key
+    first = sum(r["loss"] for r in rows[:2]) / 2
+    last = sum(r["loss"] for r in rows[-2:]) / 2
+    assert last < 0.9 * first, (first, last)
+    assert json.load(open(out / "config.json"))["model"]["depth"] == 2
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
+    ck = sorted(os.listdir(out / "checkpoints"))
+    assert ck == ["step_00000010", "step_00000020"] and os.path.exists(out / "checkpoints" / ck[-1] / "COMPLETE")
+    assert os.path.exists(out / "images" / "recon_latest.png") and os.path.exists(out / "images" / "recon_step0000010.png")
+    from safetensors.torch import load_file
+    enc = load_file(str(out / "encoder.safetensors"))
+    assert "patch_embed.proj.weight" in enc and "blocks.1.mlp.fc2.weight" in enc
+    assert not any(k.startswith(("decoder", "mask_token", "target", "perceptual", "projector", "predictor"))
+                   for k in enc)
+    meta = json.load(open(out / "encoder.json"))
+    assert meta["embed_dim"] == 32 and meta["depth"] == 2
+    assert "resum" not in r.stderr.lower()
+    # Rerunning a finished run resumes at the end and says so, training nothing more.
+    r2 = _run(out, "--run.log_every", "2", "--run.ckpt_every", "10", "--run.vis_every", "10")
+    assert r2.returncode == 0 and "resuming from" in r2.stderr
+    assert _rows(out) == rows
+
+
+def test_exported_encoder_loads_into_timm(tmp_path):
+    """encoder.safetensors loads strictly into timm's VisionTransformer of the same architecture."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import load_file
+
+    from mcf_fast.model.vit import VisionTransformer, load_encoder, save_encoder
+    v = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+    save_encoder(v, str(tmp_path))
+    m = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                          embed_dim=64, depth=2, num_heads=2)
+    m.load_state_dict(load_file(str(tmp_path / "encoder.safetensors")), strict=True)
+    m.eval()
+    x = torch.randn(2, 3, 32, 32)
+    ours = load_encoder(str(tmp_path)).eval()
+    torch.testing.assert_close(m.forward_features(x), ours.forward_features(x), rtol=1e-4, atol=1e-5)
+
+
+def test_changed_config_on_resume_is_refused(tmp_path):
+    """Reusing a run folder with another config is an error that names the difference."""
+    out = tmp_path / "run"
+    assert _run(out, steps=2).returncode == 0
+    r = _run(out, "--model.mask_ratio", "0.5", steps=2)
+    assert r.returncode != 0 and "model.mask_ratio" in r.stderr
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    """SIGKILL after a checkpoint, rerun the same command: metrics rows equal an uninterrupted run's."""
+    args = ["--run.log_every", "2", "--run.ckpt_every", "4", "--run.tensorboard", "false"]
+    ref = tmp_path / "ref"
+    r = _run(ref, *args, steps=12)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mcf_fast.pretrain", "--out", str(out), "--max-steps", "12", *TINY, *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    marker = out / "checkpoints" / "step_00000008" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "no checkpoint at step 8 before the deadline"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "encoder.safetensors").exists(), "the run finished before it was killed"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr and "step_00000008" in r.stderr
+    keys = ("step", "loss", "loss_perceptual", "loss_contrastive", "grad_norm", "lr", "momentum")
+    a = [{k: row[k] for k in keys} for row in _rows(ref)]
+    b = [{k: row[k] for k in keys} for row in _rows(out)]
+    assert a == b

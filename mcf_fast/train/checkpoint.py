@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -70,7 +71,9 @@ def save(ckpt_dir: str, step: int, model, optimizer, extra: dict, keep_last: int
         os.makedirs(tmp, exist_ok=True)
     _barrier()
     state = {"model": _model_sd(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=tmp)
+    with warnings.catch_warnings():  # single-process DCP is intended here, not a misconfiguration
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp)
     torch.save(extra, os.path.join(tmp, f"extra_rank{rank}.pt"))
     _barrier()
     if rank == 0:
@@ -103,7 +106,9 @@ def latest(ckpt_dir: str, finite_only: bool = False) -> str | None:
 def load(path: str, model, optimizer) -> dict:
     """Load model + optimizer (re-sharded to this world size) and this rank's extra state."""
     state = {"model": _model_sd(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)
     opts = StateDictOptions(strict=False)
     missing, unexpected = set_model_state_dict(model, state["model"], options=opts)
     missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]

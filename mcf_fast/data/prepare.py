@@ -1,0 +1,296 @@
+"""`python -m mcf_fast.data.prepare --input PATH_OR_SHARDS --out DIR`: face crops -> validated shards.
+
+Input: a folder / list file of images, or img2dataset-style shards (`KEY.jpg` + `KEY.json`/`KEY.txt`).
+For every image: decode (bad ones skipped and counted by reason), detect faces, keep up to
+`--max-faces` of at least `--min-face` px (largest first), grow each box by `--margin` of its side on
+every side, make it square (centred), cut it out (edge pixels repeat where the square leaves the
+image), resize to `--size` (256: room for 224 training crops), re-encode JPEG at `--quality`.
+
+Output: `OUT/faces-NNNNNN.tar` (one per input unit: an input shard, or `--per-unit` files of a
+folder), written with webdataset's TarWriter; each sample `KEY_F.jpg` + `KEY_F.json` ({"source",
+"box" [x, y, w, h] in the input image, "input_size" [w, h]}). Every finished shard gets its DALI
+index and a manifest entry (counts in/out, skipped by reason, the detector), so it is validated.
+
+Resumable: a unit whose shard is already in the manifest (same size on disk) is not redone; a unit
+interrupted mid-way left only a `.tmp` file, which is rewritten. Multi-process over units with a
+progress bar.
+
+Detectors (`--detector`): `haar` = OpenCV's Haar cascade (opencv-python-headless < 5 ships it;
+OpenCV 5 dropped `CascadeClassifier`), `lbp` = the LBP frontal-face cascade that ships inside
+scikit-image (`skimage.data.lbp_frontal_face_cascade_filename()`), `json` = the box stored in the
+sample's JSON ("bbox" [left, right, top, bottom] or "face_box" [x, y, w, h]; synthetic shards carry
+it), `none` = the image is already a face crop (central square). `auto` = haar, else lbp.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import numpy as np
+
+from .decode import BadSample, decode_rgb, resolve_decoder
+from .sources import MANIFEST, FileListSource, ShardSource, image_member, open_source, read_manifest
+
+DETECT_MAX_SIDE = 640  # detectors run on a copy at most this big (speed); boxes are scaled back
+
+
+def haar_available() -> bool:
+    try:
+        import cv2
+    except ImportError:
+        return False
+    path = os.path.join(getattr(getattr(cv2, "data", None), "haarcascades", ""), "haarcascade_frontalface_default.xml")
+    return hasattr(cv2, "CascadeClassifier") and os.path.exists(path)
+
+
+def resolve_detector(name: str) -> str:
+    if name == "auto":
+        return "haar" if haar_available() else "lbp"
+    if name == "haar" and not haar_available():
+        raise ValueError("--detector haar needs OpenCV's CascadeClassifier and its XML files "
+                         "(opencv-python-headless<5); use --detector lbp (ships with scikit-image)")
+    if name not in ("haar", "lbp", "json", "none"):
+        raise ValueError(f"--detector {name!r}: choose auto, haar, lbp, json or none")
+    return name
+
+
+class Detector:
+    """Face boxes [(x, y, w, h)] in image pixels, largest first."""
+
+    def __init__(self, kind: str, min_face: int):
+        self.kind, self.min_face = kind, min_face
+        self._impl = None
+
+    def _load(self):
+        if self.kind == "haar":
+            import cv2
+            self._impl = cv2.CascadeClassifier(
+                os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
+        elif self.kind == "lbp":
+            from skimage.data import lbp_frontal_face_cascade_filename
+            from skimage.feature import Cascade
+            self._impl = Cascade(lbp_frontal_face_cascade_filename())
+
+    def __call__(self, img: np.ndarray, meta: dict | None) -> list:
+        h, w = img.shape[:2]
+        if self.kind == "none":
+            s = min(h, w)
+            return [((w - s) // 2, (h - s) // 2, s, s)]
+        if self.kind == "json":
+            meta = meta or {}
+            if "face_box" in meta:
+                return [tuple(float(v) for v in meta["face_box"])]
+            if "bbox" in meta:
+                l, r, t, b = (float(v) for v in meta["bbox"])
+                return [(l, t, r - l, b - t)]
+            return []
+        if self._impl is None:
+            self._load()
+        f = min(1.0, DETECT_MAX_SIDE / max(h, w))
+        small = img
+        if f < 1:
+            from .augment import _resize
+            small = _resize(img, max(1, round(w * f)), max(1, round(h * f)))
+        m = max(12, int(self.min_face * f * 0.8))
+        if self.kind == "haar":
+            import cv2
+            gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+            found = [tuple(map(int, b)) for b in self._impl.detectMultiScale(gray, 1.1, 5, minSize=(m, m))]
+        else:
+            hs, ws = small.shape[:2]
+            dets = self._impl.detect_multi_scale(img=small, scale_factor=1.2, step_ratio=1, min_size=(m, m),
+                                                 max_size=(max(hs, ws), max(hs, ws)))
+            found = [(d["c"], d["r"], d["width"], d["height"]) for d in dets]
+        boxes = [(x / f, y / f, bw / f, bh / f) for x, y, bw, bh in found]
+        return sorted(boxes, key=lambda b: -b[2] * b[3])
+
+
+def square_crop(img: np.ndarray, box, margin: float, size: int) -> np.ndarray:
+    """Square of side max(w, h) * (1 + 2 * margin) centred on the box, edge-padded, resized to size."""
+    from .augment import _resize
+    x, y, w, h = box
+    side = max(1, int(round(max(w, h) * (1 + 2 * margin))))
+    x0, y0 = int(round(x + w / 2 - side / 2)), int(round(y + h / 2 - side / 2))
+    H, W = img.shape[:2]
+    pad = max(0, -x0, -y0, x0 + side - W, y0 + side - H)
+    if pad:
+        img = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        x0, y0 = x0 + pad, y0 + pad
+    return _resize(np.ascontiguousarray(img[y0:y0 + side, x0:x0 + side]), size, size)
+
+
+def _encode(rgb: np.ndarray, quality: int) -> bytes:
+    try:
+        import simplejpeg
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=quality, colorspace="RGB")
+    except ImportError:
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+
+
+def _unit_inputs(unit):
+    """Yield (key, image bytes or None, meta dict or None) for one unit."""
+    kind, spec = unit
+    if kind == "files":
+        for p in spec:
+            key = os.path.splitext(os.path.basename(p))[0]
+            try:
+                with open(p, "rb") as f:
+                    yield key, f.read(), None
+            except OSError:
+                yield key, None, None
+        return
+    samples: dict[str, dict] = {}
+    with tarfile.open(spec, "r:") as tf:  # TarError propagates: the whole unit is a corrupt shard
+        for m in tf:
+            if m.isreg():
+                dot = m.name.find(".", m.name.rfind("/") + 1)
+                if dot > 0:
+                    samples.setdefault(m.name[:dot], {})[m.name[dot + 1:].lower()] = m
+        for key, comps in samples.items():
+            e = image_member(comps)
+            meta = None
+            if "json" in comps:
+                try:
+                    meta = json.loads(tf.extractfile(comps["json"]).read())
+                except ValueError:
+                    meta = None
+            yield key.replace("/", "_"), (tf.extractfile(comps[e]).read() if e else None), meta
+
+
+def process_unit(unit, out_path: str, opts: dict) -> dict:
+    """Crop the faces of one unit into out_path (atomic rename); returns its manifest entry."""
+    import webdataset as wds
+    det = Detector(opts["detector"], opts["min_face"])
+    decoder = resolve_decoder("auto")
+    stats, n_in, n_out = Counter(), 0, 0
+    tmp = out_path + ".tmp"
+    with open(tmp, "wb") as fh:
+        sink = wds.TarWriter(fh)
+        try:
+            for key, data, meta in _unit_inputs(unit):
+                n_in += 1
+                if data is None:
+                    stats["missing_image"] += 1
+                    continue
+                try:
+                    img, _ = decode_rgb(data, decoder, 8)
+                except BadSample as e:
+                    stats[e.reason] += 1
+                    continue
+                boxes = det(img, meta)
+                if not boxes:
+                    stats["no_face"] += 1
+                    continue
+                kept = [b for b in boxes if max(b[2], b[3]) >= opts["min_face"]][:opts["max_faces"]]
+                if not kept:
+                    stats["face_too_small"] += 1
+                    continue
+                for k, box in enumerate(kept):
+                    crop = square_crop(img, box, opts["margin"], opts["size"])
+                    info = {"source": key, "box": [round(float(v), 2) for v in box],
+                            "input_size": [img.shape[1], img.shape[0]]}
+                    sink.write({"__key__": f"{key}_{k}", "jpg": _encode(crop, opts["quality"]),
+                                "json": json.dumps(info).encode()})
+                    n_out += 1
+        except (tarfile.TarError, OSError) as e:
+            stats["corrupt_shard"] += 1
+            print(f"prepare: {unit[1]} is unreadable past some point ({e}); kept what was read", file=sys.stderr)
+        sink.close()
+    os.replace(tmp, out_path)
+    from .index import index_written_shard
+    entry = index_written_shard(out_path, "prepare", dict(stats))
+    entry.update({"inputs": n_in, "faces": n_out, "detector": opts["detector"],
+                  "input": unit[1] if unit[0] == "shard" else f"{len(unit[1])} files from {unit[1][0]}"})
+    return entry
+
+
+def plan_units(spec: str, per_unit: int) -> list:
+    """[(kind, shard path | list of files)] in a stable order (unit u -> faces-u.tar)."""
+    src = open_source(spec, seed=0, img_size=8, synthetic_size=1, cache_mb=0)
+    if isinstance(src, ShardSource):
+        return [("shard", s) for s in src.shards if os.path.exists(s)]
+    if isinstance(src, FileListSource):
+        return [("files", src.paths[i:i + per_unit]) for i in range(0, src.num_samples, per_unit)]
+    raise ValueError("prepare needs a folder, a list file or shards as --input")
+
+
+def prepare(inp: str, out: str, *, size=256, workers=1, margin=0.3, min_face=48, max_faces=1, quality=95,
+            detector="auto", per_unit=1000, progress=False) -> dict:
+    from .index import update_manifest
+    opts = dict(size=size, margin=margin, min_face=min_face, max_faces=max_faces, quality=quality,
+                detector=resolve_detector(detector))
+    os.makedirs(out, exist_ok=True)
+    units = plan_units(inp, per_unit)
+    done = read_manifest(out).get("shards", {})
+    todo, reused = [], 0
+    for u, unit in enumerate(units):
+        name = f"faces-{u:06d}.tar"
+        p = os.path.join(out, name)
+        if name in done and os.path.exists(p) and os.path.getsize(p) == done[name]["size"] \
+                and os.path.exists(p + ".idx"):
+            reused += 1
+        else:
+            todo.append((name, unit))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(units), initial=reused, unit="shard", file=sys.stderr)
+    if workers <= 1:  # in-process: no pool start-up (tests, small jobs)
+        for name, unit in todo:
+            update_manifest(out, {name: process_unit(unit, os.path.join(out, name), opts)})
+            if bar is not None:
+                bar.update(1)
+    else:
+        with ProcessPoolExecutor(workers) as ex:
+            futs = {ex.submit(process_unit, unit, os.path.join(out, name), opts): name for name, unit in todo}
+            for fut in as_completed(futs):
+                update_manifest(out, {futs[fut]: fut.result()})  # per shard: an interrupted run resumes here
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    man = update_manifest(out, {}, detector=opts["detector"], size=size, margin=margin, min_face=min_face)
+    man["reused_units"], man["new_units"] = reused, len(todo)
+    return man
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mcf_fast.data.prepare", description=__doc__.split("\n")[0])
+    ap.add_argument("--input", required=True, help="folder, list file, or shard pattern of raw images")
+    ap.add_argument("--out", required=True, help="output folder for faces-NNNNNN.tar (+ .idx, manifest.json)")
+    ap.add_argument("--size", type=int, default=256, help="output crop side (default 256)")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--margin", type=float, default=0.3, help="box growth per side, fraction of the box side")
+    ap.add_argument("--min-face", type=int, default=48, help="drop faces smaller than this (px, input scale)")
+    ap.add_argument("--max-faces", type=int, default=1, help="faces kept per image (largest first)")
+    ap.add_argument("--quality", type=int, default=95, help="JPEG quality of the crops")
+    ap.add_argument("--detector", default="auto", help="auto | haar | lbp | json | none (see module doc)")
+    ap.add_argument("--per-unit", type=int, default=1000, help="folder inputs: images per output shard")
+    a = ap.parse_args(argv)
+    if a.size < 16 or not 0 <= a.margin <= 2 or a.max_faces < 1 or not 1 <= a.quality <= 100:
+        ap.error("need --size >= 16, 0 <= --margin <= 2, --max-faces >= 1, 1 <= --quality <= 100")
+    try:
+        man = prepare(a.input, a.out, size=a.size, workers=a.workers, margin=a.margin, min_face=a.min_face,
+                      max_faces=a.max_faces, quality=a.quality, detector=a.detector, per_unit=a.per_unit,
+                      progress=True)
+    except ValueError as e:
+        print(f"prepare: {e}", file=sys.stderr)
+        return 2
+    n_in = sum(e.get("inputs", 0) for e in man["shards"].values())
+    print(f"{n_in} images in, {man['samples']} face crops out, in {len(man['shards'])} shard(s) "
+          f"({man['reused_units']} already done); skipped: {man['skipped_by_reason'] or 'none'}")
+    print(f"manifest: {os.path.join(a.out, MANIFEST)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

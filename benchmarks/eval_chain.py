@@ -27,9 +27,9 @@ HEADLINE = {"alignment": ("nme_diag", "lower"), "parsing": ("f1_mean", "higher")
 EXTRA = {"alignment": ("nme_box", "nme_inter_ocular", "auc_box_7", "fr_box_7"), "parsing": ()}
 
 
-def make_data(out: str, fmt: str, num: int, size: int, seed: int, generator: str) -> str:
-    """Write one synthetic set with the project generator (or the eval tests' toy writer)."""
-    path = os.path.join(out, "data", fmt)
+def make_data(root: str, fmt: str, num: int, size: int, seed: int, generator: str) -> str:
+    """Write one synthetic set with the project generator (or the eval tests' toy writer), once."""
+    path = os.path.join(root, fmt)
     if os.path.exists(os.path.join(path, ".done")):
         return path
     use_project = generator == "project"
@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder", default="", help=f"pre-trained encoder.safetensors (default: {DEMO_ENCODER})")
     ap.add_argument("--tiny-encoder", action="store_true", help="smoke test: an untrained tiny encoder")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--data-dir", default="", help="where the synthetic sets go / are reused (default OUT/data)")
     ap.add_argument("--tasks", default="alignment,parsing")
     ap.add_argument("--num", type=int, default=800, help="faces per synthetic set")
     ap.add_argument("--size", type=int, default=96, help="synthetic image side")
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--head-width", type=int, default=128)
     ap.add_argument("--freeze-backbone", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
@@ -97,11 +99,12 @@ def main(argv=None) -> int:
     rows, results = [], {}
     for task in [t.strip() for t in a.tasks.split(",") if t.strip()]:
         fmt = "aflw19" if task == "alignment" else "lapa"
-        data = make_data(a.out, fmt, a.num, a.size, a.seed, a.generator)
+        data = make_data(a.data_dir or os.path.join(a.out, "data"), fmt, a.num, a.size, a.seed, a.generator)
         for name, encoder, arch in (("pretrained", enc, ""), ("scratch", "random", arch_json)):
             cfg = EvalConfig(task=task, data=data, encoder=encoder, arch=arch, out=os.path.join(a.out, task, name),
                              img_size=a.img_size, batch_size=a.batch_size, max_steps=a.steps, lr=a.lr,
-                             freeze_backbone=a.freeze_backbone, seed=a.seed, workers=a.workers, device=a.device,
+                             freeze_backbone=a.freeze_backbone, head_width=a.head_width, seed=a.seed,
+                             workers=a.workers, device=a.device, progress=False,
                              ckpt_every=max(50, a.steps // 4), log_every=max(1, a.steps // 50))
             t0 = time.time()
             m = run(cfg)

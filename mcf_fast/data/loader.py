@@ -93,13 +93,17 @@ class BatchMaker:
 class _StepDataset:
     """Map-style dataset over (epoch, step) keys: each item is a whole batch (batch_size=None)."""
 
-    def __init__(self, maker: BatchMaker):
+    def __init__(self, maker: BatchMaker, normalize_dtype=None):
         self.maker = maker
+        self.normalize_dtype = normalize_dtype  # set: normalise here (CPU training device)
 
     def __getitem__(self, key):
         import torch
         d = self.maker.make(*key)
         d["images"] = torch.from_numpy(d["images"])
+        if self.normalize_dtype is not None:
+            cfg = self.maker.cfg
+            d["images"] = augment.normalize(d["images"], cfg.mean, cfg.std, self.normalize_dtype, "cpu")
         d["ids"] = torch.from_numpy(d["ids"])
         return d
 
@@ -152,7 +156,8 @@ class PretrainLoader:
         if self._dali is not None:
             self._it = self._dali.iterate(self.epoch, self.step)
             return
-        ds = _StepDataset(self.maker)
+        # CPU training: workers normalise in parallel; CUDA: uint8 crosses the bus, the GPU normalises
+        ds = _StepDataset(self.maker, self._dtype if self.device.type == "cpu" else None)
         w = self.cfg.workers
         if w and "nvidia.dali" in sys.modules:
             gc.collect()  # unreferenced DALI pipelines must die before fork, not inside a worker
@@ -178,7 +183,7 @@ class PretrainLoader:
         if self.step == self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         imgs = d["images"]
-        if imgs.dtype.is_floating_point:  # DALI already normalised on its side
+        if imgs.dtype.is_floating_point:  # normalised by DALI or by a CPU-side worker
             imgs = imgs.to(self.device, self._dtype, non_blocking=True)
         else:
             imgs = augment.normalize(imgs, self.cfg.mean, self.cfg.std, self._dtype, self.device)

@@ -110,15 +110,22 @@ def _info_nce_bwd_dk_kernel(
     tl.store(dk_ptr + cols[:, None] * stride_dk_m + cc[None, :], acc, mask=kmask[:, None] & cmask[None, :])
 
 
-def _cfg(C, dtype_is_fp32):
-    """Tile sizes: whole feature rows (BLOCK_C = C rounded up) with tiles that fit shared memory."""
+def _cfg(C, dtype_is_fp32, kernel="fwd"):
+    """Tile sizes for one kernel: whole feature rows (BLOCK_C = C rounded up to a power of two).
+
+    Chosen from the sm_90 ahead-of-time compile report (tests/test_kernels_aot.py, 2026-11): at
+    C = 256 the accumulating kernels keep their [rows, C] fp32 accumulator at 32 rows, which holds
+    them under 160 registers without spills; 64 rows hit the 255-register cap (fp32 spilled).
+    """
     block_c = max(16, triton.next_power_of_2(C))
-    if block_c > 512:
-        raise ValueError(f"info_nce Triton kernels support feature dims up to 512, got C={C}; "
-                         "use set_backend('cpu') (the chunked torch path also runs on CUDA)")
-    wide = dtype_is_fp32 or block_c > 256
-    return dict(BLOCK_N=32 if wide else 64, BLOCK_M=32 if wide else 64, BLOCK_C=block_c,
-                num_warps=4 if wide else 8)
+    if block_c > 256:
+        raise ValueError(f"info_nce Triton kernels support feature dims up to 256, got C={C}; "
+                         "use set_backend('cpu') (the blocked torch path also runs on CUDA)")
+    if dtype_is_fp32:
+        bn, bm = 32, 32
+    else:
+        bn, bm = {"fwd": (64, 32), "dq": (32, 64), "dk": (64, 32)}[kernel]
+    return dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_C=block_c, num_warps=8, num_stages=3)
 
 
 def _dot_dtype(torch_dtype):
@@ -136,7 +143,7 @@ def nce_lse(qn, kn, inv_t, dot_dtype):
     import torch
     N, C = qn.shape
     M = kn.shape[0]
-    cfg = _cfg(C, _ieee(dot_dtype))
+    cfg = _cfg(C, _ieee(dot_dtype), "fwd")
     lse = torch.empty(N, device=qn.device, dtype=torch.float32)
     _info_nce_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         qn, kn, lse, N, M, C, qn.stride(0), kn.stride(0), inv_t,
@@ -149,15 +156,16 @@ def nce_grads(qn, kn, lse, inv_t, dot_dtype, need_dq, need_dk):
     import torch
     N, C = qn.shape
     M = kn.shape[0]
-    cfg = _cfg(C, _ieee(dot_dtype))
-    common = dict(DOT_DTYPE=_dot_dtype(dot_dtype), IEEE=_ieee(dot_dtype), **cfg)
+    common = dict(DOT_DTYPE=_dot_dtype(dot_dtype), IEEE=_ieee(dot_dtype))
     dq = dk = None
     if need_dq:
+        cfg = _cfg(C, _ieee(dot_dtype), "dq")
         dq = torch.empty((N, C), device=qn.device, dtype=torch.float32)
         _info_nce_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            qn, kn, lse, dq, N, M, C, qn.stride(0), kn.stride(0), dq.stride(0), inv_t, **common)
+            qn, kn, lse, dq, N, M, C, qn.stride(0), kn.stride(0), dq.stride(0), inv_t, **common, **cfg)
     if need_dk:
+        cfg = _cfg(C, _ieee(dot_dtype), "dk")
         dk = torch.empty((M, C), device=qn.device, dtype=torch.float32)
         _info_nce_bwd_dk_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-            qn, kn, lse, dk, N, M, C, qn.stride(0), kn.stride(0), dk.stride(0), inv_t, **common)
+            qn, kn, lse, dk, N, M, C, qn.stride(0), kn.stride(0), dk.stride(0), inv_t, **common, **cfg)
     return dq, dk

@@ -180,7 +180,7 @@ def gpu_bytes_model(N=256, L=196, D=768, Dd=512, ratio=0.75, elem=2, idx=8, hbm_
     mae_b = lD * E + kD * idx + 2 * kD * E + lD * E
     ours_b = N * (1 + k) * D * E + lD * E + N * L * 4
     rows.append(("gather_visible bwd", mae_b, ours_b))
-    kd, ld = N * k * Dd, N * (1 + L) * Dd
+    ld = N * (1 + L) * Dd
     # decoder un-shuffle forward: repeat mask (w), cat (r+w), repeated index (w), gather (r idx, r, w),
     # cat CLS (r+w), add pos (r+w); fused = read visible rows + ids, write the full output once
     mae_df = N * (L - k) * Dd * E + 2 * N * L * Dd * E + N * L * Dd * idx + (N * L * Dd * idx + 2 * N * L * Dd * E) \
@@ -200,6 +200,82 @@ def gpu_bytes_model(N=256, L=196, D=768, Dd=512, ratio=0.75, elem=2, idx=8, hbm_
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# GPU (run where a CUDA device exists): Triton kernels vs MAE's formulation / the naive InfoNCE
+def _do_bench(fn):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def bench_gpu_gather(N=256, L=196, D=768, ratio=0.75, dtype=torch.bfloat16, pos_dtype=torch.float32):
+    """gather_visible fwd+bwd on CUDA (Triton) vs MAE's add+gather+cat, ms and effective GB/s."""
+    dev = "cuda"
+    ids = torch.rand(N, L, device=dev).argsort(1)[:, :int(L * (1 - ratio))]
+    x = torch.randn(N, L, D, device=dev, dtype=dtype, requires_grad=True)
+    pos = torch.randn(1 + L, D, device=dev, dtype=pos_dtype)
+    cls = torch.randn(1, 1, D, device=dev, dtype=pos_dtype, requires_grad=True)
+    K.set_backend("auto")
+    out = K.gather_visible(x, ids, pos, cls)
+    assert torch.equal(out, mae_encoder_input(x, ids, pos, cls))
+    g = torch.randn_like(out)
+    base = _do_bench(lambda: _fwd_bwd(mae_encoder_input, (x, ids, pos, cls), (x, cls), g))
+    ours = _do_bench(lambda: _fwd_bwd(K.gather_visible, (x, ids, pos, cls), (x, cls), g))
+    fwd = _do_bench(lambda: K.gather_visible(x.detach(), ids, pos, cls.detach()))
+    moved = ids.numel() * D * (x.element_size() + 2 * out.element_size()) + N * L * D * x.element_size()
+    return dict(name=f"[gpu] gather_visible N={N} D={D} x {str(dtype)[6:]} pos {str(pos_dtype)[6:]}",
+                baseline_ms=base, ours_ms=ours, speedup=base / ours, ours_fwd_ms=fwd,
+                ours_fwd_bwd_gbs=moved / ours / 1e6)
+
+
+def bench_gpu_scatter(N=256, L=196, Dd=512, ratio=0.75, dtype=torch.bfloat16, pos_dtype=torch.float32):
+    """scatter_to_full fwd+bwd on CUDA (Triton) vs MAE's repeat+cat+gather+cat+add."""
+    dev = "cuda"
+    k = int(L * (1 - ratio))
+    restore = torch.rand(N, L, device=dev).argsort(1).argsort(1)
+    t = torch.randn(N, 1 + k, Dd, device=dev, dtype=dtype, requires_grad=True)
+    m = torch.randn(1, 1, Dd, device=dev, dtype=pos_dtype, requires_grad=True)
+    pos = torch.randn(1 + L, Dd, device=dev, dtype=pos_dtype)
+    K.set_backend("auto")
+    out = K.scatter_to_full(t, restore, m, pos)
+    assert torch.equal(out, mae_decoder_unshuffle(t, restore, m, pos))
+    g = torch.randn_like(out)
+    base = _do_bench(lambda: _fwd_bwd(mae_decoder_unshuffle, (t, restore, m, pos), (t, m), g))
+    ours = _do_bench(lambda: _fwd_bwd(K.scatter_to_full, (t, restore, m, pos), (t, m), g))
+    moved = 2 * (N * (1 + k) * Dd * t.element_size() + N * (1 + L) * Dd * out.element_size())
+    return dict(name=f"[gpu] scatter_to_full N={N} Dd={Dd} tokens {str(dtype)[6:]} pos {str(pos_dtype)[6:]}",
+                baseline_ms=base, ours_ms=ours, speedup=base / ours, ours_fwd_bwd_gbs=moved / ours / 1e6)
+
+
+def bench_gpu_info_nce(N=4096, M=4096, C=256, dtype=torch.bfloat16):
+    """info_nce fwd+bwd (d q) on CUDA (Triton) vs the naive logits path: ms and peak memory above inputs."""
+    q = torch.randn(N, C, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(M, C, device="cuda", dtype=dtype)
+    K.set_backend("auto")
+    res = {}
+    for name, f in (("naive", lambda: naive_info_nce(q, k, 0.2, 0.4)),
+                    ("ours", lambda: K.info_nce(q, k, 0.2, 0, 0.4))):
+        torch.autograd.grad(f(), q)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        torch.autograd.grad(f(), q)
+        torch.cuda.synchronize()
+        res[name + "_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        res[name + "_ms"] = _do_bench(lambda: torch.autograd.grad(f(), q))
+    return dict(name=f"[gpu] info_nce N={N} M={M} C={C} {str(dtype)[6:]}", baseline_ms=res["naive_ms"],
+                ours_ms=res["ours_ms"], speedup=res["naive_ms"] / res["ours_ms"],
+                baseline_peak_mib=res["naive_peak_mib"], ours_peak_mib=res["ours_peak_mib"],
+                memory_ratio=res["naive_peak_mib"] / max(res["ours_peak_mib"], 1e-9))
+
+
+def gpu_cases() -> list:
+    """GPU benchmark thunks (each returns one result dict); need CUDA and Triton."""
+    return [bench_gpu_gather, lambda: bench_gpu_gather(pos_dtype=torch.bfloat16),
+            bench_gpu_scatter, lambda: bench_gpu_scatter(pos_dtype=torch.bfloat16),
+            bench_gpu_info_nce, lambda: bench_gpu_info_nce(N=4096, M=32768),
+            lambda: bench_gpu_info_nce(dtype=torch.float32)]
+
+
 def cases(quick: bool) -> list:
     """Benchmark thunks for benchmarks/run.py (quick: smaller shapes, fewer repeats)."""
     if quick:
@@ -214,18 +290,27 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="")
+    ap.add_argument("--gpu", action="store_true", help="run the CUDA/Triton benchmarks instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    res = [c() for c in cases(args.quick)]
+    res = []
+    for c in (gpu_cases() if args.gpu else cases(args.quick)):
+        try:
+            res.append(c())
+        except Exception as e:  # one broken case must not hide the others' numbers
+            res.append(dict(name=repr(c), error=f"{type(e).__name__}: {e}", baseline_ms=float("nan"),
+                            ours_ms=float("nan"), speedup=float("nan")))
+            print("ERROR", res[-1]["error"], flush=True)
     for r in res:
         extra = f"  peak {r['baseline_peak_mib']:.0f} -> {r['ours_peak_mib']:.0f} MiB ({r['memory_ratio']:.1f}x less)" \
             if "memory_ratio" in r else ""
-        print(f"{r['name']:<48} {r['baseline_ms']:8.1f} ms -> {r['ours_ms']:7.1f} ms  x{r['speedup']:.2f}{extra}")
+        print(f"{r['name']:<48} {r['baseline_ms']:9.3f} ms -> {r['ours_ms']:9.3f} ms  x{r['speedup']:.2f}{extra}")
     model = gpu_bytes_model()
     for m in model:
         print(f"{m['name']:<22} MAE {m['mae_mb']:8.1f} MB  fused {m['fused_mb']:7.1f} MB  x{m['ratio']:.1f}  "
               f"H100 @3TB/s {m['mae_us_at_3tbs']:6.1f} -> {m['fused_us_at_3tbs']:5.1f} us  ({m['note']})")
-    meta = dict(torch=torch.__version__, threads=args.threads, cpu=os.cpu_count(), quick=args.quick)
+    meta = dict(torch=torch.__version__, threads=args.threads, cpu=os.cpu_count(), quick=args.quick,
+                device=torch.cuda.get_device_name() if args.gpu else "cpu")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=res, gpu_model=model), f, indent=1)

@@ -122,7 +122,6 @@ def scatter_fwd(tokens, ids_restore, mask_token, pos, out_dtype):
 def scatter_bwd(g, ids_restore, K, need_tokens, need_mask, need_pos, tokens_dtype):
     """(d tokens [N, 1+K, Dd], d mask_token [Dd] fp32, d pos [1+L, Dd] fp32); empty where not needed."""
     N, T1, Dd = g.shape
-    L = T1 - 1
     dev = g.device
     gpos = g.sum(0, dtype=torch.float32) if need_pos else nothing(dev)
     gt = nothing(dev)

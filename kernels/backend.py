@@ -102,7 +102,7 @@ def resolve(device: torch.device) -> str:
     if device.type == "cuda":
         if _triton_importable():
             return "triton"
-        _once(f"auto: triton is not installed, CUDA tensors use the torch formulation (cpu path)")
+        _once("auto: triton is not installed, CUDA tensors use the torch formulation (cpu path)")
         return "cpu"
     return "cpu"
 

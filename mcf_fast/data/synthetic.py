@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sampling import hash_u64
 
 AFLW19_NAMES = (
     "left_brow_outer", "left_brow_centre", "left_brow_inner",
@@ -49,6 +48,10 @@ LM_INSET = 0.7     # corner landmarks sit this far along a feature's half-width 
 _SKIN = np.array([[255, 224, 196], [234, 192, 150], [198, 144, 105], [141, 85, 54], [88, 54, 36]], np.float32)
 _HAIR = np.array([[20, 15, 12], [70, 45, 25], [140, 95, 50], [210, 180, 120], [120, 120, 120], [160, 40, 20]],
                  np.float32)
+try:
+    import cv2 as _cv2
+except ImportError:  # pragma: no cover - optional speed-up only
+    _cv2 = None
 _SKIN_L, _HAIR_L = _SKIN.tolist(), _HAIR.tolist()
 _NOISE = None  # a fixed noise tile, drawn once per process (cheaper than fresh noise per image)
 
@@ -79,10 +82,14 @@ class _Canvas:
         self.c, self.s = math.cos(roll), math.sin(roll)
         g = np.arange(size, dtype=np.float32)
         dx, dy = g - cx, g - cy
-        # inverse rotation, then inverse anisotropic scale, folded into 1-D vectors so each full-size
-        # coordinate array costs one broadcast add
-        self.u = (dx * (self.c / self.sx))[None, :] + (dy * (self.s / self.sx))[:, None]
-        self.v = (dx * (-self.s / self.sy))[None, :] + (dy * (self.c / self.sy))[:, None]
+        # inverse rotation, then inverse anisotropic scale, folded into 1-D vectors: a window's
+        # coordinates cost one broadcast add each
+        self._ux, self._uy = dx * (self.c / self.sx), dy * (self.s / self.sx)
+        self._vx, self._vy = dx * (-self.s / self.sy), dy * (self.c / self.sy)
+
+    def uv(self, ys: slice, xs: slice):
+        """Canonical (u, v) of the pixels in the window [ys, xs]."""
+        return (self._ux[xs][None, :] + self._uy[ys][:, None], self._vx[xs][None, :] + self._vy[ys][:, None])
 
     def to_pixels(self, pts):
         pts = np.asarray(pts, np.float32)
@@ -103,11 +110,22 @@ class _Canvas:
         return slice(max(0, y0), min(S, y1)), slice(max(0, x0), min(S, x1))
 
 
+def _mix(*keys: int) -> int:
+    """SplitMix64 chain over Python ints (a numpy call per key would cost more than the whole draw)."""
+    h = 0
+    for k in keys:
+        h = (h ^ (k & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h
+
+
 def face_params(seed: int, index: int) -> dict:
     """The random choices of face `index` (a pure function of seed and index)."""
     # Python's Mersenne Twister seeded by an int is stable across versions and ~20x cheaper to set up
     # than a numpy Generator (which matters at 1000 faces/s)
-    rnd = random.Random(int(hash_u64(0x5FACE, seed, index)))
+    rnd = random.Random(_mix(0x5FACE, seed, index))
     r = [rnd.random() for _ in range(48)]
     return dict(
         roll=(r[0] - 0.5) * math.radians(50), scale=0.24 + 0.1 * r[1],
@@ -132,17 +150,17 @@ def draw_face(seed: int, index: int, size: int = 128) -> Face:
     S = size
     cv = _Canvas(S, S / 2 + p["shift"][0] * S, S / 2 + p["shift"][1] * S, p["scale"] * S,
                  1.0 - 0.6 * abs(p["yaw"]), p["roll"])
-    u, v = cv.u, cv.v
     dx = 0.45 * p["yaw"]  # features slide towards the turned side
     style = p["hair_style"]  # 0 bald, 1 short, 2 long, 3 fringe
+    u, v = cv.uv(slice(None), slice(None))
     u2 = u * u
     face = u2 + (v * (1 / FACE_HALF_H)) ** 2 < 1
     lab = face.view(np.uint8).copy()  # 1 = skin
     if style:
         hair = (u2 * (1 / 1.15**2) + ((v + 0.2) * (1 / 1.42)) ** 2 < 1) & (v < (0.9 if style == 2 else -0.1))
         hl = p["hairline"] + (0.12 if style == 3 else 0.0)
-        hair &= ~face | (v < hl + 0.08 * u2)
-        lab[hair] = 10
+        hair &= ~face | (v < hl + 0.08 * u2)  # the fringe: face above a curved hairline
+        np.putmask(lab, hair, 10)  # putmask: ~2x faster than boolean setitem
 
     # all features share one window: u across both eyes/brows, v from the brows to the chin
     ex, ey, ew, eh = p["eye_x"], p["eye_y"], p["eye_hw"], p["eye_hh"]
@@ -150,14 +168,15 @@ def draw_face(seed: int, index: int, size: int = 128) -> Face:
     my, mw, g = p["mouth_y"], p["mouth_hw"], p["mouth_open"]
     half = ex + max(ew, bw) + 0.02
     ys, xs = cv.window(dx - half, dx + half, by - bb - bh - 0.05, my + g + p["lip_l"] + 0.05)
-    uu, vv = u[ys, xs] - dx, v[ys, xs]
+    uu, vv = cv.uv(ys, xs)
+    uu = uu - dx
     sub = lab[ys, xs]  # a view: writes land in lab
     # nose first (eyes win any overlap): a wedge from the bridge to a rounded base
     ny, nw = 0.02 + p["nose_len"] * 0.75, p["nose_hw"]
     au = np.abs(uu)
     nose = ((vv > -0.05) & (vv < ny) & (au < 0.05 + (vv + 0.05) * (nw / (ny + 0.05)))) | \
         ((uu * (1 / nw)) ** 2 + ((vv - ny) * (1 / 0.08)) ** 2 < 1)
-    sub[nose] = 6
+    np.putmask(sub, nose, 6)
     # brows and eyes in one broadcast: lens shapes |v - centre line| < hh * (1 - r^2)
     cu = np.array([-ex, ex, -ex, ex])[:, None, None]
     cvv = np.array([by, by, ey, ey])[:, None, None]
@@ -167,15 +186,15 @@ def draw_face(seed: int, index: int, size: int = 128) -> Face:
     q = 1 - ((uu - cu) / hw) ** 2
     m = (q > 0) & (np.abs(vv - (cvv - bend * q)) < hh * q)
     for k, c in enumerate((2, 3, 4, 5)):
-        sub[m[k]] = c
+        np.putmask(sub, m[k], c)
     # mouth: upper lip / inner mouth / lower lip between curves that meet at the corners
     t = np.sqrt(np.maximum(1 - (uu * (1 / mw)) ** 2, 0))
     w = vv - my
     inside = au < mw
-    sub[inside & (w < -g * t) & (w > -(g + p["lip_u"]) * t)] = 7
+    np.putmask(sub, inside & (w < -g * t) & (w > -(g + p["lip_u"]) * t), 7)
     if g > 0:
-        sub[inside & (w >= -g * t) & (w <= g * t)] = 8
-    sub[inside & (w > g * t) & (w < (g + p["lip_l"]) * t)] = 9
+        np.putmask(sub, inside & (w >= -g * t) & (w <= g * t), 8)
+    np.putmask(sub, inside & (w > g * t) & (w < (g + p["lip_l"]) * t), 9)
 
     k, nh = LM_INSET, 0.6 * nw
     bl = by - bb * (1 - k * k)
@@ -221,12 +240,12 @@ def _paint(lab, p, cv, S, eye_centres) -> np.ndarray:
     pal = np.array(pal, np.float32)
     # background: entry 12 with clutter rectangles, only where no face class is drawn
     bgm = lab == 0
-    cls = np.where(bgm, np.uint8(12), lab)
+    cls = lab + bgm.view(np.uint8) * np.uint8(12)  # 5x cheaper than np.where here
     for k in range(nc):
         x0, y0 = int(cr[2 * k] * S), int(cr[2 * k + 1] * S)
         w, h = int(((cr[2 * k] * 7.3) % 1) * S * 0.5) + 1, int(((cr[2 * k + 1] * 5.1) % 1) * S * 0.5) + 1
         blk = cls[y0:y0 + h, x0:x0 + w]
-        blk[bgm[y0:y0 + h, x0:x0 + w]] = 13 + k
+        np.putmask(blk, bgm[y0:y0 + h, x0:x0 + w], 13 + k)
     ir = 0.6 * p["eye_hh"] * cv.sy
     for (ex, ey), eye_cls in zip(eye_centres, (4, 5)):
         y0, y1 = max(0, int(ey - ir) - 1), min(S, int(ey + ir) + 2)
@@ -235,7 +254,7 @@ def _paint(lab, p, cv, S, eye_centres) -> np.ndarray:
             yy = (np.arange(y0, y1, dtype=np.float32) - ey) ** 2
             xx = (np.arange(x0, x1, dtype=np.float32) - ex) ** 2
             blk = cls[y0:y1, x0:x1]
-            blk[(yy[:, None] + xx[None, :] < ir * ir) & (blk == eye_cls)] = 11
+            np.putmask(blk, (yy[:, None] + xx[None, :] < ir * ir) & (blk == eye_cls), 11)
     g = np.arange(S, dtype=np.float32) * (1 / S) - 0.5
     scale = (_LEVELS - 1) / (_GAIN_HI - _GAIN_LO)
     amp, b = p["light_amp"], p["brightness"]
@@ -251,8 +270,11 @@ def _paint(lab, p, cv, S, eye_centres) -> np.ndarray:
     idx += cls
     rgb = np.minimum(_GAINS[:, None, None] * pal[None], 255).astype(np.uint32)
     table = rgb[..., 0] | (rgb[..., 1] << 8) | (rgb[..., 2] << 16)
-    # little-endian uint32 -> bytes R, G, B, 0
-    return np.ascontiguousarray(table.reshape(-1)[idx].view(np.uint8).reshape(S, S, 4)[..., :3])
+    # np.take is ~4x faster than fancy indexing; little-endian uint32 -> bytes R, G, B, 0
+    rgbx = np.take(table.reshape(-1), idx).view(np.uint8).reshape(S, S, 4)
+    if _cv2 is not None:  # dropping the 4th byte: cv2 15 us vs numpy's strided copy 280 us at 128 px
+        return _cv2.cvtColor(rgbx, _cv2.COLOR_RGBA2RGB)
+    return np.ascontiguousarray(rgbx[..., :3])
 
 
 def main(argv=None) -> int:

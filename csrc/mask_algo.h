@@ -54,7 +54,7 @@ struct RowStream {
   uint32_t next;  // index of the next draw
   Philox4 buf;
 
-  MCF_HD explicit RowStream(const RowKey& k) : key(k), next(0) {}
+  MCF_HD explicit RowStream(const RowKey& k) : key(k), next(0), buf{{0u, 0u, 0u, 0u}} {}
 
   MCF_HD uint32_t draw() {
     const uint32_t lane = next & 3u;

@@ -199,3 +199,43 @@ def test_manifest_marks_validation_and_a_rewritten_shard_loses_it(bad_shards):
         f.write(b"\0" * 512)
     src = open_source(bad_shards, seed=0, img_size=8, synthetic_size=1, cache_mb=0)
     assert not src.all_validated
+
+
+def test_uneven_shards_two_ranks_two_workers(tmp_path):
+    """Shards of 7, 1 and 12 samples on 2 ranks x 2 workers: equal steps, every sample seen, no hang."""
+    sizes, k = [7, 1, 12], 0
+    for s, n in enumerate(sizes):
+        members = []
+        for _ in range(n):
+            members.append((f"k{k:03d}.jpg", _enc(_rgb(24, 24))))
+            k += 1
+        _tar(tmp_path / f"u-{s:06d}.tar", members)
+    seen, steps = [], []
+    for rank in range(2):
+        cfg = DataConfig(path=str(tmp_path / "u-{000000..000002}.tar"), img_size=16, workers=2, shuffle_window=8)
+        loader = build_pretrain_loader(cfg, batch_size=3, rank=rank, world_size=2, seed=4, drop_last=False)
+        steps.append(loader.steps_per_epoch)
+        seen += torch.cat([next(loader).sample_ids for _ in range(loader.steps_per_epoch)]).tolist()
+        loader.close()
+    assert steps == [4, 4]  # ceil(20 / (2 * 3))
+    assert set(seen) == set(range(20)) and len(seen) == 24  # 4 wrapped repeats pad the last steps
+
+
+def test_lmdb_reader_in_the_folder2lmdb_layout(tmp_path):
+    """LMDB with __keys__/__len__ and pickled (jpeg, label) values loads; a bad value is skipped and counted."""
+    lmdb = pytest.importorskip("lmdb")
+    import pickle
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 24)
+    keys = [f"img{i}".encode() for i in range(6)]
+    with env.begin(write=True) as txn:
+        for i, k in enumerate(keys):
+            val = pickle.dumps((_enc(_rgb(20, 20)), i)) if i != 3 else pickle.dumps(("oops", 3))
+            txn.put(k, val)
+        txn.put(b"__keys__", pickle.dumps(keys))
+        txn.put(b"__len__", pickle.dumps(len(keys)))
+    env.close()
+    loader = build_pretrain_loader(DataConfig(path=str(tmp_path / "db"), img_size=16, workers=0), batch_size=6,
+                                   seed=0)
+    b = next(loader)
+    assert loader.num_samples == 6 and b.images.shape == (6, 3, 16, 16)
+    assert 3 not in b.sample_ids.tolist() and loader.stats()["skipped_by_reason"] == {"not_image": 1}

@@ -19,7 +19,8 @@ class DataConfig:
     path: str = field(default="", metadata={"help": (
         "Where the pre-training images are: '' = in-memory synthetic faces (the demo); a folder of "
         "images (any depth); a webdataset shard pattern like 'faces-{000000..000099}.tar' (or one "
-        ".tar, or a folder holding *.tar); or a list file (*.txt, one image path or shard per line).")})
+        ".tar, or a folder holding *.tar); a list file (*.txt, one image path or shard per line); "
+        "or an LMDB database (folder with data.mdb, or *.lmdb).")})
     loader: str = field(default="auto", metadata={"help": (
         "'torch' (DataLoader workers), 'dali' (NVIDIA DALI: GPU decode when CUDA is present, CPU "
         "otherwise; needs validated shards) or 'auto' (DALI when importable and the data is "

@@ -36,7 +36,7 @@ def unavailable_reason(cfg, source, device) -> str | None:
         return f"nvidia-dali is not installed ({e}); pip install nvidia-dali-cuda130"
     if not isinstance(source, ShardSource):
         return ("DALI reads validated webdataset shards only; this data is "
-                f"{'synthetic (drawn in Python)' if source.kind == 'synthetic' else 'a folder / list of image files'}"
+                f"{'synthetic (drawn in Python)' if source.kind == 'synthetic' else 'image files / LMDB, not shards'}"
                 "; pack it with `python -m mcf_fast.data.prepare` or use data.loader=torch")
     if not source.all_validated:
         bad = [s for s, v in zip(source.shards, source.validated) if not v][:3]

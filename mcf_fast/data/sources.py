@@ -1,4 +1,5 @@
-"""Where samples come from: synthetic faces, image folders / list files, webdataset tar shards.
+"""Where samples come from: synthetic faces, image folders / list files, webdataset tar shards
+(and LMDB, in `lmdb_source`).
 
 Every source is random-access by global sample id (0 .. num_samples-1) and exposes `counts` (samples
 per shard or pseudo-shard) for `sampling.EpochOrder`, plus `index_stats` (problems found while
@@ -287,6 +288,9 @@ def open_source(path: str, *, seed: int, img_size: int, synthetic_size: int, cac
     if path.startswith("pipe:") or "://" in path:
         raise ValueError(f"data.path={path!r}: remote/pipe shards need sequential streaming, which "
                          "breaks exact mid-epoch resume; copy the shards to a local or mounted path")
+    from .lmdb_source import LmdbSource, is_lmdb
+    if is_lmdb(path):
+        return LmdbSource(path)
     if os.path.isdir(path):
         if glob.glob(os.path.join(path, "*.tar")):
             return ShardSource(expand_shards(path), require_validated=require_validated)

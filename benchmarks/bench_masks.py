@@ -70,18 +70,25 @@ def check_providers(N, L, ratio, views):
                 raise AssertionError(f"{name} differs from mcf_fast in {field} at N={N} L={L}")
 
 
-def _time(fn, repeat, warmup=3):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
+def _summary(ts):
+    ts = sorted(ts)
     q = statistics.quantiles(ts, n=4) if len(ts) >= 4 else [ts[0], ts[len(ts) // 2], ts[-1]]
     return {"median_ms": 1e3 * statistics.median(ts), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2],
-            "repeat": repeat}
+            "repeat": len(ts)}
+
+
+def _time_interleaved(fns, repeat, warmup=3):
+    """Time providers round-robin, so that load from other processes hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    ts = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t0)
+    return {name: _summary(t) for name, t in ts.items()}
 
 
 def bench_case(N, L, ratio=0.75, views=2, threads=2, repeat=30, fallback=True):
@@ -91,10 +98,11 @@ def bench_case(N, L, ratio=0.75, views=2, threads=2, repeat=30, fallback=True):
     try:
         check_providers(N, L, ratio, views)
         res = {"N": N, "L": L, "ratio": ratio, "views": views, "threads": threads}
-        for name, fn in providers(N, L, ratio, views).items():
-            if name == "mcf_fast_torch_fallback" and not fallback:
-                continue
-            res[name] = _time(fn, max(3, repeat // 10) if "fallback" in name else repeat)
+        fns = providers(N, L, ratio, views)
+        slow = fns.pop("mcf_fast_torch_fallback")
+        res.update(_time_interleaved(fns, repeat))
+        if fallback:  # ~100x slower: a few repeats are enough
+            res.update(_time_interleaved({"mcf_fast_torch_fallback": slow}, max(3, repeat // 10), 1))
         res["speedup_vs_mae"] = res["mae_argsort"]["median_ms"] / res["mcf_fast"]["median_ms"]
         return res
     finally:
@@ -131,7 +139,8 @@ def to_markdown(result):
                      f"| {r['speedup_vs_mae']:.1f}x | {fb} |")
     m = result["machine"]
     lines.append("")
-    lines.append(f"median (interquartile range) over the repeats; views=2, ratio=0.75, "
+    lines.append(f"median (interquartile range) over the repeats, providers interleaved; "
+                 f"views=2, ratio=0.75, "
                  f"{result['rows'][0]['threads']} threads; torch {m['torch']}, {m['cores']} cores, "
                  f"1-min load {m['loadavg_1m']:.1f}, git {m['git']}, masks via {m['backend']}")
     return "\n".join(lines)

@@ -82,6 +82,10 @@ def shard_model(model, cfg, rt: Runtime):
             register_fsdp_forward_method(teacher, "forward_intermediates")
         else:
             ignored = set(teacher.parameters())
+            if mp.param_dtype is not None:
+                # Frozen: no fp32 master copy is needed. Stored in the compute dtype it takes half the
+                # memory and gets inputs of that dtype, as the sharded units' all-gathered weights do.
+                teacher.to(mp.param_dtype)
     # The root keeps its parameters gathered from forward to the end of backward (FSDP2's default
     # for the root): they are read again by backward immediately anyway.
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)

@@ -1,0 +1,223 @@
+"""FSDP2 layout on 2 CPU ranks (gloo): what is sharded, the EMA without communication, per-rank memory,
+the full-encoder gather, the teacher placement, contrastive negatives, and bf16 mixed precision.
+
+One `torch.multiprocessing` job with 2 ranks runs every check (a process start costs more than all
+the checks together) and rank 0 writes the measurements to JSON; the tests read them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+# The demo preset's widths (what the memory figure should describe), fewer blocks for speed.
+ARCH = dict(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, decoder_embed_dim=128,
+            decoder_depth=1, decoder_num_heads=4, proj_hidden=512, proj_dim=128, teacher="random",
+            teacher_arch=dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
+            teacher_layers=(0, 1), teacher_num_heads=2)
+N_LOCAL = 4
+
+
+class _Cfg:
+    """The two config sections shard_model reads."""
+
+    def __init__(self, teacher_sharding="replicate", reshard=True):
+        from mcf_fast.train.config import DistConfig
+        self.dist = DistConfig(teacher_sharding=teacher_sharding, reshard_after_forward=reshard)
+
+
+def _inputs(rank: int, n: int, L: int):
+    from mcf_fast.masking import random_masks
+    g = torch.Generator().manual_seed(100 + rank)
+    imgs = torch.randn(n, 3, ARCH["img_size"], ARCH["img_size"], generator=g)
+    ids = torch.arange(n) + rank * n
+    m = random_masks(n, L, 0.75, views=2, seed=0, step=0, sample_ids=ids)
+    return imgs, m.ids_keep[0], m.ids_restore[0], m.mask[0], m.ids_keep[1]
+
+
+def _model(seed=0):
+    from mcf_fast.model.mcf import MCFModel
+    torch.manual_seed(seed)
+    return MCFModel(**ARCH).train()
+
+
+def _opt_state_bytes(opt, local) -> int:
+    return sum(local([v]) for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    import mcf_fast.model.mcf as mcf
+    from mcf_fast.model.mcf import ema_update
+    from mcf_fast.train.fsdp import full_encoder, local_numel_bytes, shard_model
+    from mcf_fast.train.runtime import Runtime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rt = Runtime(torch.device("cpu"), "fp32", rank, world, rank)
+    res: dict = {}
+
+    # ---- single-rank figure: a plain model and AdamW after one step
+    plain = _model()
+    full_enc = {k: v.clone() for k, v in plain.encoder.state_dict().items()}  # before AdamW's decay
+    trainable = [p for p in plain.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    res["single_bytes"] = local_numel_bytes(trainable) + _opt_state_bytes(opt, local_numel_bytes)
+    del plain, opt
+
+    # ---- sharded, teacher replicated
+    model = shard_model(_model(), _Cfg("replicate"), rt)
+    L = model.encoder.num_patches
+    named = dict(model.named_parameters())
+    res["not_dtensor"] = sorted(k for k, p in named.items()
+                                if not isinstance(p, DTensor) and not k.startswith("perceptual."))
+    res["teacher_dtensor"] = any(isinstance(p, DTensor) for p in model.perceptual.teacher.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    inputs = _inputs(rank, N_LOCAL, L)
+    calls = []
+    real_nce = mcf.ops.info_nce
+
+    def spy(q, k, t, label_offset=0, scale=None):
+        calls.append((q.shape[0], k.shape[0], label_offset))
+        return real_nce(q, k, t, label_offset=label_offset, scale=scale)
+
+    mcf.ops.info_nce = spy
+    out_g = model(*inputs, rank=rank)
+    out_g.loss.backward()
+    out_l = model(*inputs, rank=rank, local_negatives=True)
+    out_l.loss.backward()  # the root unit stays gathered from forward until its backward ends
+    mcf.ops.info_nce = real_nce
+    res["nce_calls"] = calls
+    res["loss_replicated"] = float(out_g.loss.detach())
+    opt.step()
+    res["sharded_bytes"] = local_numel_bytes(trainable) + _opt_state_bytes(opt, local_numel_bytes)
+    res["opt_state_dtensor"] = all(isinstance(v, DTensor) for st in opt.state.values() for k, v in st.items()
+                                   if k != "step")
+
+    # ---- EMA: pointwise on local shards, no collective
+    t, o = model.ema_pairs()  # after backward: the sharded parameters are registered again
+    before = [(x.to_local().clone(), y.to_local().clone()) for x, y in zip(t, o)]
+    with CommDebugMode() as comm:
+        ema_update(t, o, 0.9)
+    res["ema_comms"] = comm.get_total_counts()
+    res["ema_err"] = max(float((x.to_local() - (0.9 * a + 0.1 * b)).abs().max())
+                         for x, (a, b) in zip(t, before) if x.to_local().numel())
+    res["ema_same_layout"] = all(x.placements == y.placements and x.to_local().shape == y.to_local().shape
+                                 for x, y in zip(t, o))
+
+    # ---- full encoder gather equals the unsharded model's encoder (a fresh copy: `model` has stepped)
+    fresh = shard_model(_model(), _Cfg("replicate"), rt)
+    enc = full_encoder(fresh, rt)
+    res["full_encoder_rank_none"] = enc is None
+    if enc is not None:
+        res["full_encoder_err"] = max(float((enc.state_dict()[k] - v).abs().max()) for k, v in full_enc.items())
+        res["full_encoder_type"] = type(enc).__name__
+
+    # ---- teacher sharded: same loss as replicated, teacher parameters sharded and frozen
+    model_s = shard_model(_model(), _Cfg("shard"), rt)
+    res["teacher_shard_dtensor"] = all(isinstance(p, DTensor) for p in model_s.perceptual.teacher.parameters())
+    res["teacher_shard_trainable"] = any(p.requires_grad for p in model_s.perceptual.teacher.parameters())
+    fresh_r = shard_model(_model(), _Cfg("replicate", reshard=False), rt)
+    loss_s, loss_r = model_s(*inputs, rank=rank).loss, fresh_r(*inputs, rank=rank).loss
+    res["teacher_shard_vs_replicate"] = abs(float(loss_s.detach()) - float(loss_r.detach())) / abs(float(loss_r.detach()))
+    loss_s.backward()
+    loss_r.backward()
+    res["teacher_shard_grad_ok"] = all(p.grad is not None for p in model_s.encoder.blocks.parameters())
+
+    # ---- bf16 parameters and compute, fp32 gradients
+    model_b = shard_model(_model(), _Cfg("replicate"), Runtime(torch.device("cpu"), "bf16", rank, world, rank))
+    seen = []
+    h = model_b.encoder.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+    # No autocast here: the policy alone casts parameters and inputs (the loop adds autocast on top).
+    lb = model_b(*inputs, rank=rank).loss
+    lb.float().backward()
+    h.remove()
+    res["bf16_param_dtype"] = str(seen[0])
+    res["bf16_grad_dtype"] = str(model_b.encoder.blocks[0].attn.qkv.weight.grad.dtype)
+    res["bf16_loss_finite"] = bool(torch.isfinite(lb.float()))
+
+    all_res = [None] * world
+    dist.all_gather_object(all_res, res)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(all_res, f)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    import torch.multiprocessing as mp
+    out = str(tmp_path_factory.mktemp("fsdp") / "res.json")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_everything_but_the_replicated_teacher_is_sharded(ranks):
+    """Every model parameter is a DTensor after shard_model, except the replicated teacher's."""
+    for r in ranks:
+        assert r["not_dtensor"] == []
+        assert r["teacher_dtensor"] is False
+
+
+def test_ema_is_shard_local(ranks):
+    """The EMA over sharded parameters issues no collective and equals m*t + (1-m)*o on each shard."""
+    for r in ranks:
+        assert r["ema_same_layout"]
+        assert r["ema_comms"] == 0
+        assert r["ema_err"] < 1e-6
+
+
+def test_per_rank_memory_at_most_055(ranks):
+    """Trainable parameters + AdamW state held per rank at 2 ranks <= 0.55x the single-rank bytes."""
+    for r in ranks:
+        assert r["opt_state_dtensor"]
+        ratio = r["sharded_bytes"] / r["single_bytes"]
+        print(f"per-rank bytes {r['sharded_bytes']} / single-rank {r['single_bytes']} = {ratio:.4f}")
+        assert 0.45 <= ratio <= 0.55, ratio
+
+
+def test_global_and_local_negatives(ranks):
+    """'global': k gathered from both ranks with labels offset N*rank; 'local': own k, offset 0."""
+    for rank, r in enumerate(ranks):
+        assert r["nce_calls"] == [[N_LOCAL, 2 * N_LOCAL, N_LOCAL * rank], [N_LOCAL, N_LOCAL, 0]]
+
+
+def test_full_encoder_gathers_on_rank0(ranks):
+    """full_encoder returns a plain VisionTransformer with the unsharded weights on rank 0, None elsewhere."""
+    assert ranks[0]["full_encoder_type"] == "VisionTransformer"
+    assert ranks[0]["full_encoder_err"] == 0.0
+    assert ranks[1]["full_encoder_rank_none"] is True
+
+
+def test_sharded_teacher_matches_replicated(ranks):
+    """teacher_sharding='shard': teacher weights sharded and frozen, same loss as replicated, grads flow."""
+    for r in ranks:
+        assert r["teacher_shard_dtensor"] and not r["teacher_shard_trainable"]
+        assert r["teacher_shard_vs_replicate"] < 1e-6
+        assert r["teacher_shard_grad_ok"]
+
+
+def test_bf16_policy(ranks):
+    """precision bf16: blocks compute with bf16 parameters, sharded gradients stay fp32."""
+    for r in ranks:
+        assert r["bf16_param_dtype"] == "torch.bfloat16"
+        assert r["bf16_grad_dtype"] == "torch.float32"
+        assert r["bf16_loss_finite"]

@@ -90,6 +90,26 @@ def bench_loader(pattern, backend, procs=2, batch=64, steps=12, warmup=3) -> flo
     return rate
 
 
+def cpu_ms_per_image(pattern, backend, batch=64, steps=6) -> float:
+    """CPU milliseconds per delivered image with everything in this process (torch: workers=0; DALI:
+    one thread): the work per image, which shared-machine contention distorts far less than rates."""
+    loader = _loader(pattern, backend, 0 if backend == "torch" else 1, batch)
+    next(loader)
+    next(loader)
+    c = time.process_time()
+    for _ in range(steps):
+        next(loader)
+    ms = (time.process_time() - c) * 1000 / (steps * batch)
+    loader.close()
+    return ms
+
+
+def cpu_ms_raw_decode(jpegs, decoder) -> float:
+    c = time.process_time()
+    _decode_all((jpegs, decoder))
+    return (time.process_time() - c) * 1000 / len(jpegs)
+
+
 def bench_dali_reader(pattern, procs=2, batch=64, steps=12, warmup=3) -> float:
     """Images/s of DALI's native fn.readers.webdataset pipeline (CPU)."""
     from mcf_fast.data.dali import webdataset_reader_pipeline
@@ -183,6 +203,10 @@ def run(procs=2, num=1024, repeats=3, batch=64, steps=12, workdir=None) -> dict:
     if have_dali:
         res["rates"]["dali_cpu"] = med(lambda: bench_loader(pattern, "dali", procs, batch, steps))
         res["rates"]["dali_reader"] = med(lambda: bench_dali_reader(pattern, procs, batch, steps))
+    res["cpu_ms_per_image"] = {f"raw_decode[{best_dec}]": min(cpu_ms_raw_decode(jpegs, best_dec) for _ in range(repeats)),
+                               "torch_loader (in-process)": min(cpu_ms_per_image(pattern, "torch") for _ in range(repeats))}
+    if have_dali:
+        res["cpu_ms_per_image"]["dali_cpu (1 thread)"] = min(cpu_ms_per_image(pattern, "dali") for _ in range(repeats))
     syn = [bench_synthetic() for _ in range(repeats)]
     res["synthetic_128"] = {k: statistics.median(s[k] for s in syn) for k in ("wall", "cpu")}
     res["best_decoder"] = best_dec
@@ -214,6 +238,9 @@ def to_markdown(res) -> str:
     for k, v in r.items():
         lines.append(f"| {k} | {v['median']:.0f} | {v['min']:.0f}-{v['max']:.0f} | "
                      f"{v['median'] / torch_rate:.2f}x | {v['median'] / raw:.2f}x |")
+    lines.append("\n| work per image, one process (CPU ms/image, best of repeats) | ms |\n|---|---:|")
+    for k, v in res.get("cpu_ms_per_image", {}).items():
+        lines.append(f"| {k} | {v:.2f} |")
     s = res["synthetic_128"]
     lines.append(f"\nsynthetic faces at 128 px, one core: {s['wall']:.0f}/s wall, {s['cpu']:.0f}/s per CPU-second")
     m = res["machine"]

@@ -104,7 +104,7 @@ def soft_argmax(heatmaps: torch.Tensor, stride: float) -> torch.Tensor:
 
 def heatmap_nll(heatmaps: torch.Tensor, points: torch.Tensor, stride: float, sigma: float = 1.0) -> torch.Tensor:
     """Cross-entropy between softmax(heatmaps) and a Gaussian (sigma in cells) at each target point."""
-    n, p, h, w = heatmaps.shape
+    h, w = heatmaps.shape[-2:]
     xs = (torch.arange(w, device=points.device, dtype=torch.float32) + 0.5) * stride
     ys = (torch.arange(h, device=points.device, dtype=torch.float32) + 0.5) * stride
     s2 = 2 * (sigma * stride) ** 2

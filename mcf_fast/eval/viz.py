@@ -1,6 +1,8 @@
 """Pictures and the Markdown summary of a downstream run."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -59,7 +61,7 @@ def parsing_sheet(items, path: str) -> None:
 
 
 def _fmt(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and v != v) else (f"{v:.4f}" if isinstance(v, float) else str(v))
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
 def summary_markdown(task: str, metrics: dict, info: dict) -> str:

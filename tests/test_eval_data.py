@@ -212,3 +212,19 @@ def test_arch_parsing_and_resize(tmp_path):
     assert torch.equal(big.blocks[2].mlp.fc1.weight, enc.blocks[2].mlp.fc1.weight)
     with pytest.raises(ValueError, match="multiple"):
         resize_encoder(enc, 36)
+
+
+def test_pretrained_and_scratch_start_from_the_same_head(tmp_path):
+    """Fair comparison: with one seed, the head's initial weights do not depend on the encoder source."""
+    from mcf_fast.eval.config import EvalConfig
+    from mcf_fast.eval.train import build_model
+    from mcf_fast.model.vit import save_encoder
+    torch.manual_seed(5)
+    save_encoder(_tiny_vit(), str(tmp_path))
+    common = dict(task="alignment", data="unused", out="unused", seed=3, head_width=16)
+    pre, _ = build_model(EvalConfig(encoder=str(tmp_path / "encoder.safetensors"), **common), 19)
+    torch.manual_seed(99)  # whatever the global RNG did before must not matter
+    scr, info = build_model(EvalConfig(encoder="random", arch=str(tmp_path / "encoder.json"), **common), 19)
+    assert info["arch"] == pre.encoder.arch
+    assert all(torch.equal(a, b) for a, b in zip(pre.head.state_dict().values(), scr.head.state_dict().values()))
+    assert not torch.equal(pre.encoder.blocks[0].attn.qkv.weight, scr.encoder.blocks[0].attn.qkv.weight)

@@ -118,5 +118,5 @@ setup(
                 "timm>=1.0", "scikit-image>=0.21", "opencv-python-headless>=4.8", "simplejpeg>=1.7",
                 "lmdb>=1.4"],
     },
-    entry_points={"console_scripts": ["mcf-pretrain=mcf_fast.pretrain:main"]},
+    entry_points={"console_scripts": ["mcf-pretrain=mcf_fast.pretrain:main", "mcf-eval=mcf_fast.eval.__main__:main"]},
 )

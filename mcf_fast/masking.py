@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Masks", "random_masks", "num_kept"]
+__all__ = ["Masks", "random_masks", "block_masks", "num_kept"]
 
 _log = logging.getLogger(__name__)
 
@@ -157,9 +157,7 @@ def _use_extension(dev):
     return ok
 
 
-def random_masks(batch_size, num_patches, mask_ratio, *, views=1, seed, step=0, sample_ids=None,
-                 device="cpu") -> Masks:
-    """Uniform random masks for `views` views of `batch_size` samples; see the module docstring."""
+def _validate(batch_size, num_patches, mask_ratio, views, seed, step, sample_ids, device):
     N = _as_int("batch_size", batch_size, 0, 2**31 - 1, "pass the number of samples")
     L = _as_int("num_patches", num_patches, 1, _MAX_L, "the index arithmetic is 32-bit")
     V = _as_int("views", views, 1, _MAX_VIEWS, "the view index has 16 bits in the RNG counter")
@@ -174,6 +172,14 @@ def random_masks(batch_size, num_patches, mask_ratio, *, views=1, seed, step=0, 
                          f"of {L} patches; lower the ratio so that at least one patch is kept")
     dev = _check_device(device)
     ids = _check_sample_ids(sample_ids, N, dev)
+    return N, L, V, seed, step, K, dev, ids
+
+
+def random_masks(batch_size, num_patches, mask_ratio, *, views=1, seed, step=0, sample_ids=None,
+                 device="cpu") -> Masks:
+    """Uniform random masks for `views` views of `batch_size` samples; see the module docstring."""
+    N, L, V, seed, step, K, dev, ids = _validate(batch_size, num_patches, mask_ratio, views, seed,
+                                                 step, sample_ids, device)
     if _use_extension(dev):
         # The op takes the seed as int64: seeds >= 2^63 travel as their two's complement.
         s64 = seed - 2**64 if seed >= 2**63 else seed
@@ -267,9 +273,84 @@ def _random_masks_torch(ids, L, K, V, seed, step, *, _bounded=_lemire) -> Masks:
         perm.scatter_(1, j, pi[:, None])
     sel = torch.zeros(R, L, dtype=torch.bool, device=dev)
     sel.scatter_(1, perm[:, :M], True)
-    kept = sel if K <= L - K else ~sel
+    return _emit(sel if K <= L - K else ~sel, K, V, N)
+
+
+def _emit(kept, K, V, N) -> Masks:
+    """Masks from a [V * N, L] keep indicator with exactly K kept per row (the linear pass)."""
+    R, L = kept.shape
     before = torch.cumsum(kept, dim=1) - kept.long()  # kept patches left of l
-    pos = torch.arange(L, dtype=torch.int64, device=dev)
+    pos = torch.arange(L, dtype=torch.int64, device=kept.device)
     restore = torch.where(kept, before, K + pos - before)
     keep = kept.nonzero()[:, 1].reshape(R, K)  # row-major nonzero: ascending within a row
     return Masks(keep.reshape(V, N, K), restore.reshape(V, N, L), (~kept).reshape(V, N, L))
+
+
+# ------------------------------------------------------------------------- block-wise extra
+_BLOCK_DOMAIN = 0x80000000  # counter word 0 of block candidates: disjoint from uniform draws
+_TOPUP_DOMAIN = 0xC0000000  # counter word 0 of the top-up keys
+
+
+def block_masks(batch_size, grid, mask_ratio, *, views=1, seed, step=0, sample_ids=None,
+                device="cpu", min_block=16, max_block=None, max_aspect=10 / 3,
+                attempts=None) -> Masks:
+    """BEiT-style block-wise masks with an exact budget, in the `random_masks` output format.
+
+    Rectangles of min_block..max_block patches (height uniform, aspect within 1/max_aspect..
+    max_aspect) are added in a row's candidate order while they add new patches and stay within
+    the L - K budget (BEiT's rule); the shortfall is then removed uniformly among the remaining
+    patches, so every row removes exactly L - K patches and batches stay rectangular. Candidates
+    come from the same Philox key as `random_masks` (a disjoint counter range), all in integer
+    arithmetic: the masks depend on (seed, step, sample id, view) only, on any device.
+    Pure torch (no compiled kernel): a cheap extra; uniform `random_masks` stays the default.
+    """
+    if isinstance(grid, int):
+        grid = (grid, grid)
+    H = _as_int("grid[0]", grid[0], 1, 2**12, "pass the patch grid as int or (H, W)")
+    W = _as_int("grid[1]", grid[1], 1, 2**12, "pass the patch grid as int or (H, W)")
+    N, L, V, seed, step, K, dev, ids = _validate(batch_size, H * W, mask_ratio, views, seed, step,
+                                                 sample_ids, device)
+    target = L - K
+    hi = target if max_block is None else _as_int("max_block", max_block, 1, L, "at most L")
+    lo = min(_as_int("min_block", min_block, 1, _MAX_L, "at least 1 patch"), max(hi, 1))
+    from fractions import Fraction
+    if not float(max_aspect) >= 1.0:
+        raise ValueError(f"block_masks: max_aspect must be >= 1, got {max_aspect}")
+    asp = Fraction(float(max_aspect)).limit_denominator(1000)
+    T = 10 * (-(-target // lo)) + 10 if attempts is None else _as_int(
+        "attempts", attempts, 0, 2**16, "candidates per row")
+    R = V * N
+    s = _TorchStream(ids, V, seed, step, 0)
+    c0 = _BLOCK_DOMAIN + torch.arange(T, dtype=torch.int64, device=dev)
+    u0, u1, u2, u3 = philox4x32_10(c0, s.c1[:, None], s.c2[:, None], s.c3, s.k0, s.k1)  # [R, T]
+    area = lo + ((u0 * (hi - lo + 1)) >> 32)
+    h = 1 + ((u1 * torch.clamp(area, max=H)) >> 32)
+    w = (area + h // 2) // h
+    valid = (w >= 1) & (w <= W) & (w * asp.denominator <= h * asp.numerator) & (
+        h * asp.denominator <= w * asp.numerator)
+    w = w.clamp(1, W)
+    top = (u2 * (H - h + 1)) >> 32
+    left = (u3 * (W - w + 1)) >> 32
+    rr = torch.arange(H, device=dev)[None, :, None]
+    cc = torch.arange(W, device=dev)[None, None, :]
+    mask = torch.zeros(R, L, dtype=torch.bool, device=dev)
+    count = torch.zeros(R, dtype=torch.int64, device=dev)
+    for t in range(T):
+        tp, lf = top[:, t, None, None], left[:, t, None, None]
+        blk = ((rr >= tp) & (rr < tp + h[:, t, None, None]) & (cc >= lf)
+               & (cc < lf + w[:, t, None, None])).reshape(R, L)
+        new = blk & ~mask
+        n_new = new.sum(1)
+        ok = valid[:, t] & (n_new > 0) & (count + n_new <= target)
+        mask |= new & ok[:, None]
+        count += n_new * ok
+    # Top-up: the shortfall goes to the unmasked patches with the smallest Philox keys.
+    nb = (L + 3) // 4
+    c0 = _TOPUP_DOMAIN + torch.arange(nb, dtype=torch.int64, device=dev)
+    keys = torch.stack(philox4x32_10(c0, s.c1[:, None], s.c2[:, None], s.c3, s.k0, s.k1), 2)
+    keys = keys.reshape(R, 4 * nb)[:, :L].masked_fill(mask, 2**32)
+    pos = torch.arange(L, dtype=torch.int64, device=dev)
+    order = torch.argsort(keys * L + pos, dim=1)  # unique keys: no tie to break
+    rank = torch.empty_like(order).scatter_(1, order, pos.expand(R, L))
+    mask |= rank < (target - count)[:, None]
+    return _emit(~mask, K, V, N)

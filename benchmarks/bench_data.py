@@ -28,8 +28,6 @@ import subprocess
 import tempfile
 import time
 
-import numpy as np
-
 
 def make_shards(out: str, num: int = 1024, size: int = 256, shard_size: int = 256) -> str:
     """Validated synthetic shards of `num` faces at `size` px; returns the brace pattern."""
@@ -195,7 +193,7 @@ def run(procs=2, num=1024, repeats=3, batch=64, steps=12, workdir=None) -> dict:
         return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
 
     for dec in available_decoders():
-        res["rates"][f"raw_decode[{dec}] x1"] = med(lambda: bench_raw_decode(jpegs, dec, 1))
+        res["rates"][f"raw_decode[{dec}] x1"] = med(lambda dec=dec: bench_raw_decode(jpegs, dec, 1))
     best = max((k for k in res["rates"]), key=lambda k: res["rates"][k]["median"])
     best_dec = best[len("raw_decode["):best.index("]")]
     res["rates"][f"raw_decode[{best_dec}] x{procs}"] = med(lambda: bench_raw_decode(jpegs, best_dec, procs))
@@ -221,7 +219,7 @@ def _machine():
     except OSError:
         sha = "?"
     try:
-        import nvidia.dali as dali
+        from nvidia import dali
         dv = dali.__version__
     except ImportError:
         dv = None

@@ -48,7 +48,7 @@ CONVERTED = {
     "gray": ("gray.jpg", _enc(_rgb().convert("L"))),
     "cmyk": ("cmyk.jpg", _enc(_rgb().convert("CMYK"))),
     "rgba": ("rgba.png", _enc(_rgb().convert("RGBA"), "PNG")),
-    "16bit": ("deep.png", _enc(Image.fromarray((np.asarray(_rgb())[..., 0].astype(np.uint16) * 257)), "PNG")),
+    "16bit": ("deep.png", _enc(Image.fromarray(np.asarray(_rgb())[..., 0].astype(np.uint16) * 257), "PNG")),
 }
 
 
@@ -140,6 +140,7 @@ def test_dali_reads_validated_shards_with_bad_samples_left_out(bad_shards):
     for _, reason in BAD.values():
         assert dst["skipped_by_reason"][reason] >= 1 and tst["skipped_by_reason"][reason] >= 1
     assert dst["skipped_by_reason"]["missing_shard"] == 1
+    assert set(dst["converted_by_reason"]) == set(CONVERTED)  # from scan's counts: never silent
 
 
 def test_image_folder_any_depth_and_list_file(tmp_path):
@@ -191,7 +192,8 @@ def test_manifest_marks_validation_and_a_rewritten_shard_loses_it(bad_shards):
     """A validated shard whose size changed is unvalidated again (DALI refuses it)."""
     scan(bad_shards, workers=1, write_index=True)
     folder = os.path.dirname(bad_shards)
-    man = json.load(open(os.path.join(folder, "manifest.json")))
+    with open(os.path.join(folder, "manifest.json")) as f:
+        man = json.load(f)
     assert man["shards"]["s-000000.tar"]["validated_by"] == "scan"
     src = open_source(bad_shards, seed=0, img_size=8, synthetic_size=1, cache_mb=0)
     assert src.all_validated

@@ -5,7 +5,7 @@ Importing this package imports numpy only; torch, DALI and the decoders load on 
 """
 from .config import DataConfig
 
-__all__ = ["DataConfig", "build_pretrain_loader", "PretrainLoader", "Batch"]
+__all__ = ["Batch", "DataConfig", "PretrainLoader", "build_pretrain_loader"]
 
 
 def __getattr__(name):

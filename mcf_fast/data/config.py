@@ -67,7 +67,7 @@ class DataConfig:
         "A bad sample is replaced by another sample of the epoch (deterministically); give up on "
         "a batch slot after this many bad replacements in a row.")})
 
-    def validate(self) -> "DataConfig":
+    def validate(self) -> DataConfig:
         """Check every field; raise ValueError naming the field, the bad value and the fix."""
         def bad(name, msg):
             raise ValueError(f"data.{name}={getattr(self, name)!r}: {msg}")

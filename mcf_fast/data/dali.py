@@ -24,7 +24,7 @@ from .sources import ShardSource
 
 
 def _dali():
-    import nvidia.dali  # noqa: F401
+    import nvidia.dali
     return nvidia.dali
 
 

@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 from .sources import MANIFEST, split_key, write_index
 
-__all__ = ["tar_members", "write_index", "update_manifest", "index_written_shard"]
+__all__ = ["index_written_shard", "tar_members", "update_manifest", "write_index"]
 
 
 def tar_members(path: str) -> list:

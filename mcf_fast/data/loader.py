@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class Batch(NamedTuple):
-    images: "object"      # torch.FloatTensor [N, 3, S, S], normalised, on the training device
-    sample_ids: "object"  # torch.LongTensor [N], global sample ids
+    images: object      # torch.FloatTensor [N, 3, S, S], normalised, on the training device
+    sample_ids: object  # torch.LongTensor [N], global sample ids
 
 
 class BatchMaker:
@@ -48,7 +48,7 @@ class BatchMaker:
 
     def load(self, sample_id: int) -> tuple[np.ndarray, str | None]:
         """Decoded RGB uint8 HWC image of one sample (raises BadSample)."""
-        payload, key = self.source.read(int(sample_id))
+        payload, _ = self.source.read(int(sample_id))
         if isinstance(payload, np.ndarray):
             return payload, None
         return decode_rgb(payload, self.decoder, self.cfg.min_image_size)
@@ -217,9 +217,11 @@ class PretrainLoader:
         indexing or excluded by scan), converted images (gray, cmyk, ...), batches served."""
         by = Counter(self._counts["skipped"])
         by.update(self.source.index_stats)
+        conv = Counter(self._counts["converted"])
+        if self.backend == "dali":  # DALI converts silently: report what scan counted instead
+            conv.update(getattr(self.source, "index_converted", {}))
         return {"skipped": int(sum(by.values())), "skipped_by_reason": dict(sorted(by.items())),
-                "converted": int(sum(self._counts["converted"].values())),
-                "converted_by_reason": dict(sorted(self._counts["converted"].items())),
+                "converted": int(sum(conv.values())), "converted_by_reason": dict(sorted(conv.items())),
                 "batches": self._batches, "epoch": self.epoch, "step": self.step, "backend": self.backend}
 
     def close(self) -> None:

@@ -17,8 +17,6 @@ loader hands steps back in step order, so the worker count changes speed, not co
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -90,10 +88,13 @@ class EpochOrder:
         self.total = int(self.counts.sum())
         self.seed = int(seed)
         self.window = max(1, int(window))
+        self._group_cache: dict = {}
+        self._ids_cache: dict = {}
 
-    @functools.lru_cache(maxsize=2)
     def _groups(self, epoch: int):
         """(shard order, group boundaries in positions, shard index ranges per group)."""
+        if epoch in self._group_cache:
+            return self._group_cache[epoch]
         rng = np.random.Generator(np.random.PCG64(int(hash_u64(SALT_SHARDS, self.seed, epoch))))
         order = rng.permutation(len(self.counts))
         c = self.counts[order]
@@ -103,16 +104,23 @@ class EpochOrder:
             if acc - bounds[-1] >= self.window or i == len(c) - 1:
                 bounds.append(acc)
                 shard_cuts.append(i + 1)
-        return order, np.asarray(bounds, dtype=np.int64), shard_cuts
+        out = order, np.asarray(bounds, dtype=np.int64), shard_cuts
+        self._group_cache = {epoch: out}  # one epoch at a time: 20M-sample orders are not small
+        return out
 
-    @functools.lru_cache(maxsize=4)
     def _group_ids(self, epoch: int, g: int) -> np.ndarray:
+        if (epoch, g) in self._ids_cache:
+            return self._ids_cache[(epoch, g)]
         order, _, cuts = self._groups(epoch)
         shards = order[cuts[g]:cuts[g + 1]]
         ids = np.concatenate([np.arange(self.starts[s], self.starts[s] + self.counts[s]) for s in shards]
                              or [np.zeros(0, np.int64)])
         rng = np.random.Generator(np.random.PCG64(int(hash_u64(SALT_GROUP, self.seed, epoch, g))))
-        return ids[rng.permutation(len(ids))]
+        out = ids[rng.permutation(len(ids))]
+        if len(self._ids_cache) >= 4:  # a rank's range spans few groups; keep memory bounded
+            self._ids_cache.pop(next(iter(self._ids_cache)))
+        self._ids_cache[(epoch, g)] = out
+        return out
 
     def ids(self, epoch: int, start: int, stop: int) -> np.ndarray:
         """Global sample ids at positions [start, stop) of the epoch; positions wrap modulo total."""

@@ -73,7 +73,7 @@ class FileListSource:
         self.index_stats: Counter = Counter()
 
     @classmethod
-    def from_folder(cls, root: str) -> "FileListSource":
+    def from_folder(cls, root: str) -> FileListSource:
         paths = []
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames.sort()
@@ -101,6 +101,7 @@ class ShardSource:
     def __init__(self, shards: list[str], *, require_validated: bool = False):
         self.shards = shards
         self.index_stats: Counter = Counter()
+        self.index_converted: Counter = Counter()  # conversions scan saw (DALI converts them itself)
         self.validated = [False] * len(shards)
         manifests: dict[str, dict] = {}
         counts = []
@@ -120,6 +121,7 @@ class ShardSource:
                 counts.append(int(entry["samples"]))
                 for reason, n in entry.get("skipped_by_reason", {}).items():
                     self.index_stats[reason] += n
+                self.index_converted.update(entry.get("converted_by_reason", {}))
             elif require_validated:
                 raise ValueError(
                     f"shard {s} is not validated (no {idx} and matching entry in {os.path.join(d, MANIFEST)}); "
@@ -237,8 +239,7 @@ def write_index(path: str, entries) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(f"v1.2 {len(entries)}\n")
-        for key, comps in entries:
-            f.write(" ".join(f"{ext} {off} {size} {key}.{ext}" for ext, off, size in comps) + "\n")
+        f.writelines(" ".join(f"{ext} {off} {size} {key}.{ext}" for ext, off, size in comps) + "\n" for key, comps in entries)
     os.replace(tmp, path)
 
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 AFLW19_NAMES = (
     "left_brow_outer", "left_brow_centre", "left_brow_inner",
     "right_brow_inner", "right_brow_centre", "right_brow_outer",

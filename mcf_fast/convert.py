@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import torch
 
@@ -54,7 +55,9 @@ def load_model_state(ckpt: str) -> dict[str, torch.Tensor]:
     if not empty:
         raise ValueError(f"{ckpt} holds no model tensors (keys start with {MODEL_PREFIX!r}): not an mcf_fast checkpoint?")
     state = {"model": empty}
-    dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    with warnings.catch_warnings():  # "loading in a single process" is exactly the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
     return state["model"]
 
 

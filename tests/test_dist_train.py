@@ -165,7 +165,7 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     r1, r2 = str(base / "one"), str(base / "two")
     launch(r1, 1)
-    launch(r2, 2)
+    launch(r2, 2, "--run.export", "true")  # the 2-rank run also gathers and exports its encoder
     return base, r1, r2
 
 
@@ -215,6 +215,37 @@ def test_sigkill_one_rank_then_relaunch(runs):
         assert json.load(f)["resumed_from"] == 4
     assert_rows_close(rows(out), rows(r2), 1e-6)
     assert max_param_diff(final_state(out), final_state(r2)) < 1e-6
+
+
+def test_convert_from_any_world_size(runs, tmp_path):
+    """`python -m mcf_fast.convert` turns 1- and 2-rank checkpoints into one state-dict file and an
+    encoder export; the 2-rank export equals the encoder the run gathered itself (full_encoder)."""
+    from safetensors.torch import load_file
+
+    from mcf_fast import convert
+    from mcf_fast.model.vit import load_encoder
+    _, r1, r2 = runs
+    for run in (r1, r2):
+        out, enc = str(tmp_path / (os.path.basename(run) + ".safetensors")), str(tmp_path / os.path.basename(run))
+        assert convert.main([run, "--out", out, "--encoder", enc]) == 0
+        sd, ref = load_file(out), final_state(run)
+        assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
+        vit = load_encoder(enc)
+        assert all(torch.equal(v, ref["encoder." + k]) for k, v in vit.state_dict().items())
+    gathered = load_encoder(r2).state_dict()
+    assert all(torch.equal(v, gathered[k]) for k, v in vit.state_dict().items())
+
+
+def test_convert_refuses_half_written(tmp_path):
+    """A checkpoint folder without COMPLETE is refused with a message naming the problem."""
+    from mcf_fast import convert
+    bad = tmp_path / "checkpoints" / "step_00000003"
+    bad.mkdir(parents=True)
+    (bad / ".metadata").write_bytes(b"")
+    with pytest.raises(ValueError, match="half-written"):
+        convert.convert(str(bad), out=str(tmp_path / "x.pt"))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        convert.convert(str(tmp_path), out=str(tmp_path / "x.pt"))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def bench_case(N, L, ratio=0.75, views=2, threads=2, repeat=30, fallback=True):
 def machine_info():
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)), check=False).stdout.strip()
     except OSError:
         sha = ""
     return {"torch": torch.__version__, "python": platform.python_version(),

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Masks", "random_masks", "block_masks", "num_kept"]
+__all__ = ["Masks", "block_masks", "num_kept", "random_masks"]
 
 _log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def _extension():
     global _EXT
     if _EXT is None:
         try:
-            from mcf_fast import _C  # noqa: F401  (loading it registers torch.ops.mcf_fast)
+            from mcf_fast import _C
             _EXT = _C
         except ImportError as e:
             _EXT = False
@@ -178,7 +178,7 @@ def _validate(batch_size, num_patches, mask_ratio, views, seed, step, sample_ids
 def random_masks(batch_size, num_patches, mask_ratio, *, views=1, seed, step=0, sample_ids=None,
                  device="cpu") -> Masks:
     """Uniform random masks for `views` views of `batch_size` samples; see the module docstring."""
-    N, L, V, seed, step, K, dev, ids = _validate(batch_size, num_patches, mask_ratio, views, seed,
+    _, L, V, seed, step, K, dev, ids = _validate(batch_size, num_patches, mask_ratio, views, seed,
                                                  step, sample_ids, device)
     if _use_extension(dev):
         # The op takes the seed as int64: seeds >= 2^63 travel as their two's complement.

@@ -17,8 +17,8 @@ def _removed_neighbour_share(mask, H, W):
 
 
 @pytest.mark.parametrize("grid,ratio,kw", [(14, 0.75, {}), (14, 0.4, {}), ((7, 9), 0.5, {}),
-                                           (14, 0.75, dict(min_block=4, max_block=30)),
-                                           (14, 0.6, dict(attempts=0)), (1, 0.0, {})])
+                                           (14, 0.75, {"min_block": 4, "max_block": 30}),
+                                           (14, 0.6, {"attempts": 0}), (1, 0.0, {})])
 def test_exact_budget_and_conventions(grid, ratio, kw):
     """Exactly L - K removed per row; ids_keep ascending; ids_restore = argsort(ids_shuffle)."""
     H, W = (grid, grid) if isinstance(grid, int) else grid
@@ -65,13 +65,13 @@ def test_top_up_path_fills_budget_uniformly():
 
 
 @pytest.mark.parametrize("kw,exc,msg", [
-    (dict(grid=0), ValueError, "grid"), (dict(grid=(14, -1)), ValueError, "grid"),
-    (dict(max_aspect=0.5), ValueError, "max_aspect"), (dict(min_block=0), ValueError, "min_block"),
-    (dict(mask_ratio=1.0), ValueError, "mask_ratio"), (dict(attempts=-1), ValueError, "attempts"),
+    ({"grid": 0}, ValueError, "grid"), ({"grid": (14, -1)}, ValueError, "grid"),
+    ({"max_aspect": 0.5}, ValueError, "max_aspect"), ({"min_block": 0}, ValueError, "min_block"),
+    ({"mask_ratio": 1.0}, ValueError, "mask_ratio"), ({"attempts": -1}, ValueError, "attempts"),
 ])
 def test_bad_input(kw, exc, msg):
     """Bad block-mask arguments raise errors that name them."""
-    args = dict(grid=14, mask_ratio=0.75)
+    args = {"grid": 14, "mask_ratio": 0.75}
     args.update(kw)
     with pytest.raises(exc, match=msg):
         mk.block_masks(4, args.pop("grid"), args.pop("mask_ratio"), seed=0, **args)

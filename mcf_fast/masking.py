@@ -18,6 +18,9 @@ distinct views (and samples, and steps) draw from disjoint counters, hence are i
 Backends: the compiled op `torch.ops.mcf_fast.random_masks` (mcf_fast._C, CPU with OpenMP and CUDA)
 or, when the extension is missing or lacks the device, `_random_masks_torch`, the same algorithm in
 vectorised int64 torch arithmetic: same bits, slower, logged once. `MCF_FAST_MASKS=torch` forces it.
+
+`block_masks(batch_size, grid, mask_ratio, ...)`: BEiT-style block-wise masks in the same format,
+with the same exact budget (L - K removed per row) and per-sample determinism; pure torch.
 """
 from __future__ import annotations
 

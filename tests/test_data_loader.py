@@ -146,3 +146,25 @@ def test_windowed_order_is_a_permutation_and_stays_local():
     starts = np.cumsum([0] + counts[:-1])
     shard = np.searchsorted(starts, ids, side="right") - 1
     assert len(set(shard[:17].tolist())) <= 2
+
+
+@pytest.mark.parametrize("side,size", [(256, 224), (224, 224), (100, 160), (40, 32)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_fused_opencv_path_equals_the_plain_steps(side, size, flip):
+    """fast_square (one cv2 call) = resize_center + to_chw (+ normalise): uint8 exactly, float to 1e-6."""
+    from mcf_fast.data import augment
+    if augment.fast_square(np.zeros((8, 8, 3), np.uint8), 8, False) is None:
+        pytest.skip("this OpenCV has no dnn.blobFromImageWithParams")
+    img = np.random.default_rng(side).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    mean, std = DataConfig().mean, DataConfig().std
+    chw = augment.to_chw(augment.resize_center(img, size), flip)
+    assert np.array_equal(augment.fast_square(img, size, flip), chw)
+    np.testing.assert_allclose(augment.fast_square(img, size, flip, mean, std),
+                               augment.normalize_np(chw, mean, std), atol=1e-6, rtol=0)
+
+
+def test_fused_path_declines_what_it_would_change():
+    """Non-square images and strong shrinking (area filter) take the plain path."""
+    from mcf_fast.data import augment
+    assert augment.fast_square(np.zeros((30, 40, 3), np.uint8), 24, False) is None
+    assert augment.fast_square(np.zeros((512, 512, 3), np.uint8), 224, False) is None

@@ -53,10 +53,12 @@ class BatchMaker:
             return payload, None
         return decode_rgb(payload, self.decoder, self.cfg.min_image_size)
 
-    def make(self, epoch: int, step: int) -> dict:
+    def make(self, epoch: int, step: int, normalized: bool = False) -> dict:
+        """uint8 [N,3,S,S] batch, or float32 normalised when `normalized` (CPU training device)."""
         cfg, S = self.cfg, self.cfg.img_size
         ids = self.ids(epoch, step)
-        out = np.empty((len(ids), 3, S, S), np.uint8)
+        out = np.empty((len(ids), 3, S, S), np.float32 if normalized else np.uint8)
+        mean, std = (cfg.mean, cfg.std) if normalized else (None, None)
         used = ids.copy()
         # one vectorised hash for the batch (per-sample numpy calls cost ~0.4 ms each)
         flips = sampling.flip_flags(self.seed, epoch, ids) if cfg.hflip else np.zeros(len(ids), bool)
@@ -79,15 +81,23 @@ class BatchMaker:
                 raise RuntimeError(
                     f"{cfg.max_retries + 1} samples in a row were bad (last: {skipped.most_common(3)}); "
                     "the data is mostly unusable: run `python -m mcf_fast.data.scan` on it")
-            flip = bool(flips[n]) if sid == ids[n] else bool(cfg.hflip and sampling.flip_flags(self.seed, epoch, [sid])[0])
+            if sid == ids[n]:
+                flip = bool(flips[n])
+            else:  # a substitute: its own flip bit
+                flip = bool(cfg.hflip and sampling.flip_flags(self.seed, epoch, [sid])[0])
             used[n] = sid
-            if cfg.random_resized_crop:
+            if not cfg.random_resized_crop:
+                fast = augment.fast_square(img, S, flip, mean, std)
+                if fast is not None:
+                    out[n] = fast
+                    continue
+                img = augment.resize_center(img, S)
+            else:
                 box = sampling.rrc_boxes(self.seed, epoch, [sid], [img.shape[0]], [img.shape[1]],
                                          cfg.rrc_scale, cfg.rrc_ratio)[0]
                 img = augment.crop_resize(img, box, S)
-            else:
-                img = augment.resize_center(img, S)
-            out[n] = augment.to_chw(img, flip)
+            chw = augment.to_chw(img, flip)
+            out[n] = augment.normalize_np(chw, mean, std) if normalized else chw
         return {"images": out, "ids": used, "skipped": dict(skipped), "converted": dict(converted),
                 "epoch": epoch, "step": step}
 
@@ -101,11 +111,10 @@ class _StepDataset:
 
     def __getitem__(self, key):
         import torch
-        d = self.maker.make(*key)
+        d = self.maker.make(*key, normalized=self.normalize_dtype is not None)
         d["images"] = torch.from_numpy(d["images"])
-        if self.normalize_dtype is not None:
-            cfg = self.maker.cfg
-            d["images"] = augment.normalize(d["images"], cfg.mean, cfg.std, self.normalize_dtype, "cpu")
+        if self.normalize_dtype is not None and self.normalize_dtype != torch.float32:
+            d["images"] = d["images"].to(self.normalize_dtype)
         d["ids"] = torch.from_numpy(d["ids"])
         return d
 

@@ -1,0 +1,242 @@
+"""Every speed and memory claim of mcf_fast, measured in one process against the baseline a user
+would otherwise run, on whatever machine it is given.
+
+    python benchmarks/run.py --suite kernels|masks|data|step|all --device cpu|cuda --out DIR
+                             [--quick] [--compare OLD.json] [--budget-s S] [--step-batch N]
+
+Writes DIR/report.json, DIR/report.md, DIR/speedups.png (+ DIR/step_phases.png and
+DIR/profile_step.txt with the step suite) and prints the Markdown report last. Suites:
+kernels (bench_kernels.py's providers), masks (bench_masks.py's), data (bench_data.py's) and step
+(suite_step.py: the engine's training step vs the reference step). Exit status 1 when a provider
+disagreed with its reference (its row says FAILED; no ratio is reported for it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+import report as R  # noqa: E402
+
+SUITES = ("kernels", "masks", "data", "step")
+H100_BF16_DENSE = 989e12  # FLOP/s, the datasheet's dense bf16 tensor-core peak (SXM)
+PROJ_MFU = 0.40
+METHOD = ("Timing: warm-up calls, then repetitions on fresh random inputs; CPU: time.perf_counter (monotonic), "
+          "GPU: CUDA events. Every provider is checked against its reference before it is timed. Peak memory: "
+          "CPU = resident-set high-water mark of one call above the resident set before it (glibc free pages "
+          "returned with malloc_trim, kernel peak reset via /proc/self/clear_refs); GPU = "
+          "torch.cuda.max_memory_allocated above the allocation before the call. Step peak = model + optimizer "
+          "state bytes + that per-step peak.")
+
+
+# ----------------------------------------------------------------------------- step suite orchestration
+def _step_plan(device, quick):
+    """(preset, precision, share of the step budget, max batch, reps, warm-up, profile)."""
+    if quick:
+        return [("demo", "fp32", 1, 4, 2, 1, True), ("demo", "bf16", 1, 4, 2, 1, False)]
+    if device.type == "cuda":
+        return [(p, pr, 1, b, 10, 3, p == "vit-s" and pr == "bf16") for p, b in (("demo", 32), ("vit-s", 64),
+                                                                                 ("vit-b-paper", 64))
+                for pr in ("bf16", "fp32")]
+    # CPU: vit-s is the goal configuration; batch capped at 16 (the preset's 64 cannot fit 15 minutes).
+    return [("demo", "fp32", 1, 32, 5, 1, False), ("demo", "bf16", 1, 32, 5, 1, False),
+            ("vit-s", "bf16", 3, 16, 3, 1, True), ("vit-s", "fp32", 3, 16, 3, 1, True),
+            ("vit-b-paper", "fp32", 1, 16, 3, 1, False), ("vit-b-paper", "bf16", 1, 16, 3, 1, False)]
+
+
+def _step_rows(res, peaks) -> list[dict]:
+    preset, prec = res["preset"], res["precision"]
+    what = f"train step {preset}"
+    if "skipped" in res:
+        shape = "-"
+        return [R.row("step", what, shape, prec, p, is_baseline=b, note=res["skipped"], preset=preset)
+                for p, b in (("engine", False), ("reference", True))]
+    N = res["batch"]
+    shape = f"batch {N}"
+    rows = []
+    for prov, is_base in (("engine", False), ("reference", True)):
+        ph = res["phases"][prov]
+        st = H.summarize([p["total"] for p in ph])
+        med = {k: statistics.median(p[k] for p in ph) for k in ("data", "forward", "backward", "optimizer_ema")}
+        flops = res["flops_engine" if prov == "engine" else "flops_reference"]["total"]
+        mem = res["memory"][prov]
+        step_b = mem["step_bytes"]
+        peak = None if step_b is None else mem["state_bytes"] + step_b
+        achieved = flops / (st["median_ms"] / 1e3)
+        rows.append(R.row("step", what, shape, prec, prov, is_baseline=is_base, stats=st, peak_bytes=peak,
+                          preset=preset, batch=N, phases_ms=med, images_per_s=N / (st["median_ms"] / 1e3),
+                          gflop_per_step=flops / 1e9, achieved_tflops=achieved / 1e12,
+                          mfu=achieved / peaks[prec]["flops"] if prec in peaks else None,
+                          state_mib=mem["state_bytes"] / 2**20, step_mib=(step_b or 0) / 2**20))
+    return rows
+
+
+def run_step(device, quick, budget_s, out_dir, peaks, batch, threads) -> tuple[list, list, str, list]:
+    """Rows, goals, notes and projection rows of the step suite, each configuration in a child process."""
+    plan = _step_plan(device, quick)
+    t0, rows, results, notes = time.perf_counter(), [], [], []
+    for i, (preset, prec, share, max_b, reps, warm, prof) in enumerate(plan):
+        left = budget_s - (time.perf_counter() - t0)
+        my = left * share / sum(p[2] for p in plan[i:])
+        if prec not in peaks:
+            res = {"preset": preset, "precision": prec, "skipped": f"not measured: no {prec} on {device.type}"}
+        else:
+            spec = dict(preset=preset, precision=prec, device=str(device), budget_s=my, max_batch=max_b,
+                        batch=batch or (4 if quick else 0), reps=reps, warmup=warm, profile=prof, peak_flops=peaks[prec]["flops"],
+                        threads=threads)
+            res = __import__("suite_step").run_child(spec, os.path.join(out_dir, "step_tmp"), my * 2 + 180)
+        results.append(res)
+        rows += _step_rows(res, peaks)
+        if "check" in res:
+            c = res["check"]
+            notes.append(f"- {preset} {prec}: batch {res['batch']} ({res['batch_reason']}); loss check passed "
+                         f"(engine {c['engine_loss']:.6g}, reference {c['reference_loss']:.6g}; {c['rule']}); "
+                         f"child wall {res.get('wall_s', 0):.0f} s.")
+    if quick:
+        for preset in ("vit-s", "vit-b-paper"):
+            rows += [R.row("step", f"train step {preset}", "-", "bf16", p, is_baseline=b, preset=preset,
+                           note="not measured: --quick measures the demo preset only") for p, b in
+                     (("engine", False), ("reference", True))]
+    prof = [f"== {r['preset']} {r['precision']} batch {r['batch']}: engine step, torch.profiler top operators ==\n"
+            f"{r['profile']}" for r in results if r.get("profile")]
+    if prof:
+        with open(os.path.join(out_dir, "profile_step.txt"), "w") as f:
+            f.write("\n\n".join(prof) + "\n")
+    R.add_ratios(rows)
+    proj = []
+    for r in results:
+        f = r.get("flops_per_image_engine")
+        if f and device.type in ("cpu", "cuda"):
+            ips = PROJ_MFU * H100_BF16_DENSE / f
+            proj.append(R.row("projection", f"H100 {r['preset']} bf16", "per GPU", "bf16", "engine (model)",
+                              note=f"model, not measured: {f / 1e9:.1f} counted GFLOP per image (fwd+bwd) at "
+                                   f"{PROJ_MFU:.0%} of 989 TFLOP/s", images_per_s=ips, hours_per_epoch=20e6 / ips / 3600))
+    seen, proj_u = set(), []
+    for p in proj:  # one row per preset (fp32 and bf16 count the same FLOPs)
+        if p["what"] not in seen:
+            seen.add(p["what"])
+            proj_u.append(p)
+    text = ("Step suite: engine = loop.train's step replicated in benchmarks/suite_step.py (fused AdamW, foreach EMA "
+            "and grad norm, device-side skip); reference = mcf_fast.model.reference with MAE's loop (torch.rand "
+            "noise, Python-loop EMA, loss.item() per step, per-tensor grad-norm loop, torch.optim.AdamW defaults: "
+            "foreach=None, fused=None, i.e. the single-tensor for-loop on CPU and foreach on CUDA). Teacher: "
+            "random ViT-B/16 at 224 for vit-s / vit-b-paper (the paper's size). Data: the synthetic-face loader, "
+            "workers=0, same for both; 'data' includes the masks (engine) or noise (reference). FLOPs: "
+            "torch.utils.flop_counter on fake tensors, the CPU flash-attention op added with torch's SDPA formulas. "
+            "MFU = counted FLOPs of that provider's step / median step time / the matmul peak measured in this run.\n"
+            + "\n".join(notes))
+    return rows, _goals(rows, device), text, proj_u
+
+
+def _goals(rows, device) -> list[dict]:
+    """The issue's CPU goals at vit-s, bf16, equal batch."""
+    get = {(r["extra"].get("preset"), r["dtype"], r["provider"]): r for r in rows if r["suite"] == "step"}
+    e, b = get.get(("vit-s", "bf16", "engine")), get.get(("vit-s", "bf16", "reference"))
+    goals = [("engine images/s vs reference (vit-s, bf16, equal batch)", ">= 1.5x", "speedup", lambda v: v >= 1.5,
+              "{:.2f}x"),
+             ("engine peak memory vs reference", "<= 0.6x", "mem_ratio", lambda v: v <= 0.6, "{:.2f}x"),
+             ("engine MFU vs measured bf16 matmul peak", ">= 40%", "mfu", lambda v: v >= 0.4, "{:.1%}")]
+    out = []
+    for name, target, key, ok, fmt in goals:
+        v = None if e is None else (e["extra"].get(key) if key == "mfu" else e.get(key))
+        if v is None:
+            why = (e or b or {}).get("note") or "not measured"
+            out.append({"goal": name, "target": target, "measured": why, "met": "not evaluated"})
+        else:
+            out.append({"goal": name, "target": target, "measured": fmt.format(v), "met": "yes" if ok(v) else "NO"})
+    f = get.get(("vit-s", "fp32", "engine"))
+    if f is not None and f.get("speedup"):
+        out.append({"goal": "(for reference) same at vit-s fp32", "target": "-", "measured":
+                    f"speed-up {f['speedup']:.2f}x, memory {R._f(f['mem_ratio'], '{:.2f}x')}, MFU "
+                    f"{R._f(f['extra'].get('mfu'), '{:.1%}')}", "met": "-"})
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def _suites(arg: str) -> list[str]:
+    names = [s.strip() for s in arg.split(",") if s.strip()]
+    if "all" in names:
+        return list(SUITES)
+    bad = [s for s in names if s not in SUITES]
+    if bad or not names:
+        raise SystemExit(f"error: --suite {arg!r}: choose from {', '.join(SUITES)} or all (comma-separated)")
+    return [s for s in SUITES if s in names]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", default="all", help="kernels, masks, data, step or all (comma-separated list allowed)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--out", default="bench_out", help="report folder (created)")
+    ap.add_argument("--quick", action="store_true", help="small shapes, demo preset only (CI smoke run)")
+    ap.add_argument("--compare", default="", help="an earlier report.json: print the change per row")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="wall-clock budget of the whole run (default 840 s, --quick 100 s); the step suite "
+                         "fits its batch and configurations into what the other suites leave")
+    ap.add_argument("--step-batch", type=int, default=0, help="fix the step suite's batch (0 = largest that fits)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    a = ap.parse_args(argv)
+    suites = _suites(a.suite)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA device: use --device cpu")
+    if a.compare and not os.path.exists(a.compare):
+        raise SystemExit(f"error: --compare {a.compare}: no such file (pass an earlier DIR/report.json)")
+    if a.step_batch == 1 or a.step_batch < 0 or a.budget_s < 0:
+        raise SystemExit("error: --step-batch must be 0 (choose) or >= 2 (the heads' BatchNorm needs 2 samples), "
+                         "--budget-s >= 0")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    budget = a.budget_s or (100.0 if a.quick else 840.0)
+    t0 = time.perf_counter()
+    machine = H.machine_info(device)
+    rows, goals, notes, failed = [], [], "", []
+    peaks = {}
+    if "step" in suites:  # the MFU denominators, measured now, on this machine, under this load
+        dts = ("fp32", "bf16") + (("fp16",) if device.type == "cuda" else ())
+        for name in dts:
+            peaks[name] = H.matmul_peak(getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[name]),
+                                        device, budget_s=3.0 if a.quick else 8.0)
+        machine["matmul_peak"] = peaks
+    import suites as S
+    for s in suites:
+        ts = time.perf_counter()
+        try:
+            if s == "step":
+                left = budget - (time.perf_counter() - t0) - 20
+                srows, goals, notes, proj = run_step(device, a.quick, max(left, 30.0), a.out, peaks, a.step_batch,
+                                                     a.threads)
+                rows += srows + proj
+                failed += [r for r in srows if r["note"].startswith("FAILED")]
+            else:
+                rows += getattr(S, s)(device, a.quick)
+        except H.ProviderMismatch as e:
+            failed.append(s)
+            rows.append(R.row(s, "provider check", "-", "-", "-", note=f"FAILED: {e}"))
+        except Exception as e:  # a broken suite must not hide the others' results; the exit status says it
+            failed.append(s)
+            traceback.print_exc()
+            rows.append(R.row(s, "suite crashed", "-", "-", "-", note=f"FAILED: {type(e).__name__}: {e}"))
+        print(f"[run.py] suite {s}: {time.perf_counter() - ts:.0f} s", file=sys.stderr, flush=True)
+    R.add_ratios(rows)
+    machine.update(loadavg_end=round(os.getloadavg()[0], 2), wall_s=round(time.perf_counter() - t0, 1))
+    rep = {"suites": suites, "device": a.device, "quick": a.quick, "machine": machine, "rows": rows,
+           "goals": goals, "step_notes": notes, "method": METHOD}
+    R.write(a.out, rep)
+    if a.compare:
+        with open(a.compare) as f:
+            print(R.compare(rep, json.load(f)) + "\n")
+    print(R.to_markdown(rep))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -63,9 +63,14 @@ def test_dali_two_ranks_cover_the_epoch_once(shards):
     assert steps == [3, 3] and len(set(ids)) == len(ids) == 24
 
 
-def test_auto_picks_dali_for_validated_shards_and_torch_otherwise(shards):
-    """loader=auto: DALI on validated shards, torch on synthetic data (with the reason logged)."""
-    assert build_pretrain_loader(DataConfig(path=shards, img_size=32), batch_size=4).backend == "dali"
+def test_auto_picks_dali_only_where_it_is_faster(shards):
+    """loader=auto: DALI for validated shards on CUDA; torch on a CPU device or for synthetic data."""
+    from mcf_fast.data.dali import unavailable_reason
+    from mcf_fast.data.sources import open_source
+    src = open_source(shards, seed=0, img_size=32, synthetic_size=1, cache_mb=0)
+    assert unavailable_reason(DataConfig(path=shards), src, "cuda:0", auto=True) is None
+    assert "CPU" in unavailable_reason(DataConfig(path=shards), src, "cpu", auto=True)
+    assert build_pretrain_loader(DataConfig(path=shards, img_size=32), batch_size=4).backend == "torch"
     assert build_pretrain_loader(DataConfig(img_size=32, synthetic_size=8), batch_size=4).backend == "torch"
     with pytest.raises(ValueError, match="synthetic"):
         build_pretrain_loader(DataConfig(img_size=32, synthetic_size=8, loader="dali"), batch_size=4)

@@ -23,8 +23,8 @@ class DataConfig:
         "or an LMDB database (folder with data.mdb, or *.lmdb).")})
     loader: str = field(default="auto", metadata={"help": (
         "'torch' (DataLoader workers), 'dali' (NVIDIA DALI: GPU decode when CUDA is present, CPU "
-        "otherwise; needs validated shards) or 'auto' (DALI when importable and the data is "
-        "validated shards, else torch).")})
+        "otherwise; needs validated shards) or 'auto' (DALI when importable, the device is CUDA and "
+        "the data is validated shards; else torch, which is the faster one on a CPU device).")})
     img_size: int = field(default=224, metadata={"help": "Side S of the square training images [N,3,S,S]."})
     workers: int = field(default=2, metadata={"help": (
         "Torch loader: DataLoader worker processes (0 = decode in the main process). "

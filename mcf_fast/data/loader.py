@@ -264,7 +264,7 @@ def build_pretrain_loader(cfg: DataConfig, *, batch_size: int, rank: int = 0, wo
     backend = cfg.loader
     if backend in ("auto", "dali"):
         from . import dali as dali_mod
-        why = dali_mod.unavailable_reason(cfg, source, device)
+        why = dali_mod.unavailable_reason(cfg, source, device, auto=backend == "auto")
         if backend == "dali" and why:
             raise ValueError(f"data.loader=dali cannot run: {why}")
         if why:

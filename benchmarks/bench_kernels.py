@@ -100,6 +100,41 @@ def bench_scatter(N=256, L=196, Dd=512, ratio=0.75, dtype=torch.float32, repeats
                 ours_ms=ours, ours_spread_ms=ours_sp, speedup=base / ours)
 
 
+def bench_pixel_first(N=32, img=224, p=16, D=768, ratio=0.75, repeats=3):
+    """Encoder input stage fwd+bwd: MAE (embed all L patches, add pos, gather) vs gathering the
+    pixel patches first and embedding only the K visible ones (same tokens up to matmul rounding)."""
+    L = (img // p) ** 2
+    ids, _ = _masks(N, L, ratio)
+    imgs = torch.randn(N, 3, img, img)
+    conv = torch.nn.Conv2d(3, D, p, p)
+    pos = torch.randn(1 + L, D)
+    cls = torch.randn(1, 1, D, requires_grad=True)
+    K.set_backend("cpu")
+
+    def mae():
+        x = conv(imgs).flatten(2).transpose(1, 2)
+        return mae_encoder_input(x, ids, pos, cls)
+
+    def pixel_first():
+        # [N, 3, H, W] -> [N, L, 3*p*p] in the conv weight's (c, kh, kw) order
+        patches = imgs.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(N, L, 3 * p * p)
+        vis = K.gather_visible(patches, ids)                    # no gradient: images are leaves
+        tok = torch.nn.functional.linear(vis, conv.weight.reshape(D, -1), conv.bias)
+        body = tok + pos[1:].index_select(0, ids.reshape(-1)).view(N, -1, D)
+        c = (cls.reshape(1, 1, D) + pos[:1].unsqueeze(0)).expand(N, -1, -1)
+        return torch.cat([c, body], 1)
+
+    a, b = mae(), pixel_first()
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
+    g = torch.randn_like(a)
+    params = (conv.weight, conv.bias, cls)
+    (base, base_sp), (ours, ours_sp) = _compare_ms(lambda: torch.autograd.grad(mae(), params, g),
+                                                   lambda: torch.autograd.grad(pixel_first(), params, g), repeats)
+    return dict(name=f"encoder input (patch embed + gather) N={N} D={D} r={ratio} float32",
+                baseline="MAE conv on all L, +pos, gather", baseline_ms=base, baseline_spread_ms=base_sp,
+                ours_ms=ours, ours_spread_ms=ours_sp, speedup=base / ours)
+
+
 def naive_info_nce(q, k, T, scale):
     """The formulation MoCo v3 / MCF use: full logits, cross-entropy."""
     return K.info_nce_ref(q, k, T, 0, scale)
@@ -280,9 +315,9 @@ def cases(quick: bool) -> list:
     """Benchmark thunks for benchmarks/run.py (quick: smaller shapes, fewer repeats)."""
     if quick:
         return [lambda: bench_gather(N=32, repeats=3), lambda: bench_scatter(N=32, repeats=3),
-                lambda: bench_info_nce(N=1024, M=1024, repeats=2)]
+                lambda: bench_info_nce(N=1024, M=1024, repeats=2), lambda: bench_pixel_first(N=8, repeats=2)]
     return [bench_gather, bench_scatter, lambda: bench_gather(dtype=torch.bfloat16),
-            lambda: bench_scatter(dtype=torch.bfloat16), bench_info_nce]
+            lambda: bench_scatter(dtype=torch.bfloat16), bench_info_nce, bench_pixel_first]
 
 
 def main():

@@ -111,3 +111,20 @@ def test_bad_options_are_refused(tmp_path):
     assert prepare_main(["--input", str(tmp_path), "--out", str(tmp_path / "o"), "--detector", "magic"]) == 2
     with pytest.raises(SystemExit):
         prepare_main(["--input", str(tmp_path), "--out", str(tmp_path / "o"), "--size", "4"])
+
+
+def test_faceless_units_leave_no_empty_shard(photo_dir, tmp_path):
+    """One unit per image: units without a face are recorded, not written; the set scans clean and loads."""
+    import torch
+
+    from mcf_fast.data import DataConfig, build_pretrain_loader
+    out = tmp_path / "out"
+    man = prepare(str(photo_dir), str(out), size=64, workers=1, per_unit=1)
+    assert sorted(p for p in os.listdir(out) if p.endswith(".tar")) == ["faces-000000.tar"]  # astronaut
+    assert [man["shards"][f"faces-00000{i}.tar"].get("empty", False) for i in range(3)] == [False, True, True]
+    assert prepare(str(photo_dir), str(out), size=64, workers=1, per_unit=1)["reused_units"] == 3
+    pattern = str(out / "faces-{000000..000002}.tar")
+    assert scan_main([pattern, "--workers", "1"]) == 0
+    loader = build_pretrain_loader(DataConfig(path=pattern, img_size=32, workers=0), batch_size=1)
+    assert torch.equal(next(loader).sample_ids, torch.tensor([0]))
+    assert "missing_shard" not in loader.stats()["skipped_by_reason"]

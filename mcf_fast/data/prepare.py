@@ -7,7 +7,7 @@ every side, make it square (centred), cut it out (edge pixels repeat where the s
 image), resize to `--size` (256: room for 224 training crops), re-encode JPEG at `--quality`.
 
 Output: `OUT/faces-NNNNNN.tar` (one per input unit: an input shard, or `--per-unit` files of a
-folder), written with webdataset's TarWriter; each sample `KEY_F.jpg` + `KEY_F.json` ({"source",
+folder; a unit without any face gets a manifest record marked "empty" and no file), written with webdataset's TarWriter; each sample `KEY_F.jpg` + `KEY_F.json` ({"source",
 "box" [x, y, w, h] in the input image, "input_size" [w, h]}). Every finished shard gets its DALI
 index and a manifest entry (counts in/out, skipped by reason, the detector), so it is validated.
 
@@ -205,11 +205,19 @@ def process_unit(unit, out_path: str, opts: dict) -> dict:
             stats["corrupt_shard"] += 1
             print(f"prepare: {unit[1]} is unreadable past some point ({e}); kept what was read", file=sys.stderr)
         sink.close()
+    unit_name = unit[1] if unit[0] == "shard" else f"{len(unit[1])} files from {unit[1][0]}"
+    if n_out == 0:  # no faces: no shard file (an empty tar would read as bad data), only the record
+        os.remove(tmp)
+        for p in (out_path, out_path + ".idx"):
+            if os.path.exists(p):
+                os.remove(p)
+        return {"samples": 0, "size": 0, "empty": True, "skipped_by_reason": dict(stats), "inputs": n_in,
+                "faces": 0, "detector": opts["detector"], "validated_by": "prepare", "input": unit_name}
     os.replace(tmp, out_path)
     from .index import index_written_shard
     entry = index_written_shard(out_path, "prepare", dict(stats))
     entry.update({"inputs": n_in, "faces": n_out, "detector": opts["detector"],
-                  "input": unit[1] if unit[0] == "shard" else f"{len(unit[1])} files from {unit[1][0]}"})
+                  "input": unit_name})
     return entry
 
 
@@ -235,8 +243,8 @@ def prepare(inp: str, out: str, *, size=256, workers=1, margin=0.3, min_face=48,
     for u, unit in enumerate(units):
         name = f"faces-{u:06d}.tar"
         p = os.path.join(out, name)
-        if name in done and os.path.exists(p) and os.path.getsize(p) == done[name]["size"] \
-                and os.path.exists(p + ".idx"):
+        if name in done and (done[name].get("empty") or (os.path.exists(p) and os.path.getsize(p) == done[name]["size"]
+                                                        and os.path.exists(p + ".idx"))):
             reused += 1
         else:
             todo.append((name, unit))

@@ -141,6 +141,15 @@ def scan(spec: str, *, workers: int = 1, decoder: str = "auto", min_size: int = 
         else:
             raise ValueError("scan needs a folder, a list file or shards, not synthetic data ('')")
     if shards is not None:
+        # units that prepare found faceless have a manifest record and, on purpose, no file
+        from .sources import read_manifest
+        mans: dict = {}
+        def _empty(p):
+            d = os.path.dirname(os.path.abspath(p))
+            mans.setdefault(d, read_manifest(d))
+            return not os.path.exists(p) and mans[d].get("shards", {}).get(os.path.basename(p), {}).get("empty")
+        total["empty_by_prepare"] = sum(1 for p in shards if _empty(p))
+        shards = [p for p in shards if not _empty(p)]
         entries = {}
         bar = _bar(len(shards), progress)
         with ProcessPoolExecutor(max(1, workers)) as ex:

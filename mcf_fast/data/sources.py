@@ -111,16 +111,21 @@ class ShardSource:
                 manifests[d] = read_manifest(d)
             entry = manifests[d].get("shards", {}).get(os.path.basename(s))
             if not os.path.exists(s):
+                counts.append(0)
+                if entry is not None and entry.get("empty"):  # prepare found no face in that unit
+                    self.validated[k] = True
+                    continue
                 self.index_stats["missing_shard"] += 1
                 log.warning("shard %s does not exist: skipped (counted as missing_shard)", s)
-                counts.append(0)
                 continue
             idx = s + ".idx"
             if entry is not None and os.path.exists(idx) and entry.get("size") == os.path.getsize(s):
                 self.validated[k] = True
                 counts.append(int(entry["samples"]))
-                for reason, n in entry.get("skipped_by_reason", {}).items():
-                    self.index_stats[reason] += n
+                if entry.get("validated_by") == "scan":  # bad samples inside these shards, left out
+                    # (prepare's counts describe its raw input, e.g. no_face: not this data's problems)
+                    for reason, n in entry.get("skipped_by_reason", {}).items():
+                        self.index_stats[reason] += n
                 self.index_converted.update(entry.get("converted_by_reason", {}))
             elif require_validated:
                 raise ValueError(

@@ -91,8 +91,7 @@ class DaliBackend:
         cfg, S = self.cfg, self.cfg.img_size
         gen = self._feed(epoch, step)
         pipe = dali.Pipeline(batch_size=self.batch_size, num_threads=max(1, cfg.workers),
-                             device_id=self.device_id, prefetch_queue_depth=cfg.prefetch,
-                             exec_dynamic=self.device_id is not None)
+                             device_id=self.device_id, prefetch_queue_depth=cfg.prefetch)
         with pipe:
             rrc = cfg.random_resized_crop
             outs = fn.external_source(source=gen, num_outputs=5 if rrc else 3, batch=True, cycle=False,

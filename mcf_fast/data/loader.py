@@ -32,7 +32,7 @@ class Batch(NamedTuple):
 
 
 class BatchMaker:
-    """Builds the uint8 batch of (epoch, step) for one rank: read, decode, augment, substitute."""
+    """Builds the batch of (epoch, step) for one rank: read, decode, augment, substitute bad samples."""
 
     def __init__(self, cfg: DataConfig, source, *, batch_size, rank, world_size, seed, drop_last):
         self.cfg, self.source = cfg, source

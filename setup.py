@@ -113,7 +113,7 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130>=1.40"],
         "xformers": ["xformers>=0.0.28"],
-        "faces": ["opencv-python-headless>=4.8", "simplejpeg>=1.7"],
+        "faces": ["opencv-python-headless>=4.8", "simplejpeg>=1.7", "scikit-image>=0.21"],
         "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80", "ruff>=0.4",
                 "timm>=1.0", "scikit-image>=0.21", "opencv-python-headless>=4.8", "simplejpeg>=1.7",
                 "lmdb>=1.4"],

@@ -217,7 +217,8 @@ def train(cfg: Config) -> dict:
                        "lr": lr, "momentum": m, "images_per_s": n_steps * eff_batch / max(dt, 1e-9),
                        "step_time_s": dt / n_steps, "data_time_s": data_win / n_steps,
                        "peak_mem_mb": float(peak[0]), "skipped_nonfinite": int(skipped_total.item()),
-                       "data_skipped": int(stats.get("skipped", 0))}
+                       "data_skipped": int(stats.get("skipped", 0)),
+                       "data_skipped_by_reason": dict(stats.get("skipped_by_reason", {}))}
                 logger.log(row)
                 logger.advance(0, {"loss": f"{row['loss']:.4f}", "img/s": f"{row['images_per_s']:.1f}"})
                 for k in win:

@@ -210,9 +210,9 @@ def gpu_bytes_model(N=256, L=196, D=768, Dd=512, ratio=0.75, elem=2, idx=8, hbm_
     mae_f = 2 * lD * E + kD * idx + (kD * idx + 2 * kD * E) + 2 * kD * E
     ours_f = kD * E + N * k * idx + N * (1 + k) * D * E
     rows.append(("gather_visible fwd", mae_f, ours_f))
-    # backward: MAE = cat slice, scatter_add into zeros (w full, r idx, r/w rows), d(pos) sum over N (r full);
-    # fused = read rows once, write dx once (every element), fp32 partial d(pos) negligible
-    mae_b = lD * E + kD * idx + 2 * kD * E + lD * E
+    # backward (pos frozen, as in MAE): MAE = scatter_add into zeros (w full, r repeated idx, r/w rows);
+    # fused = read the rows once, write every element of dx once, read the [N, L] int32 inverse map
+    mae_b = lD * E + kD * idx + 2 * kD * E
     ours_b = N * (1 + k) * D * E + lD * E + N * L * 4
     rows.append(("gather_visible bwd", mae_b, ours_b))
     ld = N * (1 + L) * Dd
@@ -222,9 +222,11 @@ def gpu_bytes_model(N=256, L=196, D=768, Dd=512, ratio=0.75, elem=2, idx=8, hbm_
         + 2 * ld * E + 2 * ld * E
     ours_df = (N * (1 + k) * Dd) * E + N * L * idx + ld * E
     rows.append(("scatter_to_full fwd", mae_df, ours_df))
-    # backward: add (pass-through + sum over N: r), cat slice, gather bwd (zeros w, scatter r idx/r/w),
-    # cat slice, repeat bwd (r masked), sum; fused = read g once, write d(tokens)
-    mae_db = ld * E + N * L * Dd * E + N * L * Dd * idx + 2 * N * L * Dd * E + N * (L - k) * Dd * E
+    # backward: add (pass-through, pos frozen), gather bwd (zeros w, repeated idx r, scatter r/w),
+    # repeat bwd (r masked rows), d tokens assembled from its two slices (r/w);
+    # fused = read g once, write d tokens (d mask_token partial sums are negligible)
+    mae_db = N * L * Dd * E + N * L * Dd * idx + 2 * N * L * Dd * E + N * (L - k) * Dd * E \
+        + 2 * N * (1 + k) * Dd * E
     ours_db = ld * E + N * L * idx + N * (1 + k) * Dd * E
     rows.append(("scatter_to_full bwd", mae_db, ours_db))
     out = []

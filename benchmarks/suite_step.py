@@ -269,7 +269,7 @@ def child(spec: dict) -> dict:
     if floor_s > left:
         out["skipped"] = (f"not measured: even at batch 2 and 100% of the measured {prec} matmul peak "
                           f"({peak / 1e9:.1f} GFLOP/s) the {2 * steps_per_provider} steps need {floor_s:.0f} s, "
-                          f"over this configuration's budget of {left:.0f} s")
+                          f"over this configuration's budget of {max(left, 0):.0f} s (what the run's budget left)")
         return out
     batch, why = spec.get("batch") or 0, "fixed (--step-batch or --quick)"
     if not batch:
@@ -286,7 +286,7 @@ def child(spec: dict) -> dict:
         fits = [b for b in ladder if (2.2 * steps_per_provider + 2) * probe * b <= left]
         if not fits:
             out["skipped"] = (f"not measured: one {prec} step at batch 2 took {2 * probe:.1f} s here; "
-                              f"{2 * steps_per_provider + 2} steps exceed this configuration's budget of {left:.0f} s")
+                              f"{2 * steps_per_provider + 2} steps exceed this configuration's budget of {max(left, 0):.0f} s")
             return out
         batch, why = fits[0], (f"largest of {ladder} whose predicted cost fits the {spec['budget_s']:.0f} s budget "
                                f"(batch-2 probe step {2 * probe:.2f} s)")
@@ -322,8 +322,13 @@ def profile_table(step, device, rows=30) -> str:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         step()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()
+    for key in keys + ("self_cpu_time_total",):  # the device key was renamed across torch versions
+        try:
+            return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return "(profiler table unavailable)"
 
 
 def run_child(spec: dict, tmpdir: str, timeout_s: float) -> dict:

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 
@@ -42,7 +43,7 @@ def _check_case(name):
 
     import mcf_fast.kernels as K
     dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, None: None}
-    torch.manual_seed(abs(hash(name)) % 1000)
+    torch.manual_seed(zlib.crc32(name.encode()))  # stable per case (str hash is salted per process)
     K.set_backend("triton")
     spec = CASES[name]
     if spec[0] == "gather":

@@ -95,6 +95,7 @@ def train(cfg: Config) -> dict:
     if rt.distributed:
         dist.barrier()
     setup_logging(out, rt.rank)
+    log.info("device %s, precision %s (%s), world size %d", rt.device, rt.precision, rt.why, rt.world_size)
     _check_config(cfg, out, rt.rank)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)

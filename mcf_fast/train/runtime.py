@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
 
 
 def cpu_has_fast_bf16() -> tuple[bool, str]:
@@ -43,6 +41,7 @@ class Runtime:
     rank: int
     world_size: int
     local_rank: int
+    why: str = ""  # why this precision (logged by the loop once logging is set up)
 
     @property
     def is_main(self) -> bool:
@@ -94,7 +93,4 @@ def init_runtime(device: str, precision: str, backend: str = "auto") -> Runtime:
         be = backend if backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
         dist.init_process_group(be, device_id=dev if dev.type == "cuda" else None)
     prec, why = resolve_precision(precision, dev)
-    rt = Runtime(dev, prec, rank, world, local_rank)
-    if rt.is_main:
-        log.info("device %s, precision %s (%s), world size %d", dev, prec, why, world)
-    return rt
+    return Runtime(dev, prec, rank, world, local_rank, why)

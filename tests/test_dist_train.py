@@ -185,12 +185,16 @@ def test_two_ranks_match_one_rank(runs):
 
 
 def test_resume_at_other_world_size(runs):
-    """A 2-rank checkpoint resumed by 1 rank (and a 1-rank one by 2 ranks) continues the same run."""
+    """A 2-rank checkpoint resumed by 1 rank (and a 1-rank one by 2 ranks) continues the same run:
+    DCP re-shards model and optimizer, loss rows and final parameters match the uninterrupted run."""
     base, r1, r2 = runs
-    for src, ranks, name in ((r2, 1, "two_then_one"), (r1, 2, "one_then_two")):
+    # The 1 -> 2 resume also runs the non-default FSDP2 modes (sharded teacher, no reshard after
+    # forward): neither may change the numbers.
+    modes = ["--dist.teacher_sharding", "shard", "--dist.reshard_after_forward", "false"]
+    for src, ranks, name, extra in ((r2, 1, "two_then_one", []), (r1, 2, "one_then_two", modes)):
         dst = str(base / name)
         keep_only(src, dst, 2)
-        launch(dst, ranks, "--run.allow_config_change", "true")  # per-rank batch changes with the world
+        launch(dst, ranks, "--run.allow_config_change", "true", *extra)  # per-rank batch changes with the world
         assert_rows_close(rows(dst), rows(src), 1e-5)
         assert max_param_diff(final_state(dst), final_state(src)) < PARAM_ATOL
 

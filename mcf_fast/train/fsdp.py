@@ -93,7 +93,7 @@ def shard_model(model, cfg, rt: Runtime):
         n_units = sum(1 for m in model.modules() if isinstance(m, FSDPModule))
         log.info("FSDP2: %d units over %d ranks, reshard_after_forward=%s, params %s, teacher %s",
                  n_units, rt.world_size, reshard, mp.param_dtype or "fp32",
-                 "none" if teacher is None else cfg.dist.teacher_sharding)
+                 cfg.dist.teacher_sharding if teacher is not None else getattr(model, "teacher_kind", "none"))
     return model
 
 

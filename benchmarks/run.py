@@ -90,15 +90,20 @@ def run_step(device, quick, budget_s, out_dir, peaks, batch, threads) -> tuple[l
             res = {"preset": preset, "precision": prec, "skipped": f"not measured: no {prec} on {device.type}"}
         else:
             spec = dict(preset=preset, precision=prec, device=str(device), budget_s=my, max_batch=max_b,
-                        batch=batch or (4 if quick else 0), reps=reps, warmup=warm, profile=prof, peak_flops=peaks[prec]["flops"],
-                        threads=threads)
+                        batch=batch or (4 if quick else 0), reps=reps, warmup=warm, profile=prof,
+                        peak_flops=peaks[prec]["flops"], threads=threads)
             res = __import__("suite_step").run_child(spec, os.path.join(out_dir, "step_tmp"), my * 2 + 180)
         results.append(res)
+        if res.get("matmul_peak") and res["matmul_peak"]["flops"] > peaks[prec]["flops"]:
+            peaks[prec].update(flops=res["matmul_peak"]["flops"], tflops=res["matmul_peak"]["tflops"],
+                               best_from=f"step child {preset} {prec}")
+    for res in results:  # after every measurement of the peak (see above)
         rows += _step_rows(res, peaks)
         if "check" in res:
-            c = res["check"]
-            notes.append(f"- {preset} {prec}: batch {res['batch']} ({res['batch_reason']}); loss check passed "
-                         f"(engine {c['engine_loss']:.6g}, reference {c['reference_loss']:.6g}; {c['rule']}); "
+            c, ft = res["check"], res.get("flops_teacher")
+            share = f"; the teacher's passes are {ft / res['flops_engine']['total']:.0%} of its FLOPs" if ft else ""
+            notes.append(f"- {res['preset']} {res['precision']}: batch {res['batch']} ({res['batch_reason']}); loss check passed "
+                         f"(engine {c['engine_loss']:.6g}, reference {c['reference_loss']:.6g}; {c['rule']}){share}; "
                          f"child wall {res.get('wall_s', 0):.0f} s.")
     if quick:
         for preset in ("vit-s", "vit-b-paper"):

@@ -245,6 +245,20 @@ def _flops_of(model, cfg, device, precision, batch, which) -> dict:
     return count_flops(run, model.parameters())
 
 
+def _teacher_flops(model, cfg, device, precision, batch) -> float | None:
+    """FLOPs of the perceptual loss alone (teacher on pred with input-grad backward + real pass)."""
+    if model.perceptual is None:
+        return None
+    S = cfg.model.img_size
+
+    def run():
+        pred = torch.randn(batch, 3, S, S, device=device, requires_grad=True)
+        with _autocast(device, precision):
+            loss = model.perceptual(pred, torch.randn(batch, 3, S, S, device=device), model._teacher_vit())
+        loss.float().backward()
+    return count_flops(run, model.parameters())["total"]
+
+
 def child(spec: dict) -> dict:
     """One (preset, precision) configuration; see the module docstring. `spec`: preset, precision,
     device, budget_s, max_batch, batch (fixed or 0 = choose), reps, warmup, profile."""
@@ -293,6 +307,7 @@ def child(spec: dict) -> dict:
     out.update(batch=batch, batch_reason=why)
     out["check"] = check_losses(engine_model, cfg, device, prec, batch)
     out["flops_engine"] = f_fixed or _flops_of(engine_model, cfg, device, prec, batch, "engine")
+    out["flops_teacher"] = _teacher_flops(engine_model, cfg, device, prec, batch)
     ref_model = build_model(cfg.model, 0).to(device).train()
     out["flops_reference"] = _flops_of(ref_model, cfg, device, prec, batch, "reference")
     eng = EngineStep(engine_model, cfg, _loader(cfg, batch, device), device, prec)
@@ -310,6 +325,9 @@ def child(spec: dict) -> dict:
         model.zero_grad(set_to_none=True)
         mem[name] = {"state_bytes": H.state_bytes(model, opt), "step_bytes": H.peak_bytes(step, device)}
     out["memory"] = mem
+    # The MFU denominator again, here and now: the run keeps the best of all its measurements, so
+    # a burst of load from other processes during one measurement cannot inflate the MFU.
+    out["matmul_peak"] = H.matmul_peak(AC[prec] or torch.float32, device, budget_s=4.0)
     if spec.get("profile"):
         out["profile"] = profile_table(eng, device)
     out["wall_s"] = time.perf_counter() - t0

@@ -43,7 +43,7 @@ def kernels(device: torch.device, quick: bool) -> list[dict]:
     import mcf_fast.kernels as K
     K.set_backend("auto")
     ours = "mcf_fast[triton]" if device.type == "cuda" else "mcf_fast[cpu]"
-    reps, warm = (5, 1) if quick else (15, 2)
+    reps, warm = (5, 1) if quick else (10, 1)
     N = 32 if quick else 256
     rows = []
     for dname in (("fp32",) if quick else ("fp32", "bf16")):

@@ -156,18 +156,19 @@ def plot(out_dir: str, report: dict) -> list[str]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     step = [r for r in report["rows"] if r["suite"] == "step" and r["median_ms"]]
-    if step:
-        fig, ax = plt.subplots(figsize=(9, 0.4 * len(step) + 1.5))
+    if step:  # 100%-stacked: where each step's time goes (a log axis would distort stacked bars)
+        fig, ax = plt.subplots(figsize=(9, 0.4 * len(step) + 1.6))
         left = [0.0] * len(step)
         for k, c in zip(("data", "forward", "backward", "optimizer_ema"), ("tab:gray", "tab:blue", "tab:orange", "tab:green")):
-            vals = [r["extra"]["phases_ms"].get(k, 0.0) for r in step]
+            vals = [100 * r["extra"]["phases_ms"].get(k, 0.0) / max(sum(r["extra"]["phases_ms"].values()), 1e-9)
+                    for r in step]
             ax.barh(range(len(step)), vals, left=left, color=c, label=k)
             left = [a + b for a, b in zip(left, vals)]
-        ax.set_yticks(range(len(step)), [f"{r['extra']['preset']} {r['dtype']} b{r['extra']['batch']} "
-                                         f"[{r['provider']}]" for r in step], fontsize=7)
-        ax.set_xscale("log")
-        ax.set_xlabel("ms per step (median per phase, log scale)")
-        ax.legend(fontsize=7)
+        ax.set_yticks(range(len(step)), [f"{r['extra']['preset']} {r['dtype']} b{r['extra']['batch']} [{r['provider']}] "
+                                         f"{r['median_ms'] / 1e3:.2f} s" for r in step], fontsize=7)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("share of the step (%, medians per phase); label: median step time")
+        ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
         fig.tight_layout()
         paths.append(os.path.join(out_dir, "step_phases.png"))
         fig.savefig(paths[-1], dpi=110)

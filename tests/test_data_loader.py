@@ -75,11 +75,31 @@ def test_resume_continues_exactly(stop_after):
 
 
 def test_resume_refuses_mismatched_setup():
-    """A state saved with another batch size cannot be loaded silently."""
-    state = build_pretrain_loader(_cfg(), batch_size=8, seed=1).state_dict()
-    other = build_pretrain_loader(_cfg(), batch_size=4, seed=1)
-    with pytest.raises(ValueError, match="batch_size"):
-        other.load_state_dict(state)
+    """A state from another seed, or at a position that is no step of the new global batch, is refused."""
+    first = build_pretrain_loader(_cfg(), batch_size=8, seed=1)
+    _take(first, 3)
+    state = first.state_dict()  # epoch position 24
+    with pytest.raises(ValueError, match="seed"):
+        build_pretrain_loader(_cfg(), batch_size=8, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a step boundary"):
+        build_pretrain_loader(_cfg(), batch_size=16, seed=1).load_state_dict(state)
+
+
+def test_ranks_interleave_so_global_batches_match_any_world_size():
+    """Step b's global batch is the same samples for 1 rank x 8, 2 ranks x 4 and 4 ranks x 2, and a state
+    saved at one world size resumes at another on the same samples."""
+    one = torch.cat(_take(build_pretrain_loader(_cfg(), batch_size=8, seed=3), 5)[1])
+    for world in (2, 4):
+        ranks = [_take(build_pretrain_loader(_cfg(), batch_size=8 // world, rank=r, world_size=world, seed=3), 5)[1]
+                 for r in range(world)]
+        merged = torch.cat([torch.cat([ranks[r][b] for r in range(world)]) for b in range(5)])
+        assert torch.equal(merged, one)
+    two = [build_pretrain_loader(_cfg(), batch_size=4, rank=r, world_size=2, seed=3) for r in range(2)]
+    for ld in two:
+        _take(ld, 2)
+    resumed = build_pretrain_loader(_cfg(), batch_size=8, seed=3)
+    resumed.load_state_dict(two[0].state_dict())
+    assert torch.equal(torch.cat(_take(resumed, 3)[1]), one[16:40])
 
 
 def test_each_epoch_is_a_permutation_and_epochs_differ():

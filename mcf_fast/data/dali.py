@@ -55,7 +55,7 @@ class DaliBackend:
     def __init__(self, cfg, source, *, batch_size, rank, world_size, seed, device, drop_last):
         import torch
         self.cfg, self.source, self.batch_size, self.seed = cfg, source, batch_size, seed
-        self.rank = rank
+        self.rank, self.world_size = rank, world_size
         self.order = sampling.EpochOrder(source.counts, seed, cfg.shuffle_window)
         self.per_rank, self.steps_per_epoch = sampling.per_rank(source.num_samples, batch_size, world_size,
                                                                  drop_last)
@@ -68,7 +68,7 @@ class DaliBackend:
         cfg = self.cfg
         e, s = epoch, step
         while True:
-            start = self.rank * self.per_rank + s * self.batch_size
+            start = sampling.step_start(s, self.batch_size, self.rank, self.world_size)
             ids = self.order.ids(e, start, start + self.batch_size)
             data = [np.frombuffer(self.source.read(int(i))[0], np.uint8) for i in ids]
             flips = (sampling.flip_flags(self.seed, e, ids) & cfg.hflip).astype(np.int32)

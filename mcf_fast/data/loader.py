@@ -36,14 +36,14 @@ class BatchMaker:
 
     def __init__(self, cfg: DataConfig, source, *, batch_size, rank, world_size, seed, drop_last):
         self.cfg, self.source = cfg, source
-        self.batch_size, self.rank, self.seed = batch_size, rank, seed
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.order = sampling.EpochOrder(source.counts, seed, cfg.shuffle_window)
         self.per_rank, self.steps_per_epoch = sampling.per_rank(
             source.num_samples, batch_size, world_size, drop_last)
         self.decoder = resolve_decoder(cfg.decoder)
 
     def ids(self, epoch: int, step: int) -> np.ndarray:
-        start = self.rank * self.per_rank + step * self.batch_size
+        start = sampling.step_start(step, self.batch_size, self.rank, self.world_size)
         return self.order.ids(epoch, start, start + self.batch_size)
 
     def load(self, sample_id: int) -> tuple[np.ndarray, str | None]:
@@ -207,18 +207,28 @@ class PretrainLoader:
                 "skipped": dict(self._counts["skipped"]), "converted": dict(self._counts["converted"])}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Continue from a saved (epoch, step). The data, seed, batch size and world size must match,
-        else the positions would mean different samples: refused with the mismatch named."""
-        for k in ("seed", "batch_size", "world_size", "num_samples"):
+        """Continue from a saved (epoch, step). Data and seed must match; batch size and world size may
+        change when the saved position (step x global batch) falls on a step of the new global batch
+        (always at the same global batch): ranks interleave by step, so the samples stay the same."""
+        for k in ("seed", "num_samples"):
             if k in sd and sd[k] != getattr(self, k):
                 raise ValueError(
                     f"loader state was saved with {k}={sd[k]} but this loader has {k}={getattr(self, k)}; "
-                    "an exact mid-epoch resume needs the same data, seed, batch size and world size "
-                    "(to change them, resume at an epoch boundary: load only {'epoch': e, 'step': 0})")
-        if not 0 <= sd.get("step", 0) < self.steps_per_epoch:
-            raise ValueError(f"loader state step={sd['step']} outside [0, {self.steps_per_epoch})")
+                    "an exact resume needs the same data and seed")
+        old_global = int(sd.get("batch_size", self.batch_size)) * int(sd.get("world_size", self.world_size))
+        new_global = self.batch_size * self.world_size
+        pos = int(sd.get("step", 0)) * old_global
+        if pos % new_global:
+            raise ValueError(
+                f"loader state is at epoch position {pos} (step {sd.get('step')} x global batch {old_global}), "
+                f"which is not a step boundary of the new global batch {new_global} "
+                f"({self.batch_size} x {self.world_size} ranks): keep the global batch, or resume at an epoch "
+                "boundary")
+        step = pos // new_global
+        if not 0 <= step < self.steps_per_epoch:
+            raise ValueError(f"loader state step={step} outside [0, {self.steps_per_epoch})")
         self.close()
-        self.epoch, self.step = int(sd["epoch"]), int(sd.get("step", 0))
+        self.epoch, self.step = int(sd["epoch"]), step
         self._counts = {"skipped": Counter(sd.get("skipped", {})), "converted": Counter(sd.get("converted", {}))}
 
     def stats(self) -> dict:

@@ -10,9 +10,11 @@ grouped until a group holds `window` samples; samples are permuted inside each g
 (seed, epoch, group). A window >= the data set gives a full random permutation; a smaller one keeps
 reads local to a few shards at a time (what 20M-sample shard sets need).
 
-Split: rank r owns the contiguous positions [r * P, (r + 1) * P) of the epoch order, P = per-rank
-samples (equal for all ranks, so no rank waits on a collective another rank never reaches); step b of
-rank r is positions r * P + b * B ... + B. DataLoader workers take whole steps round-robin, and the
+Split: ranks interleave by step: step b covers epoch positions [b*B*W, (b+1)*B*W) and rank r takes
+the r-th B of them (`step_start`). Every rank runs the same number of steps (no rank waits on a
+collective another never reaches), and a step's global batch is the same samples at any world size
+with the same global batch, so runs resume at another world size and 2 x B/2 equals 1 x B.
+DataLoader workers take whole steps round-robin, and the
 loader hands steps back in step order, so the worker count changes speed, not content.
 """
 from __future__ import annotations
@@ -135,6 +137,14 @@ class EpochOrder:
             sel = g_of == g
             out[sel] = self._group_ids(epoch, int(g))[pos[sel] - bounds[g]]
         return out
+
+
+def step_start(step: int, batch_size: int, rank: int, world_size: int) -> int:
+    """First epoch position of rank `rank`'s batch at `step`. Ranks interleave by step (step b covers
+    positions [b*B*W, (b+1)*B*W), rank r the r-th B of them), so the global batch of a step is the
+    same samples at any world size with the same global batch: a run can resume at another world size
+    and 2 ranks x B/2 see exactly what 1 rank x B sees."""
+    return (step * world_size + rank) * batch_size
 
 
 def per_rank(total: int, batch_size: int, world_size: int, drop_last: bool) -> tuple[int, int]:

@@ -257,6 +257,37 @@ def machine_info(device: torch.device | str) -> dict:
     }
 
 
+def _busy_s() -> float | None:
+    """CPU-seconds all processes have spent busy since boot (/proc/stat: user..steal), or None."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def _own_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherLoad:
+    """How busy OTHER processes kept the machine over an interval: (all busy CPU-seconds - ours,
+    children included) / (wall seconds x cores). 0 = we had the machine to ourselves; timings taken
+    while it is well above 0 are slowed by the neighbours, and the report says so."""
+
+    def __init__(self):
+        self.t, self.busy, self.own = time.perf_counter(), _busy_s(), _own_s()
+
+    def share(self) -> float | None:
+        busy = _busy_s()
+        if busy is None or self.busy is None:
+            return None
+        wall = (time.perf_counter() - self.t) * (os.cpu_count() or 1)
+        return max(0.0, (busy - self.busy) - (_own_s() - self.own)) / max(wall, 1e-9)
+
+
 def matmul_peak(dtype: torch.dtype, device: torch.device | str, budget_s: float = 10.0) -> dict:
     """Best measured square-matmul throughput (FLOP/s) over growing sizes, within ~budget_s.
 
@@ -287,5 +318,5 @@ def matmul_peak(dtype: torch.dtype, device: torch.device | str, budget_s: float 
     return {"flops": best, "tflops": best / 1e12, "dtype": str(dtype).replace("torch.", ""), "sizes": sizes}
 
 
-__all__ = ["NO_GPU", "ProviderMismatch", "measure", "percentile", "summarize", "peak_bytes", "state_bytes",
+__all__ = ["NO_GPU", "ProviderMismatch", "OtherLoad", "measure", "percentile", "summarize", "peak_bytes", "state_bytes",
            "cpu_peak_supported", "check_equal", "check_close", "machine_info", "matmul_peak", "git_sha"]

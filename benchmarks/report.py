@@ -89,7 +89,12 @@ def machine_line(m: dict) -> str:
     return (f"Machine: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, CPU bf16: {m['cpu_bf16']}), "
             f"{gpu}; measured matmul peak: {peaks or '-'}. torch {m['torch']}, triton {m['triton']}, "
             f"DALI {m['dali']}, Python {m['python']}; git {m['git']}; {m['date']}; load average "
-            f"{m['loadavg_start']} at start, {m.get('loadavg_end', '?')} at end; wall {m.get('wall_s', '?')} s.")
+            f"{m['loadavg_start']} at start, {m.get('loadavg_end', '?')} at end; other processes used "
+            f"{_pct(m.get('other_processes_cpu'))} of the machine's CPU during the run; wall {m.get('wall_s', '?')} s.")
+
+
+def _pct(v):
+    return "?" if v is None else f"{v:.0%}"
 
 
 def to_markdown(report: dict) -> str:

@@ -202,6 +202,7 @@ def main(argv=None) -> int:
     device = torch.device(a.device)
     budget = a.budget_s or (100.0 if a.quick else 780.0)  # 15 minutes minus margin for overshoot
     t0 = time.perf_counter()
+    others = H.OtherLoad()
     machine = H.machine_info(device)
     rows, goals, notes, failed = [], [], "", []
     peaks = {}
@@ -232,7 +233,9 @@ def main(argv=None) -> int:
             rows.append(R.row(s, "suite crashed", "-", "-", "-", note=f"FAILED: {type(e).__name__}: {e}"))
         print(f"[run.py] suite {s}: {time.perf_counter() - ts:.0f} s", file=sys.stderr, flush=True)
     R.add_ratios(rows)
-    machine.update(loadavg_end=round(os.getloadavg()[0], 2), wall_s=round(time.perf_counter() - t0, 1))
+    share = others.share()
+    machine.update(loadavg_end=round(os.getloadavg()[0], 2), wall_s=round(time.perf_counter() - t0, 1),
+                   other_processes_cpu=None if share is None else round(share, 3))
     rep = {"suites": suites, "device": a.device, "quick": a.quick, "machine": machine, "rows": rows,
            "goals": goals, "step_notes": notes, "method": METHOD}
     R.write(a.out, rep)

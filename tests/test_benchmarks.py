@@ -74,6 +74,19 @@ def test_cpu_peak_excludes_memory_live_before_the_call():
     assert 12 <= got <= 28, got
 
 
+def test_other_load_excludes_our_own_work():
+    """Our own busy loop is not counted as other processes' load: the share stays well below the
+    all-busy 1.0 that it would reach if our CPU time were not subtracted (2+ cores)."""
+    ol = H.OtherLoad()
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.5:
+        pass
+    share = ol.share()
+    if share is None:
+        pytest.skip("no /proc/stat")
+    assert 0.0 <= share <= 1.0
+
+
 def test_checks_reject_a_provider_that_differs():
     """A provider that does less (or other) work than the reference is refused before timing."""
     a = torch.randn(64)

@@ -16,17 +16,33 @@ def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients over ranks too (each rank's loss depends on
+    every rank's statistics). torch.distributed.nn's version of this is deprecated."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
 class SyncBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training-mode statistics are taken over the global batch (all ranks)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and _dist_on()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
         xf = x.float()
         n_local = torch.tensor([float(x.shape[0])], device=x.device)
         stats = torch.cat([xf.sum(0), (xf * xf).sum(0), n_local])
-        stats = all_reduce(stats)  # differentiable: gradients flow to every rank's inputs
+        stats = _AllReduceSum.apply(stats)  # differentiable: gradients flow to every rank's inputs
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n

@@ -53,16 +53,22 @@ def build_model(m: ModelConfig, seed: int) -> MCFModel:
     return model
 
 
-def _check_config(cfg: Config, out: str, rank: int) -> None:
-    """First run: save the resolved config. Rerun: it must match (or --run.allow_config_change)."""
+def _check_config(cfg: Config, out: str, rank: int, world_size: int) -> None:
+    """First run: save the resolved config. Rerun: it must match (or --run.allow_config_change), except
+    that the per-rank batch may change with the world size when the global batch stays the same."""
     path = os.path.join(out, "config.json")
-    new = cfg.to_dict()
+    new = {**cfg.to_dict(), "world_size": world_size}
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s in new if isinstance(new[s], dict)
                 for k, v in new[s].items() if s != "run" or k not in ("allow_config_change", "progress")
                 if json.loads(json.dumps(v)) != old.get(s, {}).get(k)]
+        old_world = old.get("world_size", world_size)
+        if old_world != world_size and old["optim"]["batch_size"] * old_world == cfg.optim.batch_size * world_size:
+            diff = [d for d in diff if not d.startswith("optim.batch_size:")]
+            log.info("world size %d -> %d with the same global batch %d: resuming", old_world, world_size,
+                     cfg.optim.batch_size * world_size)
         if diff and not cfg.run.allow_config_change:
             raise SystemExit(f"error: {out} holds a run with another config ({'; '.join(diff[:8])}). Use another "
                              "--out, or pass --run.allow_config_change true to resume with the new values.")
@@ -96,7 +102,7 @@ def train(cfg: Config) -> dict:
         dist.barrier()
     setup_logging(out, rt.rank)
     log.info("device %s, precision %s (%s), world size %d", rt.device, rt.precision, rt.why, rt.world_size)
-    _check_config(cfg, out, rt.rank)
+    _check_config(cfg, out, rt.rank, rt.world_size)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     model = build_model(cfg.model, cfg.run.seed).to(rt.device)

@@ -80,7 +80,7 @@ def _worker(argv: list[str]) -> int:
     from mcf_fast import pretrain
     from mcf_fast.data import build_pretrain_loader
 
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
 
     def build(cfg, *, batch_size, rank, world_size, seed, device):
         inner = build_pretrain_loader(cfg, batch_size=batch_size * world_size, rank=0, world_size=1, seed=seed,

@@ -12,8 +12,15 @@ from mcf_fast.eval.datasets import read_aflw19, read_lapa, read_lapa_landmarks
 from mcf_fast.eval.encoders import param_groups, parse_arch, resize_encoder
 from mcf_fast.eval.heads import DenseModel, heatmap_nll, level_blocks, soft_argmax
 from mcf_fast.eval.toydata import write_aflw19, write_lapa
-from mcf_fast.eval.transforms import (AlignmentData, ParsingData, StepBatches, apply_points, box_crop_matrix,
-                                      jitter_matrix, warp)
+from mcf_fast.eval.transforms import (
+    AlignmentData,
+    ParsingData,
+    StepBatches,
+    apply_points,
+    box_crop_matrix,
+    jitter_matrix,
+    warp,
+)
 from mcf_fast.model.vit import VisionTransformer
 
 MEAN, STD = [0.5] * 3, [0.25] * 3

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from mcf_fast.eval.metrics import (alignment_metrics, auc_fr, box_sizes, f1_from_confusion, parsing_metrics,
-                                   per_image_nme, update_confusion)
+from mcf_fast.eval.metrics import (
+    alignment_metrics,
+    auc_fr,
+    box_sizes,
+    f1_from_confusion,
+    parsing_metrics,
+    per_image_nme,
+    update_confusion,
+)
 
 
 def _face(offset=(0.0, 0.0)):

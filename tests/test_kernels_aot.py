@@ -13,11 +13,10 @@ import tempfile
 import pytest
 
 triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 from mcf_fast.kernels import _gs_triton as G  # noqa: E402
 from mcf_fast.kernels import _nce_triton as Q  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 227 * 1024  # opt-in dynamic shared memory per block on sm_90

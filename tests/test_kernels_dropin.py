@@ -6,11 +6,10 @@ order; the decoder appends mask tokens, un-shuffles with a gather and re-attache
 """
 import copy
 
+import mcf_fast.kernels as K
 import pytest
 import torch
 from torch import nn
-
-import mcf_fast.kernels as K
 
 
 @pytest.fixture(autouse=True)

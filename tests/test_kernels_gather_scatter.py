@@ -5,10 +5,9 @@ d cls, d mask_token) use the three-way bound against an fp64 reference. The Trit
 checked under the interpreter in test_kernels_interpret.py and compiled for sm_90 in
 test_kernels_aot.py.
 """
+import mcf_fast.kernels as K
 import pytest
 import torch
-
-import mcf_fast.kernels as K
 from mcf_fast.kernels import backend
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16

@@ -1,8 +1,7 @@
 """The Triton kernels on a real GPU at MCF's sizes, against the references (skipped without CUDA)."""
+import mcf_fast.kernels as K
 import pytest
 import torch
-
-import mcf_fast.kernels as K
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -8,10 +8,10 @@ import json
 import subprocess
 import sys
 
+import mcf_fast.kernels as K
 import pytest
 import torch
 
-import mcf_fast.kernels as K
 # the package re-exports the function `info_nce`, which shadows the module of the same name
 nce_mod = importlib.import_module("mcf_fast.kernels.info_nce")
 

@@ -39,9 +39,8 @@ CASES = {
 
 
 def _check_case(name):
-    import torch
-
     import mcf_fast.kernels as K
+    import torch
     dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, None: None}
     torch.manual_seed(zlib.crc32(name.encode()))  # stable per case (str hash is salted per process)
     K.set_backend("triton")

@@ -4,12 +4,11 @@ import os
 
 import pytest
 import torch
+from test_pretrain_e2e import TINY
 
 from mcf_fast.model import mcf as mcf_mod
 from mcf_fast.train.cli import parse_args
 from mcf_fast.train.loop import NonFiniteError, train
-
-from test_pretrain_e2e import TINY
 
 
 def _cfg(out, steps, *extra):

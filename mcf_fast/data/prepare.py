@@ -7,7 +7,8 @@ every side, make it square (centred), cut it out (edge pixels repeat where the s
 image), resize to `--size` (256: room for 224 training crops), re-encode JPEG at `--quality`.
 
 Output: `OUT/faces-NNNNNN.tar` (one per input unit: an input shard, or `--per-unit` files of a
-folder; a unit without any face gets a manifest record marked "empty" and no file), written with webdataset's TarWriter; each sample `KEY_F.jpg` + `KEY_F.json` ({"source",
+folder; a unit without any face gets a manifest record marked "empty" and no file), written with
+webdataset's TarWriter; each sample `KEY_F.jpg` + `KEY_F.json` ({"source",
 "box" [x, y, w, h] in the input image, "input_size" [w, h]}). Every finished shard gets its DALI
 index and a manifest entry (counts in/out, skipped by reason, the detector), so it is validated.
 

@@ -7,7 +7,7 @@ errors before any work starts.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from mcf_fast.data.config import DataConfig
 

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 
-
 def cpu_has_fast_bf16() -> tuple[bool, str]:
     """bf16 autocast only pays on CPUs with AMX or AVX512-BF16 (measured here: AMX bf16 matmul runs
     1.6-2.6 TFLOP/s on 2 cores vs ~0.3 for fp32); elsewhere it emulates and is slower than fp32."""

@@ -116,6 +116,11 @@ def run_step(device, quick, budget_s, out_dir, peaks, batch, threads) -> tuple[l
         with open(os.path.join(out_dir, "profile_step.txt"), "w") as f:
             f.write("\n\n".join(prof) + "\n")
     R.add_ratios(rows)
+    over = sorted({f"{r['extra']['preset']} {r['dtype']}" for r in rows if (r["extra"].get("mfu") or 0) > 1})
+    if over:
+        notes.append(f"- MFU above 100% ({', '.join(over)}): that precision's square-matmul peak is no ceiling for "
+                     "this step here (e.g. bf16 emulated on a CPU without AMX/AVX512-BF16, while part of an autocast "
+                     "step runs in fp32 or in small, faster kernels); read the fp32 rows' MFU instead.")
     proj = []
     for r in results:
         f = r.get("flops_per_image_engine")

@@ -131,6 +131,7 @@ def _mae_masks_on(device, N, L, K, views):
 
 def masks(device: torch.device, quick: bool) -> list[dict]:
     import bench_masks as BM
+
     from mcf_fast import masking as mk
     shapes = [(256, 196)] if quick else [(256, 196), (1024, 196), (256, 784)]
     reps, warm = (10, 2) if quick else (40, 3)

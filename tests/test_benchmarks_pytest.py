@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bench_kernels as BK  # noqa: E402
 import bench_masks as BM  # noqa: E402
 import harness as H  # noqa: E402
-
 import mcf_fast.kernels as K  # noqa: E402
+
 from mcf_fast import masking as mk  # noqa: E402
 
 N, L, D, DD, RATIO = 64, 196, 768, 512, 0.75

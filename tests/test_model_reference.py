@@ -86,3 +86,28 @@ def test_foreach_ema_equals_python_loop():
         torch.testing.assert_close(x, y, rtol=2e-7, atol=1e-8)
         moved += int(n in before and not torch.equal(x, before[n]))
     assert moved > 0, "the EMA update did not move the target"
+
+
+@pytest.mark.parametrize("teacher", ["random", "ema"])
+def test_activation_checkpointing_changes_nothing_but_memory(teacher):
+    """Encoder/decoder and teacher activation checkpointing give the same losses and gradients."""
+    cfg = dict(TINY, teacher_layers=(0, 1)) if teacher == "ema" else TINY
+    torch.manual_seed(2)
+    plain = MCFModel(**cfg, teacher=teacher)
+    ckpt = MCFModel(**cfg, teacher=teacher, grad_ckpt=True, teacher_grad_ckpt=True)
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt._teacher_vit().grad_ckpt
+    gen = torch.Generator().manual_seed(5)
+    N, L = 4, plain.encoder.num_patches
+    keep, restore, mask = _masks(N, L, L // 4, gen)
+    keep2, _, _ = _masks(N, L, L // 4, gen)
+    imgs = torch.randn(N, 3, 32, 32)
+    grads = []
+    for m in (plain, ckpt):
+        out = m(imgs, keep, restore, mask, keep2)
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+        grads[-1]["__loss"] = out.loss.detach()
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)

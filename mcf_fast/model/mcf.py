@@ -57,7 +57,7 @@ class MCFModel(nn.Module):
                  teacher="random", teacher_arch: dict | None = None, teacher_layers=(2, 5, 8, 11),
                  teacher_num_heads: int | None = None, teacher_seed=0, norm_pix_loss=False,
                  temperature=0.2, perceptual_weight=1000.0, contrastive_weight=1.0,
-                 embed_mode="gather_pixels", grad_ckpt=False):
+                 embed_mode="gather_pixels", grad_ckpt=False, teacher_grad_ckpt=False):
         super().__init__()
         if embed_mode not in ("gather_pixels", "embed_all"):
             raise ValueError(f"embed_mode must be 'gather_pixels' or 'embed_all', got {embed_mode!r}")
@@ -96,6 +96,9 @@ class MCFModel(nn.Module):
         elif self.teacher_kind == "ema":
             self.perceptual = PerceptualLoss(None, teacher_layers, img_size)
         if self.perceptual is not None:
+            # Recompute the teacher's blocks in backward: its activations for the predicted image are
+            # the largest part of a step's memory (ViT-B at 224), for one more teacher forward.
+            self._teacher_vit().grad_ckpt = teacher_grad_ckpt
             depth_t = len(self._teacher_vit().blocks)
             if max(teacher_layers) >= depth_t or min(teacher_layers) < 0:
                 raise ValueError(f"teacher layers {list(teacher_layers)} out of range for a {depth_t}-block teacher")

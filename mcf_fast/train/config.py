@@ -50,6 +50,8 @@ class ModelConfig:
     embed_mode: str = _f("gather_pixels", "'gather_pixels': embed only visible patches (faster); "
                                           "'embed_all': embed all, then gather (MAE's order).")
     grad_ckpt: bool = _f(False, "Recompute each block's activations in backward (less memory, ~30% more compute).")
+    teacher_grad_ckpt: bool = _f(False, "Recompute the teacher's blocks in backward of the predicted-image pass "
+                                        "(its activations dominate step memory; costs one more teacher forward).")
     compile: bool = _f(False, "torch.compile each block. Off: on the 2-core CPU (2026-11-26, demo preset, "
                               "fwd+bwd) eager took 2.0 s/step, compiled 4.7 s after a 90 s compile.")
     attention: str = _f("sdpa", "Attention kernel: 'sdpa' (every device) or 'xformers' (CUDA, opt-in).")

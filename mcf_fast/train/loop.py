@@ -43,7 +43,7 @@ def build_model(m: ModelConfig, seed: int) -> MCFModel:
         teacher_layers=tuple(int(i) for i in m.teacher_layers), teacher_num_heads=m.teacher_num_heads,
         teacher_seed=seed + 1, norm_pix_loss=m.norm_pix_loss, temperature=m.temperature,
         perceptual_weight=m.perceptual_weight, contrastive_weight=m.contrastive_weight, embed_mode=m.embed_mode,
-        grad_ckpt=m.grad_ckpt)
+        grad_ckpt=m.grad_ckpt, teacher_grad_ckpt=m.teacher_grad_ckpt)
     if m.decoder_init:
         keys = load_mae_decoder(model, m.decoder_init, m.decoder_init_blocks)
         log.info("decoder initialised from %s (%d tensors)", m.decoder_init, len(keys))

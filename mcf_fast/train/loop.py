@@ -151,7 +151,6 @@ def train(cfg: Config) -> dict:
     skipped_total = torch.as_tensor(extra.get("skipped_total", 0.0), device=rt.device)
     t_win, data_win, n_in_win = time.perf_counter(), 0.0, 0
     it = iter(loader)
-    last_vis = None
     step = start
     try:
         for step in range(start, total):
@@ -187,7 +186,7 @@ def train(cfg: Config) -> dict:
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
-            elif "fused" in optimizer.defaults and optimizer.defaults["fused"]:
+            elif optimizer.defaults.get("fused"):
                 optimizer.found_inf = bad  # fused AdamW skips the update on the device: no host sync
                 optimizer.grad_scale = None
                 optimizer.step()
@@ -206,9 +205,8 @@ def train(cfg: Config) -> dict:
             logger.advance(1)
             is_log = done % cfg.run.log_every == 0 or done == total
             if cfg.run.vis_every and (done % cfg.run.vis_every == 0) or done == total:
-                last_vis = (imgs[:8].detach(), res.pred[:8].detach(), masks.mask[0][:8])
                 if rt.is_main:
-                    _write_vis(out, last_vis, cfg, done, logger)
+                    _write_vis(out, (imgs[:8].detach(), res.pred[:8].detach(), masks.mask[0][:8]), cfg, done, logger)
             if is_log:
                 dt = time.perf_counter() - t_win
                 vals = _reduce(torch.stack([win[k] for k in ("loss", "loss_perceptual", "loss_contrastive",

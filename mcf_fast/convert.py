@@ -1,6 +1,6 @@
 """`python -m mcf_fast.convert CKPT [--out FILE] [--encoder DIR]`: a DCP checkpoint to plain files.
 
-CKPT is a checkpoint folder (`RUN/checkpoints/step_XXXXXXXX`), a run's `checkpoints/` folder or the
+CKPT is a checkpoint folder (`RUN/checkpoints/step_NNNNNNNN`), a run's `checkpoints/` folder or the
 run folder itself (then the newest complete checkpoint is used). Checkpoints written by any number of
 ranks convert the same way, in one process, without a process group: DCP's metadata holds each
 tensor's global shape, and loading into full-size tensors re-assembles the shards.
@@ -27,7 +27,7 @@ def resolve_checkpoint(path: str) -> str:
     """The complete checkpoint folder that `path` names (a step folder, checkpoints/ or a run folder)."""
     from mcf_fast.train.checkpoint import complete_checkpoints
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} is not a folder: pass RUN/checkpoints/step_XXXXXXXX, RUN/checkpoints "
+        raise FileNotFoundError(f"{path} is not a folder: pass RUN/checkpoints/step_NNNNNNNN, RUN/checkpoints "
                                 "or the run folder")
     if os.path.exists(os.path.join(path, ".metadata")):
         if not os.path.exists(os.path.join(path, "COMPLETE")):
@@ -127,7 +127,7 @@ def convert(ckpt: str, out: str | None = None, encoder_dir: str | None = None,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mcf_fast.convert", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="RUN/checkpoints/step_XXXXXXXX, RUN/checkpoints or RUN")
+    p.add_argument("checkpoint", help="RUN/checkpoints/step_NNNNNNNN, RUN/checkpoints or RUN")
     p.add_argument("--out", help="single-file model state dict (.safetensors, or torch.save for anything else)")
     p.add_argument("--encoder", help="folder for encoder.safetensors + encoder.json")
     p.add_argument("--num-heads", type=int, default=None,

@@ -1,8 +1,8 @@
 """Atomic, resumable checkpoints through `torch.distributed.checkpoint` (DCP).
 
-Layout: OUT/checkpoints/step_XXXXXXX/ holds DCP shards (model without the frozen teacher, optimizer),
+Layout: OUT/checkpoints/step_NNNNNNNN/ holds DCP shards (model without the frozen teacher, optimizer),
 `extra_rank{R}.pt` (step, data position, counters, RNG) and `COMPLETE` (JSON: step, world size, finite).
-Everything is written into `step_XXXXXXX.tmp/` first; rank 0 writes COMPLETE after a barrier and
+Everything is written into `step_NNNNNNNN.tmp/` first; rank 0 writes COMPLETE after a barrier and
 renames the folder, so a checkpoint either exists whole or not at all. Only folders with COMPLETE are
 ever read; old ones rotate away, but never the newest one whose weights were finite.
 DCP re-shards on load, so a run saved at one world size resumes at another.

@@ -117,6 +117,8 @@ class OptimConfig:
     clip_grad: float = _f(0.0, "Clip the global grad norm to this (0 = no clipping; the norm is logged anyway).")
     momentum: float = _f(0.99, "EMA momentum m of the target encoder.")
     momentum_schedule: str = _f("constant", "'constant' (the reference run) or 'cosine' (m -> 1, MoCo v3).")
+    ema_update: str = _f("micro", "When the target EMA steps: 'micro' (before every micro-step's forward, as the "
+                                  "reference and the paper's numbers) or 'step' (once per optimizer step).")
 
     def validate(self):
         def bad(n, msg):
@@ -146,6 +148,8 @@ class OptimConfig:
             bad("momentum", "must be in [0, 1]")
         if self.momentum_schedule not in ("constant", "cosine"):
             bad("momentum_schedule", "must be 'constant' or 'cosine'")
+        if self.ema_update not in ("micro", "step"):
+            bad("ema_update", "must be 'micro' (the reference) or 'step'")
 
 
 @dataclass

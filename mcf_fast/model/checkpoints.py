@@ -1,8 +1,10 @@
 """Reading foreign ViT checkpoints: MoCo v3, MAE, timm / plain state dicts, safetensors, and ours.
 
-Everything is loaded with `weights_only=True` (or safetensors): an untrusted file cannot run code.
-A checkpoint whose keys do not fit is an error naming the missing and unexpected keys; nothing is
-ever loaded partially by accident.
+Everything is loaded with `weights_only=True` (or safetensors): an untrusted file cannot run code
+(`safe_load` allows exactly the inert containers training checkpoints carry, such as `args`).
+A checkpoint whose keys do not fit is an error naming the missing and unexpected keys, and weights of
+a non-float dtype or with non-finite values are refused by name; nothing is ever loaded partially by
+accident. `layouts` recognises whole training checkpoints (reference code, MAE, MoCo v3, ours).
 """
 from __future__ import annotations
 
@@ -11,41 +13,63 @@ import re
 
 import torch
 
+from .safe_load import safe_torch_load
+
 # Prefixes by which known formats wrap a ViT's own keys, tried in this order.
 _PREFIXES = ("module.base_encoder.", "base_encoder.", "module.encoder.", "encoder.", "module.", "model.")
 # Keys that belong to a classification / projection head, not to the backbone.
 _HEAD = re.compile(r"^(head|fc_norm|pre_logits|head_drop)\b")
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Load a file into a flat {name: tensor} dict, unwrapping {'state_dict'|'model'|'module': ...}."""
+# Keys under which checkpoint files wrap their state dict, tried in this order.
+WRAPPERS = ("state_dict", "model", "module", "model_state")
+
+
+def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(flat {name: tensor}, meta) of a file: safetensors, or a weights-only torch checkpoint whose state
+    dict may sit under one of WRAPPERS; meta keeps the file's plain extras (epoch, args, safetensors
+    metadata). A global `module.` prefix (a DDP-wrapped model saved as is) is stripped."""
     if not path:
         raise ValueError("empty checkpoint path: give checkpoint:/path/to/file")
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r} (check the path; nothing was loaded)")
     if os.path.isdir(path):
         cand = os.path.join(path, "encoder.safetensors")
-        if os.path.exists(cand):
-            path = cand
-        else:
+        if not os.path.exists(cand):
             raise IsADirectoryError(f"{path!r} is a folder: give the checkpoint file (e.g. .pth, .safetensors)")
+        path = cand
+    meta: dict = {"path": path}
     if path.endswith(".safetensors"):
+        from safetensors import safe_open
         from safetensors.torch import load_file
-        return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickled code: say so instead of a pickle trace
-        raise ValueError(f"could not read {path!r} as a weights-only torch checkpoint: {e}. Files that need "
-                         "arbitrary code to unpickle are refused; re-save it as a plain state dict.") from e
-    for key in ("state_dict", "model", "module", "model_state"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        bad = type(obj).__name__ if not isinstance(obj, dict) else \
-            [k for k, v in obj.items() if not torch.is_tensor(v)][:5]
-        raise ValueError(f"{path!r} is not a state dict of tensors (found {bad})")
-    return obj
+        with safe_open(path, "pt") as f:
+            meta.update(f.metadata() or {})
+        sd = load_file(path)
+    else:
+        obj = safe_torch_load(path)
+        sd = obj
+        if isinstance(obj, dict):
+            for key in WRAPPERS:
+                if isinstance(obj.get(key), dict):
+                    sd = obj[key]
+                    meta.update({k: v for k, v in obj.items() if k in ("epoch", "args", "arch")})
+                    meta["wrapper"] = key
+                    break
+        if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+            found = type(sd).__name__ if not isinstance(sd, dict) else \
+                [f"{k}: {type(v).__name__}" for k, v in sd.items() if not torch.is_tensor(v)][:6] or "an empty dict"
+            top = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"{path!r} is not a state dict of tensors (found {found}; top-level keys {top}). "
+                             f"Expected tensors, directly or under one of {list(WRAPPERS)}")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+        meta["ddp"] = True
+    return dict(sd), meta
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Load a file into a flat {name: tensor} dict (see `read_file`)."""
+    return read_file(path)[0]
 
 
 def extract_vit(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
@@ -81,8 +105,25 @@ def infer_vit_arch(sd: dict[str, torch.Tensor], num_heads: int | None = None) ->
                 qkv_bias="blocks.0.attn.qkv.bias" in sd)
 
 
+def check_tensors(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights whose dtype is not a float where the model holds floats (an int32 or bool tensor
+    would be cast silently and train to non-finite steps), and floats with NaN / inf values."""
+    for k, v in sd.items():
+        if k not in own:
+            continue
+        if own[k].is_floating_point() and not v.is_floating_point():
+            raise ValueError(f"checkpoint {source!r}: tensor {k!r} has dtype {v.dtype}, not a float dtype (the "
+                             f"model holds {own[k].dtype}): the file is not a set of trained weights; re-export it "
+                             "with float tensors")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise ValueError(f"checkpoint {source!r}: tensor {k!r} holds {bad} non-finite value(s) (NaN/inf) of "
+                             f"{v.numel()}: the weights are broken (a diverged run?); use an earlier checkpoint")
+
+
 def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with an error that lists what is missing and what is unexpected."""
+    """Strict load with an error that lists what is missing and what is unexpected; dtypes and finiteness
+    checked (`check_tensors`) before anything is copied."""
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -92,6 +133,7 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str)
         raise ValueError(f"checkpoint {source!r} does not fit the model: missing keys {missing[:20]}"
                          f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
                          f"{' ...' if len(unexpected) > 20 else ''}; shape mismatches {shapes}")
+    check_tensors(own, sd, source)
     module.load_state_dict(sd, strict=True)
 
 
@@ -120,5 +162,6 @@ def load_mae_decoder(model, path: str, num_blocks: int = -1) -> list[str]:
     if wrong or absent:
         raise ValueError(f"MAE decoder in {path!r} does not fit: shape mismatches {wrong[:10]}, "
                          f"missing {absent[:10]}")
+    check_tensors(own, picked, path)
     model.load_state_dict(picked, strict=False)
     return sorted(picked)

@@ -2,7 +2,9 @@
 
 Sources (`--model.teacher`):
   checkpoint:PATH  a pre-trained ViT (MoCo v3 `module.base_encoder.*`, MAE `{'model': ...}`, timm or
-                   plain state dicts, safetensors, our encoder.safetensors); architecture read off it
+                   plain state dicts, safetensors, our encoder.safetensors, the reference code's teacher
+                   `perceptual_loss.model.*`; `PATH#PART` picks another sub-network, see `layouts`);
+                   architecture read off it; non-float or non-finite weights are refused
   random           a frozen ViT with seeded random weights (no download needed: the demo's default)
   ema              the momentum (target) encoder itself
   pixel            no teacher: MAE's pixel loss on the removed patches (optionally per-patch normalised)
@@ -16,10 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoints import extract_vit, infer_vit_arch, load_into, read_state_dict
+from .layouts import load_vit
 from .vit import VisionTransformer
 
 log = logging.getLogger(__name__)
+
+RESIZE_MODES = ("bilinear", "nearest")
 
 
 def parse_teacher_spec(spec: str) -> tuple[str, str]:
@@ -38,14 +42,9 @@ def build_teacher_vit(spec: str, arch: dict, seed: int, num_heads: int | None = 
     """A frozen ViT for 'checkpoint:PATH' or 'random' (`arch` used for random; read off the file otherwise)."""
     kind, path = parse_teacher_spec(spec)
     if kind == "checkpoint":
-        sd, prefix = extract_vit(read_state_dict(path))
-        arch = infer_vit_arch(sd, num_heads)
-        vit = VisionTransformer(**arch)
-        if "pos_embed" not in sd:  # MoCo v3 keeps sin-cos in the file; some exports drop the fixed table
-            sd["pos_embed"] = vit.pos_embed.detach().clone()
-        load_into(vit, sd, path)
-        log.info("teacher: %s (prefix %r), ViT D=%d depth=%d patch=%d img=%d", path, prefix,
-                 arch["embed_dim"], arch["depth"], arch["patch_size"], arch["img_size"])
+        # A reference-code checkpoint holds its own teacher: take it before the online encoder.
+        vit, text, _ = load_vit(path, prefer=("teacher", "online_encoder"), num_heads=num_heads)
+        log.info("teacher: %s", text)
     elif kind == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -63,8 +62,13 @@ class PerceptualLoss(nn.Module):
     input gradients only, and the real pass runs without any graph.
     """
 
-    def __init__(self, teacher: nn.Module | None, layers: Sequence[int], img_size: int):
+    def __init__(self, teacher: nn.Module | None, layers: Sequence[int], img_size: int, resize: str = "bilinear"):
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"teacher resize must be one of {RESIZE_MODES}, got {resize!r}")
+        # 'bilinear': resize only when sizes differ (ours); 'nearest': F.interpolate(size) always, the
+        # reference code's call (MCF.md, recipe details) -- an identity when the sizes already match.
+        self.resize = resize
         # `teacher` is None for the 'ema' source: the caller passes the encoder at call time, so the
         # momentum encoder is not registered (and sharded, and saved) twice.
         self.teacher = teacher
@@ -79,6 +83,8 @@ class PerceptualLoss(nn.Module):
 
     def _prep(self, x: torch.Tensor, vit: VisionTransformer) -> torch.Tensor:
         size = vit.patch_embed.img_size
+        if self.resize == "nearest":
+            return F.interpolate(x, size=(size, size), mode="nearest")
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return x
@@ -95,4 +101,4 @@ class PerceptualLoss(nn.Module):
         return sum(F.mse_loss(o, t) for o, t in zip(out, target))
 
 
-__all__ = ["parse_teacher_spec", "build_teacher_vit", "PerceptualLoss"]
+__all__ = ["parse_teacher_spec", "build_teacher_vit", "PerceptualLoss", "RESIZE_MODES"]

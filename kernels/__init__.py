@@ -7,10 +7,10 @@ Importing this package touches neither CUDA nor triton nor any global torch sett
 from .backend import get_backend, reset_backend, set_backend
 from .gather_scatter import gather_visible, gather_visible_ref, scatter_to_full, scatter_to_full_ref
 from .info_nce import info_nce, info_nce_ref
-from .mae_dropin import patch_mae, random_masking, unshuffle_decoder_tokens
+from .mae_dropin import is_patched, patch_mae, random_masking, unpatch_mae, unshuffle_decoder_tokens
 
 __all__ = [
     "gather_visible", "scatter_to_full", "info_nce", "random_masking", "unshuffle_decoder_tokens",
-    "patch_mae", "gather_visible_ref", "scatter_to_full_ref", "info_nce_ref",
+    "patch_mae", "unpatch_mae", "is_patched", "gather_visible_ref", "scatter_to_full_ref", "info_nce_ref",
     "set_backend", "get_backend", "reset_backend",
 ]

@@ -147,6 +147,8 @@ def gather_rows(out, src, idx, *, S, fill=None, pos=None, pos_mode=0, out_row_of
     import torch
     N, R = idx.shape
     D = src.shape[-1]
+    if N == 0 or R == 0 or D == 0:  # nothing to move (mask_ratio = 1.0 keeps K = 0 rows): no empty launch
+        return torch.zeros((R, D), device=src.device, dtype=torch.float32) if acc else None
     block_r, block_d = _blocks(R, D)
     tiles = triton.cdiv(R, block_r) * triton.cdiv(D, block_d)
     G, per = _groups(N, tiles, acc)
@@ -178,6 +180,9 @@ def scatter_rows_bwd(dst, src, idx, *, S, src_row_off=1, dst_row_off=1, store=Tr
     import torch
     N, R = idx.shape
     D = src.shape[-1]
+    if N == 0 or R == 0 or D == 0:
+        f32 = dict(device=src.device, dtype=torch.float32)
+        return (torch.zeros((R, D), **f32) if acc_pos else None), (torch.zeros(D, **f32) if acc_mask else None)
     block_r, block_d = _blocks(R, D)
     nrb = triton.cdiv(R, block_r)
     G, per = _groups(N, nrb * triton.cdiv(D, block_d), acc_pos or acc_mask)

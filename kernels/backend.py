@@ -19,6 +19,9 @@ import os
 import torch
 
 _LOG = logging.getLogger("mcf_fast.kernels")
+# torch.library namespace of this copy's ops: "mcf_fast" when imported as mcf_fast.kernels, the package
+# name otherwise (the light distribution's `mcf_fast_kernels`), so that both copies can load in one process
+OPS_NS = "mcf_fast" if __package__ in ("mcf_fast.kernels", None, "") else __package__.replace(".", "_")
 NAMES = ("auto", "reference", "cpu", "triton")
 _ENV = "MCF_FAST_KERNELS"
 

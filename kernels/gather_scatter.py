@@ -1,6 +1,6 @@
 """Masked-token gather (encoder input) and scatter (decoder un-shuffle), fused with the position add.
 
-Layers: references (`*_ref`, MAE's formulation, the spec) -> torch.library ops (`mcf_fast::*`,
+Layers: references (`*_ref`, MAE's formulation, the spec) -> torch.library ops (`mcf_fast::*`, see backend.OPS_NS,
 dispatching to the Triton kernels in _gs_triton.py or the torch formulation in _gs_cpu.py) ->
 autograd.Functions -> the public `gather_visible` / `scatter_to_full`.
 
@@ -18,8 +18,9 @@ from typing import Optional
 import torch
 
 from . import _gs_cpu
-from .backend import resolve
+from .backend import OPS_NS, resolve
 
+_OPS = getattr(torch.ops, OPS_NS)  # this copy's ops (see backend.OPS_NS)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -111,7 +112,7 @@ def _lastdim_contig(t):
 
 # ----------------------------------------------------------------------------------------------
 # torch.library ops: opaque to torch.compile, traced through with their fake (meta) functions
-@torch.library.custom_op("mcf_fast::gather_visible_fwd", mutates_args=())
+@torch.library.custom_op(f"{OPS_NS}::gather_visible_fwd", mutates_args=())
 def _gather_fwd_op(x: torch.Tensor, ids_keep: torch.Tensor, pos: Optional[torch.Tensor],
                    cls: Optional[torch.Tensor], impl: str) -> torch.Tensor:
     odt = _promote(x, pos, cls)
@@ -137,7 +138,7 @@ def _(x, ids_keep, pos, cls, impl):
     return x.new_empty((x.shape[0], C + ids_keep.shape[1], x.shape[2]), dtype=_promote(x, pos, cls))
 
 
-@torch.library.custom_op("mcf_fast::gather_visible_bwd", mutates_args=())
+@torch.library.custom_op(f"{OPS_NS}::gather_visible_bwd", mutates_args=())
 def _gather_bwd_op(g: torch.Tensor, ids_keep: torch.Tensor, L: int, has_cls: bool, pos_rows: int,
                    need_x: bool, need_pos: bool, need_cls: bool, x_dtype: torch.dtype,
                    impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,7 +173,7 @@ def _(g, ids_keep, L, has_cls, pos_rows, need_x, need_pos, need_cls, x_dtype, im
             g.new_empty((D,), dtype=f32) if need_cls else g.new_empty(0, dtype=f32))
 
 
-@torch.library.custom_op("mcf_fast::scatter_to_full_fwd", mutates_args=())
+@torch.library.custom_op(f"{OPS_NS}::scatter_to_full_fwd", mutates_args=())
 def _scatter_fwd_op(tokens: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                     pos: Optional[torch.Tensor], impl: str) -> torch.Tensor:
     odt = _promote(tokens, mask_token, pos)
@@ -196,7 +197,7 @@ def _(tokens, ids_restore, mask_token, pos, impl):
                             dtype=_promote(tokens, mask_token, pos))
 
 
-@torch.library.custom_op("mcf_fast::scatter_to_full_bwd", mutates_args=())
+@torch.library.custom_op(f"{OPS_NS}::scatter_to_full_bwd", mutates_args=())
 def _scatter_bwd_op(g: torch.Tensor, ids_restore: torch.Tensor, K: int, need_tokens: bool,
                     need_mask: bool, need_pos: bool, tokens_dtype: torch.dtype,
                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -231,14 +232,14 @@ class _GatherVisible(torch.autograd.Function):
         ctx.save_for_backward(ids_keep)
         ctx.meta = (x.shape[1], cls is not None, 0 if pos is None else pos.shape[0], x.dtype,
                     None if pos is None else pos.dtype, None if cls is None else (cls.shape, cls.dtype), impl)
-        return torch.ops.mcf_fast.gather_visible_fwd(x, ids_keep, pos, cls, impl)
+        return _OPS.gather_visible_fwd(x, ids_keep, pos, cls, impl)
 
     @staticmethod
     def backward(ctx, g):
         (ids_keep,) = ctx.saved_tensors
         L, has_cls, pos_rows, x_dtype, pos_dtype, cls_meta, impl = ctx.meta
         need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
-        gx, gpos, gcls = torch.ops.mcf_fast.gather_visible_bwd(
+        gx, gpos, gcls = _OPS.gather_visible_bwd(
             g, ids_keep, L, has_cls, pos_rows, need_x, need_pos, need_cls, x_dtype, impl)
         return (gx if need_x else None, None, gpos.to(pos_dtype) if need_pos else None,
                 gcls.reshape(cls_meta[0]).to(cls_meta[1]) if need_cls else None, None)
@@ -250,14 +251,14 @@ class _ScatterToFull(torch.autograd.Function):
         ctx.save_for_backward(ids_restore)
         ctx.meta = (tokens.shape[1] - 1, tokens.dtype, mask_token.shape, mask_token.dtype,
                     None if pos is None else pos.dtype, impl)
-        return torch.ops.mcf_fast.scatter_to_full_fwd(tokens, ids_restore, mask_token, pos, impl)
+        return _OPS.scatter_to_full_fwd(tokens, ids_restore, mask_token, pos, impl)
 
     @staticmethod
     def backward(ctx, g):
         (ids_restore,) = ctx.saved_tensors
         K, t_dtype, m_shape, m_dtype, pos_dtype, impl = ctx.meta
         need_t, _, need_m, need_p, _ = ctx.needs_input_grad
-        gt, gm, gp = torch.ops.mcf_fast.scatter_to_full_bwd(g, ids_restore, K, need_t, need_m, need_p,
+        gt, gm, gp = _OPS.scatter_to_full_bwd(g, ids_restore, K, need_t, need_m, need_p,
                                                            t_dtype, impl)
         return (gt if need_t else None, None, gm.reshape(m_shape).to(m_dtype) if need_m else None,
                 gp.to(pos_dtype) if need_p else None, None)

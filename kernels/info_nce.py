@@ -17,11 +17,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .backend import resolve
+from .backend import OPS_NS, resolve
 
 # rows of q per CPU block: the block's [rows, M] fp32 logits (the only buffer that grows with M)
 # stay within 16 MiB; 1024 rows at M = 4096. Measured on the loaded 2-core dev box (2026-11,
 # N = M = 4096, fwd+bwd, naive 2446 ms): 4 MiB blocks 3534 ms, 8 MiB 2470 ms, 16 MiB 1907 ms.
+_OPS = getattr(torch.ops, OPS_NS)  # this copy's ops (see backend.OPS_NS)
 _CPU_BLOCK_ELEMS = 1 << 22
 
 
@@ -111,7 +112,7 @@ def _cpu_forward(qn, kn, inv_t, off, scale, need_dq, need_dk):
     return loss, (dq if need_dq else qn.new_empty(0)), (dk if need_dk else qn.new_empty(0))
 
 
-@torch.library.custom_op("mcf_fast::info_nce_fwd", mutates_args=())
+@torch.library.custom_op(f"{OPS_NS}::info_nce_fwd", mutates_args=())
 def _nce_fwd_op(qn: torch.Tensor, kn: torch.Tensor, inv_t: float, label_offset: int, scale: float,
                 need_dq: bool, need_dk: bool, dot_dtype: torch.dtype,
                 impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,7 +136,7 @@ def _(qn, kn, inv_t, label_offset, scale, need_dq, need_dk, dot_dtype, impl):
     return e((), dtype=torch.float32), e(qn.shape[0], dtype=torch.float32), e(0), e(0)
 
 
-@torch.library.custom_op("mcf_fast::info_nce_bwd", mutates_args=())
+@torch.library.custom_op(f"{OPS_NS}::info_nce_bwd", mutates_args=())
 def _nce_bwd_op(qn: torch.Tensor, kn: torch.Tensor, lse: torch.Tensor, inv_t: float, label_offset: int,
                 scale: float, need_dq: bool, need_dk: bool,
                 dot_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +162,7 @@ class _InfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qn, kn, inv_t, label_offset, scale, dot_dtype, impl):
         need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, lse, dq, dk = torch.ops.mcf_fast.info_nce_fwd(qn, kn, inv_t, label_offset, scale,
+        loss, lse, dq, dk = _OPS.info_nce_fwd(qn, kn, inv_t, label_offset, scale,
                                                              need_dq, need_dk, dot_dtype, impl)
         if impl == "triton":
             ctx.save_for_backward(qn, kn, lse)
@@ -176,7 +177,7 @@ class _InfoNCE(torch.autograd.Function):
         need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if impl == "triton":
             qn, kn, lse = ctx.saved_tensors
-            dq, dk = torch.ops.mcf_fast.info_nce_bwd(qn, kn, lse, inv_t, off, scale, need_dq, need_dk,
+            dq, dk = _OPS.info_nce_bwd(qn, kn, lse, inv_t, off, scale, need_dq, need_dk,
                                                     dot_dtype)
         else:
             dq, dk = ctx.saved_tensors

@@ -231,12 +231,14 @@ def save_encoder(encoder: VisionTransformer, out_dir: str, extra: dict | None = 
     os.makedirs(out_dir, exist_ok=True)
     sd = {k: v.detach().float().contiguous().cpu() for k, v in encoder.state_dict().items()}
     st, js = os.path.join(out_dir, "encoder.safetensors"), os.path.join(out_dir, "encoder.json")
-    save_file(sd, st + ".tmp", metadata={"format": ENCODER_FORMAT})
-    os.replace(st + ".tmp", st)
     meta = {"format": ENCODER_FORMAT, **encoder.arch, "timm_name": timm_name(encoder.arch),
             "norm_mean": [0.485, 0.456, 0.406], "norm_std": [0.229, 0.224, 0.225], **(extra or {})}
     with open(js + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
+    save_file(sd, st + ".tmp", metadata={"format": ENCODER_FORMAT})
+    # safetensors writes its file 0600; give it the mode every other file of the folder gets (the umask's)
+    os.chmod(st + ".tmp", os.stat(js + ".tmp").st_mode & 0o777)
+    os.replace(st + ".tmp", st)
     os.replace(js + ".tmp", js)
     return st, js
 

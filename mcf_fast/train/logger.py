@@ -86,9 +86,11 @@ class RunLogger:
             done = row["step"] - self.start_step
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / max(done, 1) * (self.total - row["step"])
-            log.info("step %d/%d  loss %.4f (perc %.4f, con %.4f)  lr %.2e  %.1f img/s  eta %s",
-                     row["step"], self.total, row["loss"], row["loss_perceptual"], row["loss_contrastive"],
-                     row["lr"], row["images_per_s"], _hms(eta))
+            log.info("step %d/%d  loss %s (perc %s, con %s)  lr %.2e  %.1f img/s  eta %s%s",
+                     row["step"], self.total, _f4(row["loss"]), _f4(row["loss_perceptual"]),
+                     _f4(row["loss_contrastive"]), row["lr"], row["images_per_s"], _hms(eta),
+                     f"  ({row['skipped_in_window']} non-finite steps skipped)" if row.get("skipped_in_window")
+                     else "")
 
     def advance(self, n: int, postfix: dict | None = None) -> None:
         if self.bar is not None:
@@ -105,6 +107,11 @@ class RunLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _f4(v) -> str:
+    """A loss for the console; None (every step of the window skipped as non-finite) says so."""
+    return "n/a" if v is None else f"{v:.4f}"
 
 
 def _hms(s: float) -> str:

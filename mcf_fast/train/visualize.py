@@ -34,11 +34,26 @@ def recon_grid(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch
 
 
 def save_grid(grid: np.ndarray, out_dir: str, step: int) -> str:
+    """OUT_DIR/recon_stepNNNNNNNN.png and recon_latest.png (atomic renames)."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"recon_step{step:07d}.png")
+    path = os.path.join(out_dir, f"recon_step{step:08d}.png")  # 8 digits, as checkpoints/step_NNNNNNNN
     Image.fromarray(grid).save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
     latest = os.path.join(out_dir, "recon_latest.png")
     Image.fromarray(grid).save(latest + ".tmp.png")
     os.replace(latest + ".tmp.png", latest)
+    return path
+
+
+def due(done: int, every: int, total: int) -> bool:
+    """A picture every `every` steps (0 = never) and always at the last step."""
+    return bool(every and done % every == 0) or done == total
+
+
+def write_reconstruction(run_dir: str, images, pred, mask, patch: int, mean, std, step: int, logger=None) -> str:
+    """The first 8 images of a batch as MAE's picture: a PNG under RUN/images and, with a logger, TensorBoard."""
+    grid = recon_grid(images[:8].detach(), pred[:8].detach(), mask[:8], patch, mean, std)
+    path = save_grid(grid, os.path.join(run_dir, "images"), step)
+    if logger is not None:
+        logger.image("reconstruction", torch.from_numpy(grid).permute(2, 0, 1), step)
     return path

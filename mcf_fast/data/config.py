@@ -66,11 +66,17 @@ class DataConfig:
     max_retries: int = field(default=16, metadata={"help": (
         "A bad sample is replaced by another sample of the epoch (deterministically); give up on "
         "a batch slot after this many bad replacements in a row.")})
+    max_file_mb: int = field(default=64, metadata={"help": (
+        "Image files, tar members and LMDB values above this many MiB are skipped unread (too_large): "
+        "a hostile header claiming 60 GiB must not be allocated.")})
+    max_pixels: int = field(default=89_478_485, metadata={"help": (
+        "Images whose header claims more pixels (width x height) are skipped undecoded (too_large): "
+        "decompression bombs. Default: Pillow's MAX_IMAGE_PIXELS (about 9459 x 9459).")})
 
     def validate(self) -> DataConfig:
         """Check every field; raise ValueError naming the field, the bad value and the fix."""
         def bad(name, msg):
-            raise ValueError(f"data.{name}={getattr(self, name)!r}: {msg}")
+            raise ValueError(f"--data.{name} {getattr(self, name)!r}: {msg}")
 
         if not isinstance(self.path, str):
             bad("path", "must be a string ('' for synthetic faces, a folder, a shard pattern or a list file)")
@@ -105,6 +111,10 @@ class DataConfig:
             bad("min_image_size", "must be >= 1 pixel")
         if self.max_retries < 1:
             bad("max_retries", "must be >= 1")
+        if not isinstance(self.max_file_mb, int) or not 1 <= self.max_file_mb <= 65536:
+            bad("max_file_mb", "must be an int in [1, 65536] MiB (64 is plenty for one face image)")
+        if not isinstance(self.max_pixels, int) or not 64 <= self.max_pixels <= 1 << 34:
+            bad("max_pixels", "must be an int in [64, 2**34] (default 89478485, Pillow's limit)")
         return self
 
 

@@ -3,7 +3,9 @@
 `decode_rgb(data, decoder, min_size)` returns `(array, note)`: `note` is None for a plain 8-bit RGB
 image, else what was converted ("gray", "cmyk", "rgba", "palette", "16bit", ...), which the loaders
 count. Anything unusable raises `BadSample(reason)` with reason one of: "empty", "not_image",
-"corrupt" (truncated or damaged data), "too_small", "unsupported_mode". Nothing is ever silent.
+"corrupt" (truncated or damaged data), "too_small", "too_large" (header dimensions above
+`max_pixels`, checked before decoding), "unsupported_mode" (meanings in `reasons.SKIP`). Nothing is
+ever silent.
 
 Decoders (JPEG only; other formats always go through pillow): simplejpeg (libjpeg-turbo, measured the
 fastest here, see docs/notes/issue-5.md), cv2, torchvision.io.decode_jpeg, pillow.
@@ -14,17 +16,15 @@ import io
 
 import numpy as np
 
+from .reasons import BadSample
+
+__all__ = ["IMAGE_EXTS", "MAX_PIXELS", "BadSample", "available_decoders", "decode_rgb", "resolve_decoder"]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # what readers take as images
+MAX_PIXELS = 89_478_485  # default data.max_pixels: Pillow's MAX_IMAGE_PIXELS (a 9459 x 9459 image)
 JPEG_MAGIC = b"\xff\xd8"
 # Magic numbers of the formats pillow reads that we accept (tar members may hold anything).
 _MAGICS = (b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
-
-
-class BadSample(Exception):
-    """A sample that cannot be used; `.reason` is a short stable key for the counters."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 def available_decoders() -> list[str]:
@@ -68,24 +68,45 @@ def _jpeg(data: bytes, decoder: str) -> np.ndarray:
     raise AssertionError(decoder)
 
 
-def _jpeg_note(data: bytes) -> str | None:
-    """Colour space of a JPEG from its header: 'gray', 'cmyk' or None (YCbCr/RGB)."""
+def _jpeg_header(data: bytes) -> tuple[int, int, str | None] | None:
+    """(width, height, colour note 'gray'/'cmyk'/None) from a JPEG's header, or None when unparsable
+    (the decode then reports the damage). Header only: nothing is decoded, whatever size it claims."""
     try:
         import simplejpeg
-        cs = simplejpeg.decode_jpeg_header(data)[2]
-        return {"Gray": "gray", "CMYK": "cmyk", "YCCK": "cmyk"}.get(cs)
+    except ImportError:
+        return _pillow_size(data)
+    try:
+        h, w, cs, _ = simplejpeg.decode_jpeg_header(data)
     except Exception:  # header-only probe; the decode itself reports damage
+        return None
+    return w, h, {"Gray": "gray", "CMYK": "cmyk", "YCCK": "cmyk"}.get(cs)
+
+
+def _pillow_size(data: bytes) -> tuple[int, int, None] | None:
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header only
+            return (*im.size, None)
+    except Exception:  # unreadable header: the decode reports it
         return None
 
 
-def _pillow(data: bytes) -> tuple[np.ndarray, str | None]:
+def _check_pixels(w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise BadSample("too_large", f"{w}x{h} = {w * h} pixels > {max_pixels} (data.max_pixels)")
+
+
+def _pillow(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
     from PIL import Image, UnidentifiedImageError
     try:
         im = Image.open(io.BytesIO(data))
+        _check_pixels(*im.size, max_pixels)  # before load(): a bomb's header is cheap, its pixels are not
         im.load()
     except UnidentifiedImageError as e:
         raise BadSample("not_image", str(e)) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # above 2 x Pillow's own limit (data.max_pixels set higher)
+        raise BadSample("too_large", str(e)) from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise BadSample("corrupt", str(e)) from None
     mode = im.mode
     if mode == "RGB":
@@ -109,26 +130,33 @@ def _pillow(data: bytes) -> tuple[np.ndarray, str | None]:
     return np.asarray(rgb), note
 
 
-def decode_rgb(data: bytes | None, decoder: str = "simplejpeg", min_size: int = 1):
-    """Decode to (uint8 [H, W, 3] RGB, note); raise BadSample naming the problem."""
+def decode_rgb(data: bytes | None, decoder: str = "simplejpeg", min_size: int = 1, max_pixels: int = MAX_PIXELS):
+    """Decode to (uint8 [H, W, 3] RGB, note); raise BadSample naming the problem. The header's
+    dimensions are checked against `max_pixels` before any pixel is decoded (decompression bombs)."""
     if not data:
         raise BadSample("empty", "zero bytes")
     if data[:2] == JPEG_MAGIC:
-        note = _jpeg_note(data)
+        head = _jpeg_header(data)  # the same header parse that names gray/CMYK: no extra cost
+        note = None
+        if head is not None:
+            _check_pixels(head[0], head[1], max_pixels)
+            note = head[2]
         try:
             arr = _jpeg(data, decoder) if decoder != "pillow" else None
         except Exception as e:  # the libraries raise ValueError/RuntimeError/OSError for damaged data
             # libjpeg-turbo refuses some legal JPEGs (e.g. arithmetic coding): let pillow decide
             try:
-                arr, _ = _pillow(data)
-            except BadSample:
+                arr, _ = _pillow(data, max_pixels)
+            except BadSample as bad:
+                if bad.reason == "too_large":
+                    raise
                 raise BadSample("corrupt", f"{decoder}: {e}") from None
         if arr is None:
-            arr, note = _pillow(data)
+            arr, note = _pillow(data, max_pixels)
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=2)
     elif any(data.startswith(m) for m in _MAGICS):
-        arr, note = _pillow(data)
+        arr, note = _pillow(data, max_pixels)
     else:
         raise BadSample("not_image", f"unknown magic bytes {bytes(data[:4])!r}")
     if arr.ndim != 3 or arr.shape[2] != 3:

@@ -1,6 +1,6 @@
 """Writers of synthetic faces in three on-disk formats (the readers in `mcf_fast.eval` read two of them).
 
-All coordinates follow `synthetic`'s conventions: pixels, integer values at pixel centres, 0-based,
+All coordinates follow `faces`' conventions: pixels, integer values at pixel centres, 0-based,
 "left" = image-left, 19 points in AFLW-19 order, parsing classes in LaPa order.
 
 `wds` (pre-training shards): `OUT/faces-NNNNNN.tar` written by webdataset's ShardWriter, each sample
@@ -37,7 +37,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from .synthetic import FACE_HALF_H, draw_face, face_params
+from .faces import FACE_HALF_H, draw_face, face_params
+from .index import index_written_shard, update_manifest
 
 LAPA_POINTS = 106
 
@@ -62,8 +63,6 @@ def face_outline(seed: int, index: int, size: int, n: int) -> np.ndarray:
 
 def write_wds(out: str, num: int, size: int, seed: int, shard_size: int = 1000) -> str:
     import webdataset as wds
-
-    from .index import index_written_shard, update_manifest
     os.makedirs(out, exist_ok=True)
     pattern = os.path.join(out, "faces-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:

@@ -21,7 +21,8 @@ import numpy as np
 
 from . import augment, sampling
 from .config import DataConfig
-from .decode import BadSample, decode_rgb, resolve_decoder
+from .decode import decode_rgb, resolve_decoder
+from .reasons import BadSample
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class BatchMaker:
         payload, _ = self.source.read(int(sample_id))
         if isinstance(payload, np.ndarray):
             return payload, None
-        return decode_rgb(payload, self.decoder, self.cfg.min_image_size)
+        return decode_rgb(payload, self.decoder, self.cfg.min_image_size, self.cfg.max_pixels)
 
     def make(self, epoch: int, step: int, normalized: bool = False) -> dict:
         """uint8 [N,3,S,S] batch, or float32 normalised when `normalized` (CPU training device)."""
@@ -269,7 +270,7 @@ def build_pretrain_loader(cfg: DataConfig, *, batch_size: int, rank: int = 0, wo
         raise ValueError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need "
                          "batch_size >= 1 and 0 <= rank < world_size")
     source = open_source(cfg.path, seed=seed, img_size=cfg.img_size, synthetic_size=cfg.synthetic_size,
-                         cache_mb=cfg.synthetic_cache_mb,
+                         cache_mb=cfg.synthetic_cache_mb, max_bytes=cfg.max_file_mb << 20,
                          require_validated=cfg.require_validated or cfg.loader == "dali")
     backend = cfg.loader
     if backend in ("auto", "dali"):

@@ -81,6 +81,15 @@ def rrc_boxes(seed, epoch, sample_ids, heights, widths, scale, ratio):
     return out
 
 
+PSEUDO_SHARD = 4096  # folders/lists/LMDB/synthetic: consecutive ids grouped like shards for the order
+
+
+def pseudo_counts(n: int) -> np.ndarray:
+    """Samples per pseudo-shard of a source of n samples without shards (the last one may be short)."""
+    c = [PSEUDO_SHARD] * (n // PSEUDO_SHARD) + ([n % PSEUDO_SHARD] if n % PSEUDO_SHARD else [])
+    return np.asarray(c or [0], dtype=np.int64)
+
+
 class EpochOrder:
     """Position -> global sample id for each epoch; see the module docstring for the rule."""
 

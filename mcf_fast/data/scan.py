@@ -13,15 +13,18 @@ shards" that turns img2dataset output into validated shards without rewriting th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
-from .decode import BadSample, decode_rgb, resolve_decoder
-from .sources import image_member, write_index
+from .decode import MAX_PIXELS, decode_rgb, resolve_decoder
+from .files import MAX_FILE_MB, pread_member, read_regular
+from .index import image_member, read_manifest, update_manifest, walk_tar, write_index
+from .reasons import BadSample
+from .sources import FileListSource, ShardSource, expand_shards, open_source
 
 BUCKETS = (0, 8, 32, 64, 128, 224, 256, 512, 1024)  # histogram of the shorter side: [b_i, b_i+1)
 MAX_EXAMPLES = 20
@@ -33,14 +36,18 @@ def _bucket(side: int) -> str:
     return f"{lo}-{nxt[0] - 1}" if nxt else f">={lo}"
 
 
-def _check(data, decoder, min_size, stats, where):
+def _bad(stats, reason, example, n=1):
+    stats["skipped"][reason] += n
+    if len(stats["examples"]) < MAX_EXAMPLES:
+        stats["examples"].append(example + (f" (x{n})" if n > 1 else ""))
+
+
+def _check(data, decoder, min_size, max_pixels, stats, where):
     """Decode one payload, update stats; return True when usable."""
     try:
-        arr, note = decode_rgb(data, decoder, min_size)
+        arr, note = decode_rgb(data, decoder, min_size, max_pixels)
     except BadSample as e:
-        stats["skipped"][e.reason] += 1
-        if len(stats["examples"]) < MAX_EXAMPLES:
-            stats["examples"].append(f"{where}: {e}")
+        _bad(stats, e.reason, f"{where}: {e}")
         return False
     if note:
         stats["converted"][note] += 1
@@ -53,43 +60,36 @@ def _new_stats():
     return {"ok": 0, "skipped": Counter(), "converted": Counter(), "sizes": Counter(), "examples": []}
 
 
-def scan_shard(path: str, decoder: str = "auto", min_size: int = 8, write: bool = False) -> dict:
-    """Scan one tar shard; with `write`, write its index of good samples. Returns stats + manifest entry."""
+def scan_shard(path: str, decoder: str = "auto", min_size: int = 8, write: bool = False,
+               max_bytes: int = MAX_FILE_MB << 20, max_pixels: int = MAX_PIXELS) -> dict:
+    """Scan one tar shard; with `write`, write its index of good samples. Returns stats + manifest entry.
+    Every member the tar walk can read is decoded, so a shard cut mid-member keeps its readable part."""
     decoder = resolve_decoder(decoder)
     st = _new_stats()
-    if not os.path.exists(path):
-        st["skipped"]["missing_shard"] += 1
-        st["examples"].append(f"{path}: missing_shard")
-        return st
-    good, samples = [], {}
+    members, walk = walk_tar(path, max_bytes)
+    for reason, n in walk.items():
+        _bad(st, reason, f"{path}: {reason}", n)
+    if {"missing_shard", "not_regular_file", "unreadable_file"} & set(walk):
+        return st  # nothing to index: the shard is not there as a file we read
+    good = []
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)) if members else -1
     try:
-        with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if not m.isreg():
-                    continue
-                dot = m.name.find(".", m.name.rfind("/") + 1)
-                key, ext = (m.name, "") if dot < 0 else (m.name[:dot], m.name[dot + 1:])
-                if " " in m.name:
-                    st["skipped"]["bad_name"] += 1  # DALI's index format is space-separated
-                    continue
-                samples.setdefault(key, []).append((ext, m.offset_data, m.size, m))
-            if not samples:
-                st["skipped"]["empty_shard"] += 1
-                st["examples"].append(f"{path}: empty_shard")
-            for key, comps in samples.items():
-                exts = {c[0].lower(): c for c in comps}
-                e = image_member(exts)
-                if e is None:
-                    st["skipped"]["missing_image"] += 1
-                    if len(st["examples"]) < MAX_EXAMPLES:
-                        st["examples"].append(f"{path}:{key}: missing_image")
-                    continue
-                data = tf.extractfile(exts[e][3]).read()
-                if _check(data, decoder, min_size, st, f"{path}:{key}"):
-                    good.append((key, [(c[0], c[1], c[2]) for c in comps]))
-    except (tarfile.TarError, OSError) as err:
-        st["skipped"]["corrupt_shard"] += 1
-        st["examples"].append(f"{path}: corrupt_shard ({err})")
+        for key, comps in members:
+            exts = {c[0].lower(): c for c in comps}
+            e = image_member(exts)
+            if e is None:
+                _bad(st, "missing_image", f"{path}:{key}: missing_image")
+                continue
+            try:
+                data = pread_member(fd, exts[e][1], exts[e][2], max_bytes, path, key)
+            except BadSample as err:
+                _bad(st, err.reason, f"{path}:{key}: {err}")
+                continue
+            if _check(data, decoder, min_size, max_pixels, st, f"{path}:{key}"):
+                good.append((key, comps))
+    finally:
+        if fd >= 0:
+            os.close(fd)
     if write:
         write_index(path + ".idx", good)
         st["entry"] = {"samples": len(good), "size": os.path.getsize(path),
@@ -98,18 +98,17 @@ def scan_shard(path: str, decoder: str = "auto", min_size: int = 8, write: bool 
     return st
 
 
-def scan_files(paths: list[str], decoder: str = "auto", min_size: int = 8) -> dict:
+def scan_files(paths: list[str], decoder: str = "auto", min_size: int = 8, max_bytes: int = MAX_FILE_MB << 20,
+               max_pixels: int = MAX_PIXELS) -> dict:
     decoder = resolve_decoder(decoder)
     st = _new_stats()
     for p in paths:
         try:
-            with open(p, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            st["skipped"]["unreadable_file"] += 1
-            st["examples"].append(f"{p}: {e}")
+            data = read_regular(p, max_bytes)
+        except BadSample as e:
+            _bad(st, e.reason, f"{p}: {e}")
             continue
-        _check(data, decoder, min_size, st, p)
+        _check(data, decoder, min_size, max_pixels, st, p)
     return st
 
 
@@ -120,49 +119,55 @@ def _merge(total, st):
     total["examples"] += st["examples"][:MAX_EXAMPLES - len(total["examples"])]
 
 
+def _scan_shards(shards, total, pool, job, progress):
+    # units that prepare found faceless have a manifest record and, on purpose, no file
+    mans: dict = {}
+
+    def _empty(p):
+        d = os.path.dirname(os.path.abspath(p))
+        mans.setdefault(d, read_manifest(d))
+        return not os.path.exists(p) and mans[d].get("shards", {}).get(os.path.basename(p), {}).get("empty")
+    total["empty_by_prepare"] = sum(1 for p in shards if _empty(p))
+    shards = [p for p in shards if not _empty(p)]
+    entries = {}
+    bar = _bar(len(shards), progress)
+    for path, st in zip(shards, pool.map(job, shards)):
+        _merge(total, st)
+        if "entry" in st:
+            entries.setdefault(os.path.dirname(os.path.abspath(path)), {})[os.path.basename(path)] = st["entry"]
+        bar.update(1)
+    bar.close()
+    for folder, ent in entries.items():
+        update_manifest(folder, ent)
+    total["shards"] = len(shards)
+
+
 def scan(spec: str, *, workers: int = 1, decoder: str = "auto", min_size: int = 8, write_index: bool = False,
-         progress: bool = False) -> dict:
+         progress: bool = False, max_file_mb: int = MAX_FILE_MB, max_pixels: int = MAX_PIXELS) -> dict:
     """Scan shards (pattern / folder of tars / list of tars) or image files; returns the merged report."""
-    from .index import update_manifest
-    from .sources import FileListSource, ShardSource, expand_shards, open_source
+    max_bytes = max_file_mb << 20
     total = _new_stats()
-    shards = None
-    if ".tar" in spec and not os.path.isdir(spec) and not spec.endswith(".txt"):
-        shards = expand_shards(spec)
-    else:
-        src = open_source(spec, seed=0, img_size=8, synthetic_size=1, cache_mb=0) if spec else None
-        if isinstance(src, ShardSource):
-            shards = src.shards
-        elif isinstance(src, FileListSource):
-            chunks = [src.paths[i:i + 256] for i in range(0, len(src.paths), 256)]
-            with ProcessPoolExecutor(max(1, workers)) as ex:
-                for st in ex.map(scan_files, chunks, [decoder] * len(chunks), [min_size] * len(chunks)):
-                    _merge(total, st)
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        if ".tar" in spec and not os.path.isdir(spec) and not spec.endswith(".txt"):
+            shards = expand_shards(spec)
         else:
-            raise ValueError("scan needs a folder, a list file or shards, not synthetic data ('')")
-    if shards is not None:
-        # units that prepare found faceless have a manifest record and, on purpose, no file
-        from .sources import read_manifest
-        mans: dict = {}
-        def _empty(p):
-            d = os.path.dirname(os.path.abspath(p))
-            mans.setdefault(d, read_manifest(d))
-            return not os.path.exists(p) and mans[d].get("shards", {}).get(os.path.basename(p), {}).get("empty")
-        total["empty_by_prepare"] = sum(1 for p in shards if _empty(p))
-        shards = [p for p in shards if not _empty(p)]
-        entries = {}
-        bar = _bar(len(shards), progress)
-        with ProcessPoolExecutor(max(1, workers)) as ex:
-            for path, st in zip(shards, ex.map(scan_shard, shards, [decoder] * len(shards),
-                                               [min_size] * len(shards), [write_index] * len(shards))):
+            src = open_source(spec, seed=0, img_size=8, synthetic_size=1, cache_mb=0, max_bytes=max_bytes) if spec \
+                else None
+            if not isinstance(src, (ShardSource, FileListSource)):
+                raise ValueError("scan needs a folder, a list file or shards, not synthetic data ('')")
+            shards = src.shards if isinstance(src, ShardSource) else None
+        if shards is not None:
+            job = functools.partial(scan_shard, decoder=decoder, min_size=min_size, write=write_index,
+                                    max_bytes=max_bytes, max_pixels=max_pixels)
+            _scan_shards(shards, total, pool, job, progress)
+        else:
+            for reason, n in src.index_stats.items():  # what the folder walk left out (FIFOs, loops, ...)
+                _bad(total, reason, f"{spec}: {reason}", n)
+            chunks = [src.paths[i:i + 256] for i in range(0, len(src.paths), 256)]
+            job = functools.partial(scan_files, decoder=decoder, min_size=min_size, max_bytes=max_bytes,
+                                    max_pixels=max_pixels)
+            for st in pool.map(job, chunks):
                 _merge(total, st)
-                if "entry" in st:
-                    entries.setdefault(os.path.dirname(os.path.abspath(path)), {})[os.path.basename(path)] = st["entry"]
-                bar.update(1)
-        bar.close()
-        for folder, ent in entries.items():
-            update_manifest(folder, ent)
-        total["shards"] = len(shards)
     total["bad"] = int(sum(total["skipped"].values()))
     return total
 
@@ -185,13 +190,19 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--min-size", type=int, default=8, help="shorter sides below this are bad (too_small)")
     ap.add_argument("--decoder", default="auto")
+    ap.add_argument("--max-file-mb", type=int, default=MAX_FILE_MB,
+                    help="files / tar members above this many MiB are bad (too_large), never read")
+    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                    help="images whose header claims more pixels are bad (too_large), never decoded")
     ap.add_argument("--write-index", action="store_true", help="shards: write validated DALI indexes + manifest")
     ap.add_argument("--strict", action="store_true", help="count converted images (gray, CMYK, ...) as bad")
     ap.add_argument("--json", help="also write the report here")
     a = ap.parse_args(argv)
     try:
+        if a.max_file_mb < 1 or a.max_pixels < 64:
+            raise ValueError("need --max-file-mb >= 1 and --max-pixels >= 64")
         rep = scan(a.path, workers=a.workers, decoder=a.decoder, min_size=a.min_size,
-                   write_index=a.write_index, progress=True)
+                   write_index=a.write_index, progress=True, max_file_mb=a.max_file_mb, max_pixels=a.max_pixels)
     except ValueError as e:
         print(f"scan: {e}", file=sys.stderr)
         return 2

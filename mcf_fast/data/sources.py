@@ -3,9 +3,11 @@
 
 Every source is random-access by global sample id (0 .. num_samples-1) and exposes `counts` (samples
 per shard or pseudo-shard) for `sampling.EpochOrder`, plus `index_stats` (problems found while
-indexing: missing/empty shards). `read(i)` returns (payload, key) where the payload is encoded bytes,
-or a decoded uint8 array for synthetic faces; it raises `decode.BadSample` for a sample without an
-image ("missing_image") or a file that cannot be read ("unreadable_file").
+indexing or walking: missing/empty shards, FIFOs, symlink loops). `read(i)` returns (payload, key)
+where the payload is encoded bytes, or a decoded uint8 array for synthetic faces; it raises
+`reasons.BadSample` naming why a sample is unusable ("missing_image", "unreadable_file",
+"not_regular_file", "too_large", ...: one vocabulary, `reasons.SKIP`). Nothing is read without a
+size check first: a member or file above `max_bytes` (data.max_file_mb) is never read.
 
 Tar shards are read through DALI-format index files (`SHARD.idx`, "v1.2 N" then per sample
 "ext offset size name ..." with offset = the member's data offset), the same files DALI's webdataset
@@ -17,26 +19,20 @@ itself (seeks over data, counted and logged) unless `require_validated` is set.
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
-import tarfile
 from collections import Counter, OrderedDict
 
 import numpy as np
 
-from .decode import BadSample
+from .decode import IMAGE_EXTS
+from .files import MAX_FILE_MB, pread_member, read_regular, walk_images
+from .index import MANIFEST, index_tar, read_index, read_manifest
+from .lmdb_source import LmdbSource, is_lmdb
+from .reasons import BadSample
+from .sampling import pseudo_counts
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-MANIFEST = "manifest.json"
-PSEUDO_SHARD = 4096  # folders/lists/synthetic: consecutive ids grouped like shards for the order
-
-
-def split_key(name: str) -> tuple[str, str]:
-    """webdataset's rule: the key is the path up to the first dot of the last component."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
 
 
 class SyntheticSource:
@@ -46,7 +42,7 @@ class SyntheticSource:
 
     def __init__(self, num: int, size: int, seed: int, cache_mb: int = 256):
         self.num_samples, self.size, self.seed = int(num), int(size), int(seed)
-        self.counts = _pseudo_counts(self.num_samples)
+        self.counts = pseudo_counts(self.num_samples)
         self.index_stats: Counter = Counter()
         self._cache: dict[int, np.ndarray] = {}
         self._cache_max = (cache_mb << 20) // (3 * size * size)
@@ -54,7 +50,7 @@ class SyntheticSource:
     def read(self, i: int):
         img = self._cache.get(i)
         if img is None:
-            from .synthetic import draw_face
+            from .faces import draw_face
             img = draw_face(self.seed, i, self.size).image
             if len(self._cache) < self._cache_max:
                 self._cache[i] = img
@@ -62,35 +58,31 @@ class SyntheticSource:
 
 
 class FileListSource:
-    """Image files: a folder walked recursively (sorted, any depth) or a list file of paths."""
+    """Image files: a folder walked recursively (sorted, any depth) or a list file of paths. Only
+    regular files of at most `max_bytes` are read (see `files`); what the walk left out is counted."""
 
     kind = "files"
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], max_bytes: int = MAX_FILE_MB << 20, index_stats: Counter | None = None):
         self.paths = paths
         self.num_samples = len(paths)
-        self.counts = _pseudo_counts(self.num_samples)
-        self.index_stats: Counter = Counter()
+        self.counts = pseudo_counts(self.num_samples)
+        self.index_stats: Counter = Counter(index_stats or {})
+        self.max_bytes = max_bytes
 
     @classmethod
-    def from_folder(cls, root: str) -> FileListSource:
-        paths = []
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames.sort()
-            paths += [os.path.join(dirpath, f) for f in sorted(filenames)
-                      if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
+    def from_folder(cls, root: str, max_bytes: int = MAX_FILE_MB << 20) -> FileListSource:
+        paths, stats = walk_images(root)
+        if stats:
+            log.warning("%s: left out while walking it: %s", root, dict(stats))
         if len(paths) > 1_000_000:
             log.warning("%s holds %d images: walking it took a while and repeats at every start; "
                         "pack it into shards with `python -m mcf_fast.data.prepare`", root, len(paths))
-        return cls(paths)
+        return cls(paths, max_bytes, stats)
 
     def read(self, i: int):
         p = self.paths[i]
-        try:
-            with open(p, "rb") as f:
-                return f.read(), p
-        except OSError as e:
-            raise BadSample("unreadable_file", f"{p}: {e}") from None
+        return read_regular(p, self.max_bytes), p
 
 
 class ShardSource:
@@ -98,8 +90,8 @@ class ShardSource:
 
     kind = "shards"
 
-    def __init__(self, shards: list[str], *, require_validated: bool = False):
-        self.shards = shards
+    def __init__(self, shards: list[str], *, require_validated: bool = False, max_bytes: int = MAX_FILE_MB << 20):
+        self.shards, self.max_bytes = shards, max_bytes
         self.index_stats: Counter = Counter()
         self.index_converted: Counter = Counter()  # conversions scan saw (DALI converts them itself)
         self.validated = [False] * len(shards)
@@ -137,7 +129,7 @@ class ShardSource:
         self._index: OrderedDict[int, list] = OrderedDict()
         for k, c in enumerate(counts):
             if c < 0:  # unvalidated: walk the tar headers once, now (counts are needed up front)
-                entries, stats = index_tar(shards[k])
+                entries, stats = index_tar(shards[k], max_bytes)
                 self.index_stats.update(stats)
                 self._index[k] = entries
                 counts[k] = len(entries)
@@ -185,92 +177,19 @@ class ShardSource:
             raise BadSample("missing_image", f"{self.shards[k]}: sample {key} has no image member")
         fd = self._fds.get(k)
         if fd is None:
-            fd = os.open(self.shards[k], os.O_RDONLY)
+            try:  # O_NONBLOCK: a shard swapped for a FIFO after indexing must not block a worker
+                fd = os.open(self.shards[k], os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            except OSError as e:
+                raise BadSample("unreadable_file", f"{self.shards[k]}: {e}") from None
             self._fds[k] = fd
             while len(self._fds) > 32:
                 os.close(self._fds.popitem(last=False)[1])
-        return os.pread(fd, size, off), key
+        return pread_member(fd, off, size, self.max_bytes, self.shards[k], key), key
 
     def close(self):
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-def _pseudo_counts(n: int) -> np.ndarray:
-    c = [PSEUDO_SHARD] * (n // PSEUDO_SHARD) + ([n % PSEUDO_SHARD] if n % PSEUDO_SHARD else [])
-    return np.asarray(c or [0], dtype=np.int64)
-
-
-def image_member(exts: dict) -> str | None:
-    """The image extension of a sample (first of IMAGE_EXTS present), or None."""
-    for e in IMAGE_EXTS:
-        if e in exts:
-            return e
-    return None
-
-
-def index_tar(path: str) -> tuple[list, Counter]:
-    """Walk a tar's headers: [(key, image offset, image size)] and a Counter of problems. Samples
-    without an image are kept with size -1 so they are counted once per epoch as missing_image."""
-    stats: Counter = Counter()
-    samples: OrderedDict[str, dict] = OrderedDict()
-    try:
-        if os.path.getsize(path) == 0:
-            stats["empty_shard"] += 1
-            return [], stats
-        with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if not m.isreg():
-                    continue
-                key, ext = split_key(m.name)
-                if not key or key.endswith("/"):
-                    continue
-                samples.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
-    except (tarfile.TarError, OSError) as e:
-        stats["corrupt_shard"] += 1
-        log.warning("shard %s cannot be read as a tar (%s): its readable part is used, rest counted", path, e)
-    if not samples and not stats:
-        stats["empty_shard"] += 1
-    out = []
-    for key, exts in samples.items():
-        e = image_member(exts)
-        out.append((key, *exts[e]) if e else (key, 0, -1))
-    return out, stats
-
-
-def write_index(path: str, entries) -> None:
-    """DALI v1.2 index of `entries` = [(key, [(ext, offset, size), ...])] (atomic rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(f"v1.2 {len(entries)}\n")
-        f.writelines(" ".join(f"{ext} {off} {size} {key}.{ext}" for ext, off, size in comps) + "\n" for key, comps in entries)
-    os.replace(tmp, path)
-
-
-def read_index(path: str) -> list:
-    """[(key, image offset, image size)] from a DALI v1.2 index file."""
-    with open(path) as f:
-        head = f.readline().split()
-        if len(head) != 2 or head[0] != "v1.2":
-            raise ValueError(f"{path}: not a DALI v1.2 index file (first line {head!r}); "
-                             "rewrite it with `python -m mcf_fast.data.scan --write-index`")
-        out = []
-        for line in f:
-            tok = line.split()
-            comps = {tok[i].lower(): (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok) - 3, 4)}
-            e = image_member(comps)
-            key = split_key(tok[3])[0] if tok else ""
-            out.append((key, *comps[e]) if e else (key, 0, -1))
-    return out
-
-
-def read_manifest(folder: str) -> dict:
-    p = os.path.join(folder, MANIFEST)
-    if not os.path.exists(p):
-        return {}
-    with open(p) as f:
-        return json.load(f)
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -287,20 +206,19 @@ def expand_shards(spec: str) -> list[str]:
 
 
 def open_source(path: str, *, seed: int, img_size: int, synthetic_size: int, cache_mb: int,
-                require_validated: bool = False):
-    """Pick the source for `data.path` (see DataConfig.path)."""
+                require_validated: bool = False, max_bytes: int = MAX_FILE_MB << 20):
+    """Pick the source for `data.path` (see DataConfig.path); files/members above `max_bytes` are skipped."""
     if path == "":
         return SyntheticSource(synthetic_size, img_size, seed, cache_mb)
     if path.startswith("pipe:") or "://" in path:
         raise ValueError(f"data.path={path!r}: remote/pipe shards need sequential streaming, which "
                          "breaks exact mid-epoch resume; copy the shards to a local or mounted path")
-    from .lmdb_source import LmdbSource, is_lmdb
     if is_lmdb(path):
-        return LmdbSource(path)
+        return LmdbSource(path, max_bytes)
     if os.path.isdir(path):
         if glob.glob(os.path.join(path, "*.tar")):
-            return ShardSource(expand_shards(path), require_validated=require_validated)
-        src = FileListSource.from_folder(path)
+            return ShardSource(expand_shards(path), require_validated=require_validated, max_bytes=max_bytes)
+        src = FileListSource.from_folder(path, max_bytes)
         if src.num_samples == 0:
             raise ValueError(f"data.path={path!r}: folder holds no images ({', '.join(IMAGE_EXTS)}) and no .tar shards")
         return src
@@ -310,12 +228,12 @@ def open_source(path: str, *, seed: int, img_size: int, synthetic_size: int, cac
             lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
         lines = [ln if os.path.isabs(ln) else os.path.join(base, ln) for ln in lines]
         if lines and all(ln.endswith(".tar") for ln in lines):
-            return ShardSource(lines, require_validated=require_validated)
-        return FileListSource(lines)
+            return ShardSource(lines, require_validated=require_validated, max_bytes=max_bytes)
+        return FileListSource(lines, max_bytes)
     if ".tar" in path:
         shards = expand_shards(path)
         if not any(os.path.exists(s) for s in shards):
             raise ValueError(f"data.path={path!r}: none of its {len(shards)} shard(s) exist (first: {shards[0]})")
-        return ShardSource(shards, require_validated=require_validated)
+        return ShardSource(shards, require_validated=require_validated, max_bytes=max_bytes)
     raise ValueError(f"data.path={path!r} is not a folder, a .tar shard pattern or a list file (.txt); "
                      "use '' for synthetic faces")

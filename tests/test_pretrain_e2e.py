@@ -46,7 +46,7 @@ def test_run_trains_and_writes_everything(tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
     ck = sorted(os.listdir(out / "checkpoints"))
     assert ck == ["step_00000010", "step_00000020"] and os.path.exists(out / "checkpoints" / ck[-1] / "COMPLETE")
-    assert os.path.exists(out / "images" / "recon_latest.png") and os.path.exists(out / "images" / "recon_step0000010.png")
+    assert os.path.exists(out / "images" / "recon_latest.png") and os.path.exists(out / "images" / "recon_step00000010.png")
     from safetensors.torch import load_file
     enc = load_file(str(out / "encoder.safetensors"))
     assert "patch_embed.proj.weight" in enc and "blocks.1.mlp.fc2.weight" in enc
@@ -55,9 +55,9 @@ def test_run_trains_and_writes_everything(tmp_path):
     meta = json.load(open(out / "encoder.json"))
     assert meta["embed_dim"] == 32 and meta["depth"] == 2
     assert "resum" not in r.stderr.lower()
-    # Rerunning a finished run resumes at the end and says so, training nothing more.
+    # Rerunning a finished run says so and trains nothing more (tests/test_run_folder.py: files untouched).
     r2 = _run(out, "--run.log_every", "2", "--run.ckpt_every", "10", "--run.vis_every", "10")
-    assert r2.returncode == 0 and "resuming from" in r2.stderr
+    assert r2.returncode == 0 and "already finished at step 20" in r2.stderr
     assert _rows(out) == rows
 
 

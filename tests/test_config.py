@@ -37,7 +37,7 @@ def test_model_img_size_carries_to_data():
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--model.depht", "3"], "unrecognized arguments"),
+    (["--model.depht", "3"], "did you mean --model.depth?"),
     (["--model.depth", "three"], "cannot read"),
     (["--model.mask_ratio", "1.0"], "mask_ratio"),
     (["--model.num_heads", "5"], "must divide"),

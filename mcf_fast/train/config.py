@@ -7,9 +7,12 @@ errors before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from mcf_fast.data.config import DataConfig
+
+from .checks import check_numbers
 
 
 def _f(default, help: str, **kw):
@@ -32,6 +35,8 @@ class ModelConfig:
     decoder_init: str = _f("", "MAE pre-training checkpoint to initialise the decoder from ('' = fresh init).")
     decoder_init_blocks: int = _f(-1, "How many decoder blocks to load from decoder_init (-1 = all; "
                                       "norm and pixel head load only when all do).")
+    init: str = _f("", "Start from a reference-code MCF, MAE or mcf_fast checkpoint file: online/target encoder, "
+                       "decoder, projector/predictor mapped (mapping printed), fresh optimizer ('' = fresh init).")
     mask_ratio: float = _f(0.75, "Fraction of patches removed in each view, in [0, 1).")
     mask_kind: str = _f("uniform", "Mask shape: 'uniform' (MAE, the paper) or 'block' (BEiT-style).")
     teacher: str = _f("random", "Perceptual teacher: checkpoint:PATH | random | ema | pixel (see README).")
@@ -55,10 +60,16 @@ class ModelConfig:
     compile: bool = _f(False, "torch.compile each block. Off: on the 2-core CPU (2026-11-26, demo preset, "
                               "fwd+bwd) eager took 2.0 s/step, compiled 4.7 s after a 90 s compile.")
     attention: str = _f("sdpa", "Attention kernel: 'sdpa' (every device) or 'xformers' (CUDA, opt-in).")
+    head_init: str = _f("torch", "Projector/predictor Linear init: 'torch' (PyTorch default) or 'xavier' (the "
+                                 "reference code: xavier_uniform).")
+    patch_embed_bias: str = _f("zeros", "Encoder patch-embedding bias init: 'zeros' or 'conv_default' (Conv2d's "
+                                        "uniform, the reference code).")
+    teacher_resize: str = _f("bilinear", "Teacher input resize: 'bilinear' (only when sizes differ) or 'nearest' "
+                                         "(F.interpolate always, the reference code).")
 
     def validate(self):
         def bad(n, msg):
-            raise ValueError(f"model.{n}={getattr(self, n)!r}: {msg}")
+            raise ValueError(f"--model.{n} {getattr(self, n)!r}: {msg}")
         for n in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
                   "decoder_depth", "decoder_num_heads", "proj_hidden", "proj_dim", "teacher_img_size",
                   "teacher_patch_size", "teacher_embed_dim", "teacher_depth", "teacher_num_heads"):
@@ -85,19 +96,29 @@ class ModelConfig:
             bad("teacher", "must be checkpoint:PATH, random, ema or pixel")
         if kind == "checkpoint" and not self.teacher.partition(":")[2]:
             bad("teacher", "needs a path: --model.teacher checkpoint:/path/to/moco_v3_vit_b.pth.tar")
+        if kind != "checkpoint" and ":" in self.teacher:
+            bad("teacher", f"'{kind}' takes no argument: use --model.teacher {kind} (or checkpoint:PATH)")
+        if not self.mlp_ratio > 0:
+            bad("mlp_ratio", "must be > 0 (4 in ViT-B)")
         if not self.teacher_layers or any(int(i) < 0 for i in self.teacher_layers):
             bad("teacher_layers", "must be non-negative block indices, e.g. 2,5,8,11")
         depth_t = self.depth if kind == "ema" else self.teacher_depth
         if kind in ("random", "ema") and max(self.teacher_layers) >= depth_t:
             bad("teacher_layers", f"index {max(self.teacher_layers)} >= the teacher's {depth_t} blocks")
-        if self.temperature <= 0:
-            bad("temperature", "must be > 0")
+        if not self.temperature > 0:
+            bad("temperature", "must be > 0 (0.2 in the paper)")
         if self.perceptual_weight < 0 or self.contrastive_weight < 0:
             bad("perceptual_weight" if self.perceptual_weight < 0 else "contrastive_weight", "must be >= 0")
         if self.embed_mode not in ("gather_pixels", "embed_all"):
             bad("embed_mode", "must be 'gather_pixels' or 'embed_all'")
         if self.attention not in ("sdpa", "xformers"):
             bad("attention", "must be 'sdpa' or 'xformers'")
+        for n, ok in (("head_init", ("torch", "xavier")), ("patch_embed_bias", ("zeros", "conv_default")),
+                      ("teacher_resize", ("bilinear", "nearest"))):
+            if getattr(self, n) not in ok:
+                bad(n, f"must be one of {', '.join(ok)}")
+        if self.init and not os.path.isfile(self.init):
+            bad("init", "is not a file: give a reference-code / MAE checkpoint (.pth) or a converted model file")
 
 
 @dataclass
@@ -114,6 +135,10 @@ class OptimConfig:
     weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens, position tables).")
     beta1: float = _f(0.9, "AdamW beta1.")
     beta2: float = _f(0.95, "AdamW beta2.")
+    decay_tokens: bool = _f(False, "Weight-decay cls_token and mask_token too (the reference code: timm 0.3.2 "
+                                   "exempts only 1-D tensors and biases).")
+    warmup_from_zero: bool = _f(False, "Warm-up lr = base * step / warmup, so the first step uses lr 0 (the "
+                                       "reference code, MAE's schedule); false: base * (step + 1) / warmup.")
     clip_grad: float = _f(0.0, "Clip the global grad norm to this (0 = no clipping; the norm is logged anyway).")
     momentum: float = _f(0.99, "EMA momentum m of the target encoder.")
     momentum_schedule: str = _f("constant", "'constant' (the reference run) or 'cosine' (m -> 1, MoCo v3).")
@@ -122,7 +147,7 @@ class OptimConfig:
 
     def validate(self):
         def bad(n, msg):
-            raise ValueError(f"optim.{n}={getattr(self, n)!r}: {msg}")
+            raise ValueError(f"--optim.{n} {getattr(self, n)!r}: {msg}")
         if self.batch_size < 1:
             bad("batch_size", "must be >= 1")
         if self.accum_steps < 1:
@@ -131,8 +156,10 @@ class OptimConfig:
             bad("max_steps", "must be >= 0 (0 = train for `epochs`)")
         if self.max_steps == 0 and self.epochs <= 0:
             bad("epochs", "must be > 0 when max_steps is 0")
+        if self.lr < 0:
+            bad("lr", "must be >= 0 (0 = derive it from --optim.blr)")
         if self.blr <= 0 and self.lr <= 0:
-            bad("blr", "must be > 0 (or set optim.lr)")
+            bad("blr", "must be > 0 (or set --optim.lr)")
         if self.min_lr < 0:
             bad("min_lr", "must be >= 0")
         if self.warmup_epochs < 0 or self.warmup_steps < 0:
@@ -173,7 +200,7 @@ class RunConfig:
 
     def validate(self):
         def bad(n, msg):
-            raise ValueError(f"run.{n}={getattr(self, n)!r}: {msg}")
+            raise ValueError(f"--run.{n} {getattr(self, n)!r}: {msg}")
         if not self.out:
             bad("out", "needs a folder path")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -201,11 +228,11 @@ class DistConfig:
 
     def validate(self):
         if self.backend not in ("auto", "nccl", "gloo"):
-            raise ValueError(f"dist.backend={self.backend!r}: must be auto, nccl or gloo")
+            raise ValueError(f"--dist.backend {self.backend!r}: must be auto, nccl or gloo")
         if self.teacher_sharding not in ("replicate", "shard"):
-            raise ValueError(f"dist.teacher_sharding={self.teacher_sharding!r}: must be replicate or shard")
+            raise ValueError(f"--dist.teacher_sharding {self.teacher_sharding!r}: must be replicate or shard")
         if self.negatives not in ("global", "local"):
-            raise ValueError(f"dist.negatives={self.negatives!r}: must be global or local")
+            raise ValueError(f"--dist.negatives {self.negatives!r}: must be global or local")
 
 
 @dataclass
@@ -218,10 +245,11 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self) -> "Config":
+        check_numbers(self)  # nan / inf first: they pass every `<` range check below
         for s in (self.model, self.optim, self.data, self.run, self.dist):
             s.validate()
         if self.data.img_size != self.model.img_size:
-            raise ValueError(f"data.img_size={self.data.img_size} differs from model.img_size="
+            raise ValueError(f"--data.img_size {self.data.img_size} differs from --model.img_size "
                              f"{self.model.img_size}: set both (or only --model.img_size; data follows it)")
         return self
 
@@ -254,9 +282,11 @@ PRESETS: dict[str, dict] = {
     # The reference run (MCF.md): ViT-B/16, decoder 512-d x 8, batch 64 x accum 8 per GPU, 16 epochs.
     "vit-b-paper": {
         "model": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
-                      decoder_depth=8, decoder_num_heads=16, teacher="checkpoint:"),
+                      decoder_depth=8, decoder_num_heads=16, teacher="checkpoint:",
+                      # the reference code's recipe outside the step (MCF.md; tests/test_recipe.py pins each)
+                      head_init="xavier", patch_embed_bias="conv_default", teacher_resize="nearest"),
         "optim": dict(batch_size=64, accum_steps=8, epochs=16, blr=1.5e-4, warmup_epochs=1, weight_decay=0.05,
-                      momentum=0.99),
+                      momentum=0.99, decay_tokens=True, warmup_from_zero=True),
         "data": dict(img_size=224, workers=8),
         "run": dict(out="runs/vit-b-paper", ckpt_every=1000, log_every=20),
     },

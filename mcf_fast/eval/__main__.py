@@ -1,4 +1,5 @@
-"""`python -m mcf_fast.eval alignment|parsing --data DIR --encoder FILE|random --out DIR [...]`."""
+"""`python -m mcf_fast.eval alignment|parsing --data DIR --encoder FILE|random --out DIR [...]`, or
+`python -m mcf_fast.eval paper --encoder FILE --aflw19 DIR --lapa DIR --out OUT` (both tasks, one table)."""
 from __future__ import annotations
 
 import argparse
@@ -7,22 +8,38 @@ import logging
 import sys
 
 from .config import EvalConfig, add_arguments
+from .paper import add_paper_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mcf_fast.eval",
                                 description="Fine-tune a pre-trained (or random) ViT encoder on a downstream "
                                             "face task and score it as FaRL does.")
-    sub = p.add_subparsers(dest="task", required=True, metavar="{alignment,parsing}")
+    sub = p.add_subparsers(dest="task", required=True, metavar="{alignment,parsing,paper}")
     for task, what in (("alignment", "AFLW-19 landmarks: NME_diag / NME_box / NME_inter-ocular, AUC and FR at 0.07"),
                        ("parsing", "LaPa face parsing: F1 per class, mean over the 10 foreground classes")):
         add_arguments(sub.add_parser(task, help=what, description=what))
+    what = "both tasks from one checkpoint (resumable), ending with the table against the paper and FaRL"
+    add_paper_arguments(sub.add_parser("paper", help=what, description=what))
     return p
+
+
+def _paper(args) -> int:
+    from .paper import paper_markdown, run_paper
+    try:
+        out = run_paper(args)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out) if "stopped_at" in out else paper_markdown(out))
+    return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.task == "paper":
+        return _paper(args)
     cfg = EvalConfig(**vars(args))
     from .train import run  # torch and friends load only once the arguments are known to be sane
     try:

@@ -6,6 +6,22 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 
 TASKS = ("alignment", "parsing")
+PROTOCOLS = {"alignment": ("farl", "square-crop"), "parsing": ("farl", "resize-whole")}
+# FaRL's values (farl/experiments/face_{alignment,parsing}/optimizers/refine_backbone.yaml, trainers/*.yaml),
+# then the simple protocols' (issue 8). Fields left at their sentinel take these.
+PROTOCOL_DEFAULTS = {
+    ("farl", "alignment"): dict(lr=1e-2, backbone_lr_scale=0.01, weight_decay=1e-5, layer_decay=1.0, warmup_steps=0,
+                                schedule="step", clip_grad=0.0, ema_decay=0.999, head_width=768, warp_factor=0.0,
+                                heatmap_weight=1.0),
+    ("farl", "parsing"): dict(lr=1e-3, backbone_lr_scale=0.1, weight_decay=1e-5, layer_decay=1.0, warmup_steps=0,
+                              schedule="step", clip_grad=0.0, ema_decay=0.999, head_width=768, warp_factor=0.8,
+                              heatmap_weight=1.0),
+    ("simple", ""): dict(lr=5e-4, backbone_lr_scale=1.0, weight_decay=0.05, layer_decay=0.75, warmup_steps=-1,
+                         schedule="cosine", clip_grad=1.0, ema_decay=0.0, head_width=128, warp_factor=0.0,
+                         heatmap_weight=0.1),
+}
+SENTINELS = dict(lr=0.0, backbone_lr_scale=0.0, weight_decay=-1.0, layer_decay=0.0, warmup_steps=-1, schedule="",
+                 clip_grad=-1.0, ema_decay=-1.0, head_width=0, warp_factor=-1.0, heatmap_weight=-1.0)
 # Fields that do not change what a run computes; a resumed run may change them freely.
 NOT_FINGERPRINTED = {"out", "workers", "device", "log_every", "ckpt_every", "num_viz", "resume",
                      "eval_batch_size", "stop_after", "progress"}
@@ -24,22 +40,39 @@ class EvalConfig:
     out: str = _f("", "output folder: metrics.json, metrics.md, predictions.png, metrics.jsonl, ckpt.pt")
     arch: str = _f("", "architecture for --encoder random: preset (vit-tiny, vit_small_patch16_224, ...) or "
                        "an encoder.json; pass the pre-trained encoder.json for a fair baseline")
+    protocol: str = _f("farl", "farl = FaRL's protocol (AFLW: box -> input; LaPa: 5-landmark alignment + tanh warp; "
+                               "FaRL's head, losses, optimiser, EMA, augmentations); resize-whole (parsing) / "
+                               "square-crop (alignment) = the simple protocols: whole image squeezed, or a square "
+                               "crop of crop_scale x the box, with the light FPN head")
     img_size: int = _f(0, "network input size (FaRL: 448); 0 = the encoder's pre-training size")
-    batch_size: int = _f(16, "training batch size")
+    batch_size: int = _f(16, "training batch size (FaRL: 5 per GPU on 8 GPUs = 40)")
     eval_batch_size: int = _f(0, "test batch size; 0 = --batch-size")
     max_steps: int = _f(1000, "optimizer steps")
-    lr: float = _f(5e-4, "peak learning rate (head; block i gets lr * layer_decay^(depth - i))")
-    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens)")
-    layer_decay: float = _f(0.75, "MAE layer-wise LR decay factor in (0, 1]")
-    warmup_steps: int = _f(-1, "linear warm-up steps before the cosine decay; -1 = 5% of --max-steps")
-    clip_grad: float = _f(1.0, "gradient-norm clip; 0 = off")
+    lr: float = _f(0.0, "peak learning rate of the head (the encoder gets lr x --backbone-lr-scale, then layer "
+                        "decay); 0 = the protocol's: farl alignment 1e-2, parsing 1e-3; simple 5e-4")
+    backbone_lr_scale: float = _f(0.0, "encoder lr / head lr; 0 = the protocol's: farl alignment 0.01, parsing "
+                                       "0.1 (both 1e-4 absolute); simple 1")
+    weight_decay: float = _f(-1.0, "AdamW weight decay; -1 = the protocol's: farl 1e-5 on every parameter; simple "
+                                   "0.05, not on biases, norms, tokens")
+    layer_decay: float = _f(0.0, "MAE layer-wise LR decay factor in (0, 1]; 0 = the protocol's: farl 1 (none), "
+                                 "simple 0.75")
+    warmup_steps: int = _f(-1, "linear warm-up steps; -1 = the protocol's: farl 0, simple 5% of --max-steps")
+    schedule: str = _f("", "step (FaRL: x0.1 at epoch 200 of 300 for LaPa, i.e. at 2/3 of the steps; never for "
+                           "AFLW's 150 epochs) | cosine; '' = the protocol's (farl step, simple cosine)")
+    clip_grad: float = _f(-1.0, "gradient-norm clip; 0 = off; -1 = the protocol's (farl off, simple 1.0)")
+    ema_decay: float = _f(-1.0, "score an exponential moving average of the weights with this decay; 0 = off; "
+                                "-1 = the protocol's (farl 0.999, simple off)")
     freeze_backbone: bool = _f(False, "train the head only (the encoder runs without gradients)")
-    head_width: int = _f(128, "channels of the dense head")
+    head_width: int = _f(0, "channels of the dense head; 0 = the protocol's (farl 768 = FaRL's head_channel, "
+                            "simple 128)")
     seed: int = _f(0, "seed of head init, scratch encoder, sample order and augmentation")
-    augment: bool = _f(True, "random zoom / shift / rotation of training crops", negatable=True)
-    crop_scale: float = _f(1.2, "alignment: crop side = crop_scale * max(box w, box h)")
-    heatmap_weight: float = _f(0.1, "alignment: weight of the Gaussian heatmap cross-entropy added to the "
-                                    "coordinate L1 loss (0 = coordinates only)")
+    augment: bool = _f(True, "random geometry (+ FaRL's colour augmentations under farl) of training inputs",
+                       negatable=True)
+    warp_factor: float = _f(-1.0, "farl: tanh-warp factor (FaRL: LaPa 0.8, AFLW 0); -1 = FaRL's")
+    crop_scale: float = _f(1.2, "square-crop alignment: crop side = crop_scale * max(box w, box h)")
+    heatmap_weight: float = _f(-1.0, "alignment: weight of the heatmap loss added to the coordinate loss "
+                                     "(farl: BCE on sigmoid heatmaps, 1.0; simple: Gaussian cross-entropy, 0.1); "
+                                     "-1 = the protocol's, 0 = coordinates only")
     train_count: int = _f(0, "alignment: faces of `ra` that train (real set: 20000); 0 = split.json in "
                              "--data or the real rule's proportion")
     eval_split: str = _f("test", "alignment: test | frontal; parsing: test | val")
@@ -54,21 +87,42 @@ class EvalConfig:
                             "still follows --max-steps; 0 = off (for tests of resuming)")
     progress: bool = _f(True, "show a progress bar", negatable=True)
 
+    def resolved(self) -> "EvalConfig":
+        """A copy with every field left at its sentinel set to the protocol's value (see PROTOCOL_DEFAULTS)."""
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.protocol not in PROTOCOLS[self.task]:
+            raise ValueError(f"--protocol for {self.task} must be one of {PROTOCOLS[self.task]}, got {self.protocol!r}")
+        key = ("farl", self.task) if self.protocol == "farl" else ("simple", "")
+        vals = {k: v for k, v in PROTOCOL_DEFAULTS[key].items() if getattr(self, k) == SENTINELS[k]}
+        out = dataclasses.replace(self, **vals)
+        if out.warmup_steps < 0:  # simple protocol: 5% of the steps
+            out.warmup_steps = max(1, out.max_steps // 20)
+        return out
+
     def validate(self) -> "EvalConfig":
         def bad(msg):
             raise ValueError(msg)
         if self.task not in TASKS:
             bad(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.protocol not in PROTOCOLS[self.task]:
+            bad(f"--protocol for {self.task} must be one of {PROTOCOLS[self.task]}, got {self.protocol!r}")
         for name in ("data", "encoder", "out"):
             if not getattr(self, name):
                 bad(f"--{name.replace('_', '-')} is required")
-        for name in ("batch_size", "max_steps", "head_width"):
+        for name in ("batch_size", "max_steps"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0 or not 0 < self.layer_decay <= 1:
-            bad(f"need lr > 0, weight_decay >= 0, 0 < layer_decay <= 1; got {self.lr}, {self.weight_decay}, "
-                f"{self.layer_decay}")
-        if self.img_size < 0 or self.crop_scale <= 0 or self.heatmap_weight < 0:
+        r = self.resolved()
+        if r.lr <= 0 or r.weight_decay < 0 or not 0 < r.layer_decay <= 1 or r.backbone_lr_scale <= 0:
+            bad(f"need lr > 0, weight_decay >= 0, 0 < layer_decay <= 1, backbone_lr_scale > 0; got {r.lr}, "
+                f"{r.weight_decay}, {r.layer_decay}, {r.backbone_lr_scale}")
+        if r.head_width < 1 or r.schedule not in ("step", "cosine") or not 0 <= r.ema_decay < 1:
+            bad(f"need --head-width >= 1, --schedule step|cosine, 0 <= --ema-decay < 1; got {r.head_width}, "
+                f"{r.schedule!r}, {r.ema_decay}")
+        if not 0 <= r.warp_factor < 1:
+            bad(f"--warp-factor must lie in [0, 1) (0 = plain similarity warp), got {r.warp_factor}")
+        if self.img_size < 0 or self.crop_scale <= 0 or r.heatmap_weight < 0:
             bad("--img-size, --crop-scale and --heatmap-weight must not be negative (crop scale > 0)")
         splits = ("test", "frontal") if self.task == "alignment" else ("test", "val")
         if self.eval_split not in splits:

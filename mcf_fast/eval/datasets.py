@@ -8,7 +8,7 @@ size: `train_count` (CLI `--train-count`), else `DIR/split.json` {"train_count":
 rule's proportion, floor(N * 20000 / 24386).
 
 LaPa: `DIR/{train,val,test}/images/*.jpg` with `labels/<stem>.png` (class index per pixel, 0..10)
-and `landmarks/<stem>.txt` (106, then 106 x,y pairs; read only for the check).
+and `landmarks/<stem>.txt` (106, then 106 x,y pairs; FaRL's protocol aligns the face with five of them).
 """
 from __future__ import annotations
 
@@ -37,9 +37,10 @@ class FaceRecord:
 
 @dataclass
 class ParsingRecord:
-    """One LaPa image and its label map file."""
+    """One LaPa image, its label map file and its 106-point landmarks file ("" when there is none)."""
     image: str
     label: str
+    landmarks: str = ""
 
 
 def _need(path: str, what: str) -> str:
@@ -142,7 +143,8 @@ def read_lapa(root: str, split: str) -> list[ParsingRecord]:
         lab = os.path.join(lab_dir, os.path.splitext(f)[0] + ".png")
         if not os.path.exists(lab):
             missing.append(lab)
-        recs.append(ParsingRecord(os.path.join(img_dir, f), lab))
+        lm = os.path.join(sdir, "landmarks", os.path.splitext(f)[0] + ".txt")
+        recs.append(ParsingRecord(os.path.join(img_dir, f), lab, lm if os.path.exists(lm) else ""))
     if missing:
         raise FileNotFoundError(f"{len(missing)} LaPa label maps are missing, e.g. {missing[:3]}")
     return recs

@@ -67,19 +67,20 @@ class DenseModel(nn.Module):
     """ViT encoder + dense head; `forward(x)` -> [N, out, 4g, 4g] maps on a grid of stride p/4."""
 
     def __init__(self, encoder: VisionTransformer, out_channels: int, width: int = 128,
-                 freeze_backbone: bool = False):
+                 freeze_backbone: bool = False, head: nn.Module | None = None, blocks: list[int] | None = None):
         super().__init__()
         self.encoder = encoder
-        self.blocks = level_blocks(len(encoder.blocks))
+        self.blocks = blocks if blocks is not None else level_blocks(len(encoder.blocks))
         self.grid = encoder.patch_embed.grid_size
         self.freeze_backbone = freeze_backbone
-        self.head = DenseHead(encoder.embed_dim, out_channels, width)
+        self.head = head if head is not None else DenseHead(encoder.embed_dim, out_channels, width)
         if freeze_backbone:
             encoder.requires_grad_(False)
 
     @property
     def stride(self) -> float:
-        return self.encoder.patch_embed.patch_size / 4
+        """Input pixels per output cell (a head may set its own, e.g. FaRL's stride-4 pyramid)."""
+        return getattr(self.head, "out_stride", self.encoder.patch_embed.patch_size / 4)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         uniq = sorted(set(self.blocks))

@@ -7,9 +7,12 @@ import torch.nn.functional as F
 
 from .config import EvalConfig
 from .datasets import read_aflw19, read_lapa
+from .farl import from_input, warp_to_original
+from .farl_data import FarlAlignmentData, FarlParsingData
 from .heads import heatmap_nll, soft_argmax
 from .metrics import AFLW_NUM_POINTS, LAPA_CLASSES, alignment_metrics, parsing_metrics, update_confusion
 from .transforms import IGNORE, AlignmentData, ParsingData, load_label
+from .uper import farl_alignment_loss, heatmap_points
 
 
 def _loader(ds, batch_size, workers):
@@ -26,9 +29,21 @@ class AlignmentTask:
         self.cfg, self.size, self.mean, self.std = cfg, size, mean, std
         self.tc = cfg.train_count or None
 
+    @property
+    def farl(self) -> bool:
+        return self.cfg.protocol == "farl"
+
+    def _data(self, recs, augment: bool):
+        if self.farl:
+            return FarlAlignmentData(recs, self.size, self.mean, self.std, augment, self.cfg.seed, self.cfg.warp_factor)
+        return AlignmentData(recs, self.size, self.mean, self.std, self.cfg.crop_scale, augment, self.cfg.seed)
+
     def train_data(self):
-        recs = read_aflw19(self.cfg.data, "train", self.tc)
-        return AlignmentData(recs, self.size, self.mean, self.std, self.cfg.crop_scale, self.cfg.augment, self.cfg.seed)
+        return self._data(read_aflw19(self.cfg.data, "train", self.tc), self.cfg.augment)
+
+    def points(self, hm, stride):
+        """Heatmaps -> input pixels: FaRL's sigmoid-weighted mean, or the simple protocol's soft-argmax."""
+        return heatmap_points(hm, stride) if self.farl else soft_argmax(hm, stride)
 
     def test_records(self):
         recs = read_aflw19(self.cfg.data, self.cfg.eval_split, self.tc)
@@ -37,6 +52,8 @@ class AlignmentTask:
     def loss(self, model, batch, device):
         x, pts = batch["image"].to(device), batch["points"].to(device)
         hm = model(x)
+        if self.farl:
+            return farl_alignment_loss(hm, pts, self.size, model.stride, self.cfg.heatmap_weight)
         pred = soft_argmax(hm, model.stride)
         # Coordinates in units of the input size: an NME-like number, comparable across --img-size.
         l1 = (pred - pts).abs().mean() / self.size
@@ -51,16 +68,16 @@ class AlignmentTask:
     @torch.no_grad()
     def evaluate(self, model, device, num_viz: int, autocast):
         recs = self.test_records()
-        ds = AlignmentData(recs, self.size, self.mean, self.std, self.cfg.crop_scale)
+        ds = self._data(recs, False)
         preds = np.zeros((len(recs), AFLW_NUM_POINTS, 2))
+        wf = self.cfg.warp_factor if self.farl else 0.0
         for b in _loader(ds, self.cfg.eval_batch_size or self.cfg.batch_size, self.cfg.workers):
             with autocast():
                 hm = model(b["image"].to(device))
-            crop = soft_argmax(hm.float(), model.stride).double().cpu()
-            inv = torch.linalg.inv(b["matrix"].double())
-            # back to the original image: p = inv(M) [x, y, 1]
-            orig = crop @ inv[:, :2, :2].transpose(1, 2) + inv[:, None, :2, 2]
-            preds[b["index"].numpy()] = orig.numpy()
+            crop = self.points(hm.float(), model.stride).double().cpu().numpy()
+            # back to the original image through the exact inverse of the input warp
+            for j, i in enumerate(b["index"].tolist()):
+                preds[i] = from_input(crop[j], b["matrix"][j].numpy(), self.size, wf)
         gt = np.stack([r.landmarks for r in recs])
         boxes = np.stack([r.box for r in recs])
         m = alignment_metrics(preds, gt, boxes)
@@ -81,9 +98,18 @@ class ParsingTask:
     def __init__(self, cfg: EvalConfig, size: int, mean, std):
         self.cfg, self.size, self.mean, self.std = cfg, size, mean, std
 
+    @property
+    def farl(self) -> bool:
+        return self.cfg.protocol == "farl"
+
+    def _data(self, recs, augment: bool, with_label: bool):
+        if self.farl:
+            return FarlParsingData(recs, self.size, self.mean, self.std, augment, self.cfg.seed,
+                                   self.cfg.warp_factor, with_label)
+        return ParsingData(recs, self.size, self.mean, self.std, augment, self.cfg.seed, with_label)
+
     def train_data(self):
-        return ParsingData(read_lapa(self.cfg.data, "train"), self.size, self.mean, self.std,
-                           self.cfg.augment, self.cfg.seed)
+        return self._data(read_lapa(self.cfg.data, "train"), self.cfg.augment, True)
 
     def test_records(self):
         recs = read_lapa(self.cfg.data, self.cfg.eval_split)
@@ -91,6 +117,8 @@ class ParsingTask:
 
     def loss(self, model, batch, device):
         x, y = batch["image"].to(device), batch["label"].to(device)
+        # FaRL: logits upsampled to the warped input's size, cross-entropy averaged over every pixel
+        # (face_parsing/network.py, task.py); labels warped in from outside the image are background there.
         logits = F.interpolate(model(x).float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
         ce = F.cross_entropy(logits, y, ignore_index=IGNORE)
         return ce, {"ce": ce}
@@ -98,18 +126,16 @@ class ParsingTask:
     @torch.no_grad()
     def evaluate(self, model, device, num_viz: int, autocast):
         recs = self.test_records()
-        ds = ParsingData(recs, self.size, self.mean, self.std, with_label=False)
+        ds = self._data(recs, False, False)
         conf = torch.zeros(len(LAPA_CLASSES), len(LAPA_CLASSES), dtype=torch.int64)
         viz = []
         for b in _loader(ds, self.cfg.eval_batch_size or self.cfg.batch_size, self.cfg.workers):
             with autocast():
                 logits = model(b["image"].to(device))
             for j, i in enumerate(b["index"].tolist()):
-                h, w = b["orig_size"][j].tolist()
-                # The logit grid spans the whole squeezed image, so resizing it to (h, w) is the exact
-                # inverse of the input resize (corner-aligned coordinates on both sides).
-                up = F.interpolate(logits[j: j + 1].float(), size=(h, w), mode="bilinear", align_corners=False)
-                pred = up[0].argmax(0).cpu()
+                lab = load_label(recs[i].label)
+                h, w = lab.height, lab.width
+                pred = self._to_original(logits[j].float().cpu(), b, j, (h, w))
                 gt = torch.from_numpy(np.asarray(load_label(recs[i].label, (h, w)), np.int64))
                 update_confusion(conf, pred, gt, ignore_index=IGNORE)
                 if len(viz) < num_viz:
@@ -118,6 +144,19 @@ class ParsingTask:
         m["num_images"] = len(recs)
         m["confusion"] = conf.tolist()
         return m, viz
+
+
+    def _to_original(self, logits: torch.Tensor, b: dict, j: int, hw: tuple[int, int]) -> torch.Tensor:
+        """[C, h, w] logits on the input's grid -> [H, W] class map at the original resolution."""
+        if self.farl:
+            # FaRL (lapa/test_post.yaml): logits at the warped size, taken back through the inverted warp
+            # (bilinear), then argmax.
+            up = F.interpolate(logits[None], size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
+            return warp_to_original(up, b["matrix"][j].numpy(), self.size, self.cfg.warp_factor, hw).argmax(0)
+        # The logit grid spans the whole squeezed image, so resizing it to (h, w) is the exact inverse of
+        # the input resize (corner-aligned coordinates on both sides).
+        up = F.interpolate(logits[None], size=hw, mode="bilinear", align_corners=False)
+        return up[0].argmax(0)
 
 
 TASK_CLASSES = {"alignment": AlignmentTask, "parsing": ParsingTask}

@@ -88,6 +88,20 @@ def write_aflw19(out: str, num: int, size: int = 64, seed: int = 0, train_count:
     return out
 
 
+# FaRL aligns LaPa with landmarks[[104, 105, 54, 84, 90]] (farl/datasets/prepare.py): the two eye centres,
+# the nose tip and the mouth corners; here they are the toy face's points 7, 10, 13, 15 and 17.
+LAPA_FROM_TOY = {104: 7, 105: 10, 54: 13, 84: 15, 90: 17}
+
+
+def lapa_points(pts: np.ndarray) -> np.ndarray:
+    """[106, 2] LaPa-style landmarks: FaRL's five alignment points at LaPa's indices, the chin elsewhere."""
+    lm = np.repeat(pts[-1:], 106, 0)
+    lm[:len(pts)] = pts
+    for lapa, toy in LAPA_FROM_TOY.items():
+        lm[lapa] = pts[toy]
+    return lm
+
+
 def write_lapa(out: str, num: dict | int, size: int = 64, seed: int = 0) -> str:
     """`out/{train,val,test}/{images,labels,landmarks}` with `num` images per split (or a dict per split)."""
     rng = np.random.default_rng(seed)
@@ -101,7 +115,7 @@ def write_lapa(out: str, num: dict | int, size: int = 64, seed: int = 0) -> str:
             stem = f"{k:06d}"
             img.save(os.path.join(out, split, "images", stem + ".jpg"), quality=95)
             lab.save(os.path.join(out, split, "labels", stem + ".png"))
-            lm = np.concatenate([pts, np.repeat(pts[-1:], 106 - len(pts), 0)])
+            lm = lapa_points(pts)
             with open(os.path.join(out, split, "landmarks", stem + ".txt"), "w") as f:
                 f.write("106\n" + "\n".join(f"{x:.2f} {y:.2f}" for x, y in lm) + "\n")
             k += 1

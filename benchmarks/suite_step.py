@@ -1,9 +1,10 @@
 """The `step` suite: the engine's full training step vs the reference step, per (preset, precision).
 
-Engine step: the calls of `mcf_fast.train.loop.train` for one optimizer step (accum 1, no clipping),
-replicated here and kept in sync by hand (loop.py is not refactored for the benchmark): next batch,
+Engine step: `mcf_fast.train.step.TrainStep`, the object `mcf_fast.train.loop.train` calls once per
+optimizer step (accum 1, no clipping here), with the loop's `MetricsWindow.add` after it: next batch,
 `random_masks(views=2)`, `ema_update` (foreach), forward under autocast, backward, foreach grad norm
-and finiteness flag, fused AdamW with the device-side skip (`found_inf`), `zero_grad`.
+and finiteness flag, fused AdamW with the device-side skip (`found_inf`), `zero_grad`. Nothing of it
+is restated here; the step reports its phase boundaries through its `mark` hook.
 Reference step: `mcf_fast.model.reference` as the public reference code runs it (MAE's engine):
 noise from `torch.rand`, `ref_ema` (Python loop), `ref_losses` (argsort masking, expanded gathers,
 all patches embedded, teacher's real pass under autograd, full logits), `loss.item()` each step,
@@ -19,6 +20,7 @@ load hits both alike), then each provider's peak memory is measured on one more 
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -91,59 +93,35 @@ class PhaseTimer:
                 "optimizer_ema": out["ema"] + out["optimizer"], "total": sum(out.values())}
 
 
-def _autocast(device, precision):
+def _autocast(device, precision):  # the reference step and the checks (the engine's is the Runtime's)
     dt = AC[precision]
     return torch.autocast(device.type, dtype=dt) if dt is not None else torch.autocast(device.type, enabled=False)
 
 
-class EngineStep:
-    """loop.train's step (accum_steps=1, clip_grad=0, no scaler); mirror changes of loop.py here."""
+class TimedTrainStep:
+    """The loop's own step object (`mcf_fast.train.step.TrainStep`) and window fold, timed by phase."""
 
-    def __init__(self, model, cfg, loader, device, precision, seed=0):
+    def __init__(self, model, cfg, loader, device, precision):
         from mcf_fast.train.optim import build_optimizer
-        self.model, self.cfg, self.device, self.precision, self.seed = model, cfg, device, precision, seed
-        self.optimizer = build_optimizer(model, 1.5e-4, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), device)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.ema_t, self.ema_o = model.ema_pairs()
-        self.it, self.step_i = iter(loader), 0
-        self.L = model.encoder.num_patches
-        self.zero = torch.zeros((), device=device)
-        self.win = self.zero.clone()
+        from mcf_fast.train.runtime import Runtime
+        from mcf_fast.train.step import TrainStep
+        from mcf_fast.train.window import MetricsWindow
+        cfg = copy.deepcopy(cfg)
+        cfg.optim.accum_steps, cfg.optim.clip_grad, cfg.run.seed = 1, 0.0, 0
+        self.cfg, self.device = cfg, device
+        o = cfg.optim
+        self.optimizer = build_optimizer(model, 1.5e-4, o.weight_decay, (o.beta1, o.beta2), device)
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None  # as loop.wire
+        self.step = TrainStep(model, self.optimizer, cfg, Runtime(device, precision, 0, 1, 0), scaler)
+        self.window = MetricsWindow(device)
+        self.batches, self.step_i = iter(loader), 0
 
     def __call__(self) -> dict:
-        from mcf_fast.masking import random_masks
-        from mcf_fast.model.mcf import ema_update
-        from mcf_fast.train.optim import ema_momentum, set_lr
+        from mcf_fast.train.optim import ema_momentum
         o, T = self.cfg.optim, PhaseTimer(self.device)
-        set_lr(self.optimizer, 1.5e-4)
         m = ema_momentum(self.step_i, 1000, o.momentum, o.momentum_schedule)
-        batch = next(self.it)
-        imgs = batch.images
-        masks = random_masks(imgs.shape[0], self.L, self.cfg.model.mask_ratio, views=2, seed=self.seed,
-                             step=self.step_i, sample_ids=batch.sample_ids, device=self.device)
-        T.mark("data")
-        ema_update(self.ema_t, self.ema_o, m)
-        T.mark("ema")
-        with _autocast(self.device, self.precision):
-            res = self.model(imgs, masks.ids_keep[0], masks.ids_restore[0], masks.mask[0], masks.ids_keep[1],
-                             rank=0, local_negatives=False)
-        loss = res.loss.float()
-        T.mark("forward")
-        loss.backward()
-        T.mark("backward")
-        step_loss = res.loss.detach().float()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        gnorm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        bad = (~torch.isfinite(step_loss) | ~torch.isfinite(gnorm)).float()
-        if self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = bad
-            self.optimizer.grad_scale = None
-            self.optimizer.step()
-        elif not bool(bad):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.win += torch.nan_to_num(step_loss) * (1.0 - bad)
-        T.mark("optimizer")
+        self.window.add(self.step(self.batches, self.step_i, 1.5e-4, m, mark=T.mark))
+        T.mark("optimizer")  # the window fold counts with the optimizer phase
         self.step_i += 1
         return T.result()
 
@@ -287,7 +265,7 @@ def child(spec: dict) -> dict:
         return out
     batch, why = spec.get("batch") or 0, "fixed (--step-batch or --quick)"
     if not batch:
-        eng2 = EngineStep(engine_model, cfg, _loader(cfg, 2, device), device, prec)
+        eng2 = TimedTrainStep(engine_model, cfg, _loader(cfg, 2, device), device, prec)
         probe = eng2()["total"] / 1e3 / 2  # batch 2, first call (lazy init included): an upper bound per image
         if probe * 2 < 0.1 * spec["budget_s"]:  # cheap: a second call (no lazy init) gives a truer rate
             probe = eng2()["total"] / 1e3 / 2
@@ -310,7 +288,7 @@ def child(spec: dict) -> dict:
     out["flops_teacher"] = _teacher_flops(engine_model, cfg, device, prec, batch)
     ref_model = build_model(cfg.model, 0).to(device).train()
     out["flops_reference"] = _flops_of(ref_model, cfg, device, prec, batch, "reference")
-    eng = EngineStep(engine_model, cfg, _loader(cfg, batch, device), device, prec)
+    eng = TimedTrainStep(engine_model, cfg, _loader(cfg, batch, device), device, prec)
     ref = ReferenceStep(ref_model, cfg, _loader(cfg, batch, device), device, prec)
     phases = {"engine": [], "reference": []}
     for i in range(spec["warmup"] + spec["reps"]):  # alternate: load from other processes hits both alike

@@ -83,6 +83,22 @@ def predictor(dim: int = 256, hidden: int = 4096) -> nn.Sequential:
     return mlp(2, dim, hidden, dim, last_bn=False)
 
 
+HEAD_INITS = ("torch", "xavier")
+
+
+def init_heads_(module: nn.Module, mode: str) -> None:
+    """'torch': keep PyTorch's default Linear init; 'xavier': xavier_uniform on every Linear weight, as the
+    reference code does (its model-wide weight init runs after the projector/predictor are built)."""
+    if mode not in HEAD_INITS:
+        raise ValueError(f"head init must be one of {HEAD_INITS}, got {mode!r}")
+    if mode == "xavier":
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+
 def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from every rank along dim 0 (no gradient; k needs none)."""
     if not _dist_on():

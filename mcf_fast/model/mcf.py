@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .heads import all_gather_nograd, predictor, projector
+from .heads import all_gather_nograd, init_heads_, predictor, projector
 from .teacher import PerceptualLoss, build_teacher_vit, parse_teacher_spec
 from .vit import Block, VisionTransformer, init_vit_weights, run_blocks, sincos_pos_embed
 
@@ -51,13 +51,25 @@ def conv_patches(imgs: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(N, (H // p) * (W // p), C * p * p)
 
 
+def _init_patch_bias_(vit: VisionTransformer, mode: str) -> None:
+    """'zeros' (ours, MAE's linear-style init) or 'conv_default': Conv2d's own uniform(+-1/sqrt(fan_in)) bias,
+    which the reference code keeps (its weight init never touches the conv bias)."""
+    if mode not in ("zeros", "conv_default"):
+        raise ValueError(f"patch_embed_bias must be 'zeros' or 'conv_default', got {mode!r}")
+    if mode == "conv_default":
+        w = vit.patch_embed.proj.weight
+        bound = 1.0 / (w[0].numel() ** 0.5)
+        nn.init.uniform_(vit.patch_embed.proj.bias, -bound, bound)
+
+
 class MCFModel(nn.Module):
     def __init__(self, *, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, proj_hidden=4096, proj_dim=256,
                  teacher="random", teacher_arch: dict | None = None, teacher_layers=(2, 5, 8, 11),
                  teacher_num_heads: int | None = None, teacher_seed=0, norm_pix_loss=False,
                  temperature=0.2, perceptual_weight=1000.0, contrastive_weight=1.0,
-                 embed_mode="gather_pixels", grad_ckpt=False, teacher_grad_ckpt=False):
+                 embed_mode="gather_pixels", grad_ckpt=False, teacher_grad_ckpt=False,
+                 head_init="torch", patch_embed_bias="zeros", teacher_resize="bilinear"):
         super().__init__()
         if embed_mode not in ("gather_pixels", "embed_all"):
             raise ValueError(f"embed_mode must be 'gather_pixels' or 'embed_all', got {embed_mode!r}")
@@ -67,6 +79,7 @@ class MCFModel(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.encoder = VisionTransformer(img_size, patch_size, 3, embed_dim, depth, num_heads, mlp_ratio)
         self.encoder.grad_ckpt = grad_ckpt
+        _init_patch_bias_(self.encoder, patch_embed_bias)
         L = self.encoder.num_patches
         # ---- decoder (MAE names)
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
@@ -84,6 +97,8 @@ class MCFModel(nn.Module):
         # ---- contrastive branch (MoCo v3)
         self.projector = projector(embed_dim, proj_hidden, proj_dim)
         self.predictor = predictor(proj_dim, proj_hidden)
+        init_heads_(self.projector, head_init)  # before the target copy, so both start equal
+        init_heads_(self.predictor, head_init)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
         # ---- teacher
@@ -92,9 +107,9 @@ class MCFModel(nn.Module):
         if self.teacher_kind in ("checkpoint", "random"):
             arch = teacher_arch or dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
             vit = build_teacher_vit(teacher, arch, teacher_seed, teacher_num_heads)
-            self.perceptual = PerceptualLoss(vit, teacher_layers, vit.patch_embed.img_size)
+            self.perceptual = PerceptualLoss(vit, teacher_layers, vit.patch_embed.img_size, teacher_resize)
         elif self.teacher_kind == "ema":
-            self.perceptual = PerceptualLoss(None, teacher_layers, img_size)
+            self.perceptual = PerceptualLoss(None, teacher_layers, img_size, teacher_resize)
         if self.perceptual is not None:
             # Recompute the teacher's blocks in backward: its activations for the predicted image are
             # the largest part of a step's memory (ViT-B at 224), for one more teacher forward.

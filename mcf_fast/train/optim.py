@@ -9,14 +9,19 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_tokens: bool = False) -> list[dict]:
     """Decay only weight matrices: no decay on biases, norms, tokens or position tables (ndim < 2
-    or a token-like name)."""
+    or a token-like name). decay_tokens=True is the reference code's rule (timm 0.3.2's
+    `add_weight_decay`): no decay only for 1-D tensors and biases, so cls_token and mask_token decay."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.endswith(("cls_token", "mask_token", "pos_embed")) or ".norm" in name:
+        if decay_tokens:
+            exempt = p.ndim <= 1 or name.endswith(".bias")
+        else:
+            exempt = p.ndim < 2 or name.endswith(("cls_token", "mask_token", "pos_embed")) or ".norm" in name
+        if exempt:
             no_decay.append(p)
         else:
             decay.append(p)
@@ -24,10 +29,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    device: torch.device) -> torch.optim.AdamW:
+                    device: torch.device, decay_tokens: bool = False) -> torch.optim.AdamW:
     """Fused AdamW (one kernel for all tensors; it can skip a step on `found_inf` without a host sync),
     foreach where fused is unavailable."""
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, decay_tokens)
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError) as e:  # e.g. a device without fused support
@@ -35,10 +40,12 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
         return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
-def cosine_lr(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
-    """Linear warm-up to `base` over `warmup` steps, then half-cosine to `minimum` at `total`."""
+def cosine_lr(step: int, total: int, warmup: int, base: float, minimum: float, from_zero: bool = False) -> float:
+    """Linear warm-up to `base` over `warmup` steps, then half-cosine to `minimum` at `total`.
+    from_zero=True is MAE's `adjust_learning_rate` on the epoch fraction (the reference's): step s of the
+    warm-up gets base * s / warmup, so the first step uses lr = 0; otherwise base * (s + 1) / warmup."""
     if warmup > 0 and step < warmup:
-        return base * (step + 1) / warmup
+        return base * (step if from_zero else step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 

@@ -3,7 +3,9 @@
 CKPT is a checkpoint folder (`RUN/checkpoints/step_NNNNNNNN`), a run's `checkpoints/` folder or the
 run folder itself (then the newest complete checkpoint is used). Checkpoints written by any number of
 ranks convert the same way, in one process, without a process group: DCP's metadata holds each
-tensor's global shape, and loading into full-size tensors re-assembles the shards.
+tensor's global shape, and loading into full-size tensors re-assembles the shards. CKPT may also be a
+single FILE in any layout `mcf_fast.model.layouts` recognises (the reference code's or MAE's training
+checkpoint, MoCo v3, timm): `FILE#target_encoder` exports the target encoder instead of the online one.
 
   --out FILE     the model's state dict (`MCFModel.state_dict()` keys, frozen teacher excluded) as one
                  file: safetensors when FILE ends in .safetensors, else `torch.save` (.pt / .pth).
@@ -93,6 +95,10 @@ def convert(ckpt: str, out: str | None = None, encoder_dir: str | None = None,
     """Write the requested files; returns {'checkpoint', 'step', 'out'?, 'encoder'?}."""
     if not out and not encoder_dir:
         raise ValueError("nothing to do: pass --out FILE and/or --encoder DIR")
+    from mcf_fast.model.layouts import split_spec
+    if os.path.isfile(split_spec(ckpt)[0]):  # a single file: reference-code, MAE, MoCo v3, timm, ours
+        from mcf_fast.model.foreign_export import convert_file
+        return convert_file(ckpt, out, encoder_dir, num_heads)
     ckpt = resolve_checkpoint(ckpt)
     with open(os.path.join(ckpt, "COMPLETE")) as f:
         marker = json.load(f)
@@ -127,7 +133,8 @@ def convert(ckpt: str, out: str | None = None, encoder_dir: str | None = None,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mcf_fast.convert", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="RUN/checkpoints/step_NNNNNNNN, RUN/checkpoints or RUN")
+    p.add_argument("checkpoint", help="RUN/checkpoints/step_NNNNNNNN, RUN/checkpoints or RUN; or a FILE "
+                                      "(reference-code MCF, MAE, MoCo v3, timm; FILE#target_encoder for the target)")
     p.add_argument("--out", help="single-file model state dict (.safetensors, or torch.save for anything else)")
     p.add_argument("--encoder", help="folder for encoder.safetensors + encoder.json")
     p.add_argument("--num-heads", type=int, default=None,

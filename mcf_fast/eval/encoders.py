@@ -57,6 +57,31 @@ def resize_encoder(enc: VisionTransformer, img_size: int) -> VisionTransformer:
     return new
 
 
+def _is_export(encoder: str) -> bool:
+    """Our export (a folder, or encoder.safetensors with encoder.json beside it) vs any other checkpoint file."""
+    if os.path.isdir(encoder):
+        return True
+    return encoder.endswith(".safetensors") and os.path.exists(
+        os.path.join(os.path.dirname(encoder) or ".", "encoder.json"))
+
+
+def _foreign_encoder(encoder: str, arch: str | None, img_size: int | None) -> tuple[VisionTransformer, dict]:
+    """A reference-code, MAE, MoCo v3 or timm checkpoint (FILE, or FILE#target_encoder): the architecture is
+    read off the weights; --arch (a preset or encoder.json) only supplies the head count, which they lack."""
+    from mcf_fast.model.layouts import load_vit, split_spec
+    if not os.path.isfile(split_spec(encoder)[0]):
+        raise FileNotFoundError(f"--encoder {encoder} not found (give encoder.safetensors from a pre-training "
+                                "run, its folder, a checkpoint file such as the reference code's "
+                                "checkpoint-15.pth, or 'random')")
+    heads = parse_arch(arch)["num_heads"] if arch else None
+    enc, text, _ = load_vit(encoder, prefer=("online_encoder",), num_heads=heads)
+    log.info("encoder: %s", text)
+    native = enc.arch["img_size"]
+    enc = resize_encoder(enc, img_size or native)
+    return enc, {"source": os.path.abspath(split_spec(encoder)[0]), "description": text, "arch": dict(enc.arch),
+                 "pretrain_img_size": native, "norm_mean": list(IMAGENET_MEAN), "norm_std": list(IMAGENET_STD)}
+
+
 def build_encoder(encoder: str, arch: str | None, img_size: int | None, seed: int) -> tuple[VisionTransformer, dict]:
     """(encoder at `img_size`, info with source, arch, norm_mean, norm_std)."""
     if encoder == "random":
@@ -69,10 +94,9 @@ def build_encoder(encoder: str, arch: str | None, img_size: int | None, seed: in
         enc = VisionTransformer(**a)
         torch.random.set_rng_state(gen_state)
         mean, std, source = IMAGENET_MEAN, IMAGENET_STD, "random"
+    elif not _is_export(encoder):
+        return _foreign_encoder(encoder, arch, img_size)
     else:
-        if not os.path.exists(encoder):
-            raise FileNotFoundError(f"--encoder {encoder} not found (give encoder.safetensors from a pre-training "
-                                    "run, its folder, or 'random')")
         enc = load_encoder(encoder)
         js = os.path.join(encoder if os.path.isdir(encoder) else os.path.dirname(encoder) or ".", "encoder.json")
         with open(js) as f:

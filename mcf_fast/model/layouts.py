@@ -32,7 +32,7 @@ PARTS = ("online_encoder", "target_encoder", "teacher", "decoder", "projector", 
 ALIASES = {"encoder": "online_encoder", "online": "online_encoder", "base_encoder": "online_encoder",
            "target": "target_encoder", "momentum_encoder": "target_encoder"}
 _HEAD = re.compile(r"^(head|fc_norm|pre_logits|head_drop)(\.|$)")
-_DECODER = re.compile(r"^(decoder_|mask_token$)")
+DECODER_KEY = re.compile(r"^(decoder_|mask_token$)")
 
 
 @dataclass
@@ -85,7 +85,7 @@ def _reference(sd: dict) -> dict:
              "projector": _sub(sd, "online_encoder.fc.") or _sub(sd, "projector."),
              "target_projector": _sub(sd, "target_encoder.fc.") or _sub(sd, "target_projector."),
              "predictor": _sub(sd, "predictor."),
-             "decoder": {k: v for k, v in sd.items() if _DECODER.match(k)},
+             "decoder": {k: v for k, v in sd.items() if DECODER_KEY.match(k)},
              "teacher": _take(sd, "perceptual_loss.model.")}
     return parts
 
@@ -93,7 +93,7 @@ def _reference(sd: dict) -> dict:
 def _ours(sd: dict) -> dict:
     return {"online_encoder": _sub(sd, "encoder."), "target_encoder": _sub(sd, "target_encoder."),
             "projector": _sub(sd, "projector."), "target_projector": _sub(sd, "target_projector."),
-            "predictor": _sub(sd, "predictor."), "decoder": {k: v for k, v in sd.items() if _DECODER.match(k)},
+            "predictor": _sub(sd, "predictor."), "decoder": {k: v for k, v in sd.items() if DECODER_KEY.match(k)},
             "teacher": _sub(sd, "perceptual.teacher.")}
 
 
@@ -101,7 +101,7 @@ def _plain_vit(sd: dict) -> tuple[str, dict]:
     """A bare ViT, possibly under one wrapper prefix; '' when there is none."""
     for prefix in ("", "encoder.", "model.", "backbone.", "base_encoder."):
         if prefix + "patch_embed.proj.weight" in sd:
-            return prefix, {k: v for k, v in _take(sd, prefix).items() if not _DECODER.match(k)}
+            return prefix, {k: v for k, v in _take(sd, prefix).items() if not DECODER_KEY.match(k)}
     return "", {}
 
 
@@ -127,7 +127,7 @@ def recognise(sd: dict[str, torch.Tensor], meta: dict) -> tuple[str, dict[str, d
     if vit:
         if meta.get("format") == "mcf_fast.encoder.v1" or os.path.exists(_json_beside(meta.get("path", ""))):
             return "mcf_fast encoder export", {"online_encoder": vit}, (prefix,), ()
-        dec = {k: v for k, v in sd.items() if _DECODER.match(k)}
+        dec = {k: v for k, v in sd.items() if DECODER_KEY.match(k)}
         if "decoder_embed.weight" in dec:
             return "MAE pre-training checkpoint", {"online_encoder": vit, "decoder": dec}, ("",), ()
         where = f" under {prefix!r}" if prefix else ""
@@ -210,5 +210,15 @@ def load_vit(spec: str, prefer: tuple[str, ...] = ("online_encoder",),
     return vit, text, ck
 
 
+# Where each part sits in `MCFModel.state_dict()` (the frozen teacher is left out, as `convert` does).
+MODEL_PREFIX = {"online_encoder": "encoder.", "target_encoder": "target_encoder.", "projector": "projector.",
+                "target_projector": "target_projector.", "predictor": "predictor.", "decoder": ""}
+
+
+def to_model_state(ck: Checkpoint) -> dict[str, torch.Tensor]:
+    """The file's trainable sub-networks under `MCFModel.state_dict()` names."""
+    return {MODEL_PREFIX[p] + k: v for p, sd in ck.parts.items() if p in MODEL_PREFIX for k, v in sd.items()}
+
+
 __all__ = ["PARTS", "Checkpoint", "split_spec", "recognise", "open_checkpoint", "vit_from", "load_vit",
-           "arch_text"]
+           "arch_text", "to_model_state"]

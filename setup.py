@@ -1,13 +1,15 @@
 """Build and install mcf_fast.
 
-`kernels/` is installed as `mcf_fast.kernels`; `csrc/` is compiled into `mcf_fast._C`.
-torch is imported at build time, so install torch first, then this package with
-`--no-build-isolation` (see README.md).
+`kernels/` is installed as `mcf_fast.kernels`; `csrc/` is compiled into `mcf_fast._C`, against the
+torch already installed: install torch first, then this package with `--no-build-isolation`
+(README.md, "Two commands"). pyproject.toml makes pip use the PEP 517/660 path, so the build runs
+in the environment pip was started from; without torch there the install fails and says why.
 
 Environment switches:
-  MCF_FAST_BUILD_EXT=0        skip the C++ extension (masks fall back to pure torch, same numbers)
-  MCF_FAST_BUILD_CUDA=auto|1|0  CUDA part of the extension: auto = when nvcc and a CUDA torch exist
-  MCF_FAST_CUDA_ARCH=90       SM architectures for the CUDA part (semicolon-separated)
+  MCF_FAST_BUILD_EXT=0          skip the C++ extension (masks fall back to pure torch, same numbers)
+  MCF_FAST_BUILD_CUDA=auto|1|0  CUDA part: auto = try when nvcc and a CUDA torch exist, and keep the
+                                CPU part if it does not build (the reason is printed); 1 = required
+  MCF_FAST_CUDA_ARCH=90         SM architectures for the CUDA part (semicolon-separated)
 """
 import glob
 import os
@@ -17,75 +19,126 @@ import sys
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+NO_TORCH = ("torch is not importable in the build environment ({err}). Install torch first "
+            "(pip install \"torch>=2.4,<2.16\" setuptools wheel), then pip install --no-build-isolation -e . "
+            "(without --no-build-isolation pip builds in an isolated environment that has no torch); "
+            "or set MCF_FAST_BUILD_EXT=0 to install without the C++ mask generator")
 
 
 def _log(msg):
     print(f"[mcf_fast setup] {msg}", file=sys.stderr, flush=True)
 
 
+def _cudart_dir(cuda_home):
+    """The folder holding libcudart.so: the toolkit's lib64, lib or targets/*/lib (CUDA 13 puts it
+    in lib), else the runtime wheel torch brings (nvidia/cu13/lib or nvidia/cuda_runtime/lib)."""
+    cands = [os.path.join(cuda_home, d) for d in ("lib64", "lib")]
+    cands += sorted(glob.glob(os.path.join(cuda_home, "targets", "*", "lib")))
+    for d in cands:
+        if os.path.exists(os.path.join(d, "libcudart.so")):
+            return d, "cudart"
+    try:
+        import nvidia
+        for root in nvidia.__path__:
+            for so in sorted(glob.glob(os.path.join(root, "*", "lib", "libcudart.so.*"))):
+                return os.path.dirname(so), ":" + os.path.basename(so)
+    except ImportError:
+        pass
+    return None, None
+
+
+def _cuda_plan(torch, cu):
+    """(build CUDA?, cudart folder, cudart library name, why not)."""
+    want = os.environ.get("MCF_FAST_BUILD_CUDA", "auto").lower()
+    if want not in ("auto", "1", "0", "true", "false", "yes", "no"):
+        raise SystemExit(f"MCF_FAST_BUILD_CUDA={want!r}: use auto, 1 or 0")
+    if want in ("0", "false", "no"):
+        return False, None, None, "MCF_FAST_BUILD_CUDA=0"
+    cuda_home = os.environ.get("CUDA_HOME", "")
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else (shutil.which("nvcc") or "")
+    libdir, lib = _cudart_dir(cuda_home) if cuda_home else (None, None)
+    missing = [what for what, ok in (("nvcc (set CUDA_HOME)", os.path.exists(nvcc)),
+                                     ("a CUDA build of torch", torch.version.cuda is not None),
+                                     ("libcudart.so", libdir is not None), ("csrc/*.cu", bool(cu))) if not ok]
+    if missing and want != "auto":
+        raise SystemExit("MCF_FAST_BUILD_CUDA=1 but the CUDA part cannot be built: missing "
+                         + ", ".join(missing) + ". Install them, or set MCF_FAST_BUILD_CUDA=0.")
+    return not missing, libdir, lib, "missing " + ", ".join(missing)
+
+
 def _extensions():
     if os.environ.get("MCF_FAST_BUILD_EXT", "1") == "0":
         _log("MCF_FAST_BUILD_EXT=0: not building mcf_fast._C (pure-torch mask fallback will be used)")
         return [], {}
+    # Before torch.utils.cpp_extension reads it: that module guesses CUDA_HOME from the nvcc on PATH,
+    # and a wrapper script in /usr/local/bin makes it guess /usr/local (no headers, no libcudart).
+    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:
-        _log("torch is not importable at build time: install torch first, then "
-             "`pip install --no-build-isolation .` (skipping mcf_fast._C)")
-        return [], {}
-
+    except ImportError as e:
+        raise SystemExit(NO_TORCH.format(err=e)) from None
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    if not cpp:
-        return [], {}
-    want_cuda = os.environ.get("MCF_FAST_BUILD_CUDA", "auto").lower()
-    if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
-    cuda_home = os.environ.get("CUDA_HOME")
-    nvcc = shutil.which("nvcc") or (cuda_home and os.path.join(cuda_home, "bin", "nvcc"))
-    have_nvcc = bool(nvcc) and os.path.exists(nvcc)
-    have_cuda_torch = torch.version.cuda is not None
-    build_cuda = False
-    if want_cuda in ("1", "true", "yes"):
-        if not (have_nvcc and have_cuda_torch and cu):
-            raise RuntimeError(
-                "MCF_FAST_BUILD_CUDA=1 but the CUDA part cannot be built: "
-                f"nvcc found={have_nvcc}, torch CUDA build={have_cuda_torch}, csrc/*.cu={bool(cu)}. "
-                "Install the CUDA toolkit (set CUDA_HOME) and a CUDA build of torch, or set MCF_FAST_BUILD_CUDA=0.")
-        build_cuda = True
-    elif want_cuda == "auto":
-        build_cuda = have_nvcc and have_cuda_torch and bool(cu)
-        if not build_cuda:
-            _log(f"building the CPU extension only (nvcc found={have_nvcc}, "
-                 f"torch CUDA build={have_cuda_torch}); set MCF_FAST_BUILD_CUDA=1 to require CUDA")
-
+    build_cuda, libdir, lib, why = _cuda_plan(torch, cu)
     cxx = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.10 headers need C++20
     link = ["-fopenmp"]
     if os.environ.get("MCF_FAST_ASAN") == "1":
         cxx += ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1"]
         link += ["-fsanitize=address"]
-    if build_cuda:
-        archs = os.environ.get("MCF_FAST_CUDA_ARCH", "90").split(";")
-        gencode = []
-        for a in archs:
-            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-        # -Xptxas -v: keep the register / spill report of every kernel in the build log.
-        nvcc_flags = ["-O3", "-std=c++20", "-Xptxas", "-v", "-DMCF_FAST_WITH_CUDA", *gencode]
-        ext = cpp_extension.CUDAExtension(
-            "mcf_fast._C", cpp + cu, include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": cxx + ["-DMCF_FAST_WITH_CUDA"], "nvcc": nvcc_flags},
-            extra_link_args=link)
-        _log(f"building mcf_fast._C with CUDA for sm_{','.join(archs)}")
-    else:
-        ext = cpp_extension.CppExtension(
-            "mcf_fast._C", cpp, include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    cpu_ext = cpp_extension.CppExtension("mcf_fast._C", cpp, include_dirs=[os.path.join(HERE, "csrc")],
+                                         extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    if not build_cuda:
+        _log(f"building the CPU part of mcf_fast._C only ({why}); MCF_FAST_BUILD_CUDA=1 requires CUDA")
+        return [cpu_ext], {"build_ext": _build_ext_class(cpp_extension, None)}
+    archs = os.environ.get("MCF_FAST_CUDA_ARCH", "90").split(";")
+    gencode = [f for a in archs for f in ("-gencode", f"arch=compute_{a},code=sm_{a}")]
+    # -Xptxas -v: keep the register / spill report of every kernel in the build log.
+    nvcc_flags = ["-O3", "-std=c++20", "-Xptxas", "-v", "-DMCF_FAST_WITH_CUDA", *gencode]
+    ext = cpp_extension.CUDAExtension(
+        "mcf_fast._C", cpp + cu, include_dirs=[os.path.join(HERE, "csrc")], library_dirs=[libdir],
+        extra_compile_args={"cxx": cxx + ["-DMCF_FAST_WITH_CUDA"], "nvcc": nvcc_flags}, extra_link_args=link)
+    ext.libraries = [lib if name == "cudart" else name for name in ext.libraries]
+    _log(f"building mcf_fast._C with CUDA for sm_{',sm_'.join(archs)} (libcudart from {libdir})")
+    strict = os.environ.get("MCF_FAST_BUILD_CUDA", "auto").lower() != "auto"
+    return [ext], {"build_ext": _build_ext_class(cpp_extension, None if strict else cpu_ext)}
+
+
+def _build_ext_class(cpp_extension, cpu_fallback):
+    """torch's BuildExtension; with a fallback, a CUDA build that fails is replaced by the CPU part."""
+    base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+    class BuildExt(base):
+        # The fallback goes through torch's per-extension set-up (ABI flag, extension name) with the
+        # CUDA one, and is built only if that one failed.
+        def build_extensions(self):
+            self._cuda_failed = False
+            if cpu_fallback is None:
+                return super().build_extensions()
+            self.extensions.append(cpu_fallback)
+            try:
+                super().build_extensions()
+            finally:  # same output file as the CUDA one; later steps (copy in place) list it once
+                self.extensions.remove(cpu_fallback)
+
+        def build_extension(self, ext):
+            if ext is cpu_fallback:
+                return super().build_extension(ext) if self._cuda_failed else None
+            try:
+                return super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001 - any compile or link error: keep the CPU part
+                if cpu_fallback is None:
+                    raise
+                self._cuda_failed = True
+                _log(f"the CUDA part of mcf_fast._C did not build ({type(e).__name__}: {str(e)[-300:]}); "
+                     "building the CPU part only. pip install -v shows the compiler's output; "
+                     "MCF_FAST_BUILD_CUDA=0 skips the attempt")
+
+    return BuildExt
 
 
 ext_modules, cmdclass = _extensions()
-
 setup(
     name="mcf_fast",
     version="0.1.0",

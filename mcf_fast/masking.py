@@ -135,9 +135,10 @@ def _extension():
             _EXT = _C
         except ImportError as e:
             _EXT = False
-            _warn_once("noext", f"mcf_fast._C is not built ({e}); random masks use the pure-torch "
-                       "fallback (same masks, slower). Build it with `pip install -e . "
-                       "--no-build-isolation`.")
+            _warn_once("noext", f"mcf_fast._C cannot be imported ({e}); random masks use the pure-torch "
+                       "fallback (same masks, slower). Fix: from the repository, with torch installed, "
+                       "`pip install -v --no-build-isolation -e .` and read the lines starting "
+                       "'[mcf_fast setup]' (an _C built against another torch must be rebuilt the same way)")
     return _EXT
 
 
@@ -156,7 +157,8 @@ def _use_extension(dev):
                                "rebuild it (see setup.py) or unset MCF_FAST_MASKS")
         if ext:
             _warn_once(f"nocuda:{dev.type}", f"mcf_fast._C is {why}: masks on {dev.type} use the "
-                       "pure-torch fallback (same masks, slower)")
+                       "pure-torch fallback (same masks, slower); `MCF_FAST_BUILD_CUDA=1 pip install -v "
+                       "--no-build-isolation -e .` builds the CUDA part or says what is missing")
     return ok
 
 

@@ -1,0 +1,110 @@
+"""One prepared command that proves every GPU path of mcf_fast on a bare, offline H100/H200 machine.
+
+    python benchmarks/device_check.py --prep                       # here, with a registry: gpu_wheels/
+    python benchmarks/device_check.py --out DIR [--budget-s 480]   # there (docs/gpu/README.md)
+    python benchmarks/device_check.py --out DIR --dry-run          # the plan and time boxes, nothing run
+
+In order, each step time-boxed and its result written to DIR/report.{md,json} as it finishes: the
+carried wheels installed offline; README's install building mcf_fast._C with CUDA for sm_90; every
+GPU-marked test; benchmarks/run.py's kernels and masks suites and its step suite (vit-s, vit-b-paper,
+bf16); a short vit-b-paper pre-training run (images/s, MFU, memory, data wait); the gather/scatter
+kernels' share of the copy bandwidth. Without a CUDA device every GPU step is reported
+'skipped: no CUDA device' and the exit status is 0. DIR holds at most 4 files (report.md,
+report.json, logs.txt, artifacts.tar.gz), within what the device tool brings back.
+Exit status: 0 when no step failed or timed out, 1 otherwise, 2 for bad arguments.
+"""
+import argparse
+import os
+import sys
+import tarfile
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from device_kit import prep  # noqa: E402
+from device_kit import report as RP  # noqa: E402
+from device_kit.items import STEPS  # noqa: E402
+from device_kit.runner import Context, plan_deadlines, run_steps  # noqa: E402
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="", help="report folder (created; must be empty or hold an earlier report)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of all steps (default 480)")
+    ap.add_argument("--work", default="", help="scratch folder for builds, runs, logs (default: a new /tmp folder)")
+    ap.add_argument("--only", default="", help="comma-separated step names to run (default: all, in order)")
+    ap.add_argument("--prep", action="store_true", help="download gpu_wheels/ and record the git sha, then exit")
+    ap.add_argument("--dry-run", action="store_true", help="print the steps, time boxes and paths; run nothing")
+    a = ap.parse_args(argv)
+    names = [s.name for s in STEPS]
+    only = [n for n in a.only.split(",") if n]
+    bad = [n for n in only if n not in names]
+    if bad:
+        ap.error(f"--only {','.join(bad)}: unknown step; choose from {','.join(names)}")
+    if not a.prep and not a.out:
+        ap.error("--out DIR is required (or --prep to build the wheels folder)")
+    if not 30 <= a.budget_s <= 3600:
+        ap.error(f"--budget-s {a.budget_s:g}: give 30..3600 seconds (480 fits a 15-minute GPU lease twice)")
+    if a.out and os.path.isfile(a.out):
+        ap.error(f"--out {a.out} is a file: give a folder")
+    a.steps = [s for s in STEPS if not only or s.name in only]
+    return a
+
+
+def _artifacts(work: str, out: str) -> None:
+    """The scratch folder's small outputs (run.py reports and plots, junit, metrics), one archive."""
+    keep = (".json", ".jsonl", ".md", ".png", ".txt", ".xml", ".log")
+    with tarfile.open(os.path.join(out, "artifacts.tar.gz.tmp"), "w:gz") as tar:
+        for d, _, files in os.walk(work):
+            for f in files:
+                p = os.path.join(d, f)
+                if f.endswith(keep) and os.path.getsize(p) < 4 * 2**20:
+                    tar.add(p, arcname=os.path.relpath(p, work))
+    os.replace(os.path.join(out, "artifacts.tar.gz.tmp"), os.path.join(out, "artifacts.tar.gz"))
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    if a.prep:
+        return prep.prep()
+    if a.dry_run:
+        for s, box in zip(a.steps, plan_deadlines(a.steps, a.budget_s)):
+            print(f"{s.name:22s} box {box:5.0f} s (cap {s.cap_s:.0f}, kept free {s.floor_s:.0f})  {s.what}")
+        print(f"wheels: {prep.WHEELS} ({'present' if os.path.isdir(prep.WHEELS) else 'missing: run --prep'}); "
+              f"git sha: {prep.git_sha()}")
+        return 0
+    import torch
+    os.makedirs(a.out, exist_ok=True)
+    work = a.work or tempfile.mkdtemp(prefix="mcf_device_check_")
+    os.makedirs(work, exist_ok=True)
+    site = os.path.join(work, "site")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, site, os.environ.get("PYTHONPATH", "")]).rstrip(":"),
+               PYTHONUNBUFFERED="1", MCF_FAST_REQUIRE_EXT="1", MCF_KIT_SITE=site)
+    log = os.path.join(a.out, "logs.txt")
+    open(log, "w").close()
+    ctx = Context(root=ROOT, out=a.out, work=work, env=env, log_path=log, cuda=torch.cuda.is_available(),
+                  python=sys.executable)
+    t0 = time.monotonic()
+    rep = {"command": " ".join(["python benchmarks/device_check.py", *(argv if argv is not None else sys.argv[1:])]),
+           "budget_s": a.budget_s, "machine": RP.machine(), "finished": False, "wall_s": 0.0, "steps": []}
+
+    def flush():
+        rep.update(wall_s=time.monotonic() - t0, steps=[ctx.results[s.name] for s in a.steps if s.name in ctx.results])
+        RP.write(a.out, rep)
+
+    flush()
+    run_steps(ctx, a.steps, a.budget_s, flush)
+    rep["finished"] = True
+    flush()
+    _artifacts(work, a.out)
+    print(open(os.path.join(a.out, "report.md")).read())
+    bad = [r["step"] for r in rep["steps"] if r["status"] in ("failed", "timeout")]
+    print(f"device check: {len(rep['steps']) - len(bad)} of {len(rep['steps'])} steps passed or skipped"
+          + (f"; failed: {', '.join(bad)}" if bad else "") + f"; report in {a.out}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""What the device check needs that the GPU machine lacks, made here where the registry is reachable.
+
+`python benchmarks/device_check.py --prep` fills WHEELS (gpu_wheels/, git-ignored, carried to the
+machine): the small pure-Python or manylinux cp312 wheels of the package's dependencies that the
+machine's image does not hold, and GIT_SHA, since the copied tree there may have no git.
+"""
+import os
+import subprocess
+import sys
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WHEELS = os.path.join(ROOT, "gpu_wheels")
+CARRY_LIMIT = 64 * 2 ** 20
+# Missing from the H200 image (/work/.library/device/KINDS.md, 2026-11-17), needed by the package
+# (webdataset, braceexpand) or its face/decode path (simplejpeg). Pinned: one version of each.
+PACKAGES = ("webdataset==1.0.2", "braceexpand==0.1.7", "simplejpeg==1.8.2")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64")
+
+
+def git_sha() -> str:
+    """The commit of the tree: git if it runs, else .git/HEAD read directly, else the GIT_SHA file."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+            return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    head = os.path.join(ROOT, ".git", "HEAD")
+    if os.path.exists(head):
+        ref = open(head).read().strip()
+        if ref.startswith("ref: "):
+            p = os.path.join(ROOT, ".git", ref[5:])
+            if os.path.exists(p):
+                return open(p).read().strip()
+        elif ref:
+            return ref
+    rec = os.path.join(WHEELS, "GIT_SHA")
+    if os.path.exists(rec):
+        return open(rec).read().strip() + " (recorded at prep)"
+    return "unknown (no git, no .git/HEAD, no gpu_wheels/GIT_SHA: run --prep)"
+
+
+def _requires(whl: str) -> list[str]:
+    with zipfile.ZipFile(whl) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = z.read(meta).decode().splitlines()
+    return [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Requires-Dist:") and "extra ==" not in ln]
+
+
+def prep(packages=PACKAGES) -> int:
+    """Download the wheels for CPython 3.12 on x86-64 Linux, check the size, record the git sha."""
+    os.makedirs(WHEELS, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+           "--implementation", "cp", "--abi", "cp312", "--abi", "abi3", "--abi", "none", "-d", WHEELS]
+    for p in PLATFORMS:
+        cmd += ["--platform", p]
+    rc = subprocess.run(cmd + list(packages), check=False).returncode
+    if rc != 0:
+        print(f"error: pip download failed (exit {rc}): is a package registry reachable from here?", file=sys.stderr)
+        return 1
+    with open(os.path.join(WHEELS, "GIT_SHA"), "w") as f:
+        f.write(git_sha() + "\n")
+    whls = sorted(w for w in os.listdir(WHEELS) if w.endswith(".whl"))
+    size = sum(os.path.getsize(os.path.join(WHEELS, w)) for w in whls)
+    for w in whls:
+        print(f"  {w}: needs {', '.join(_requires(os.path.join(WHEELS, w))) or 'nothing'}")
+    print(f"{len(whls)} wheels, {size / 2**20:.1f} MiB in {WHEELS} (carry limit {CARRY_LIMIT / 2**20:.0f} MiB "
+          "with the working tree); GIT_SHA recorded")
+    return 0 if size < CARRY_LIMIT / 2 else 1
+
+
+def write_teacher(path: str) -> str:
+    """A random-weights ViT-B/16 state dict (timm key names) for vit-b-paper's checkpoint teacher."""
+    import torch
+
+    from mcf_fast.model.vit import VisionTransformer
+    torch.manual_seed(0)
+    torch.save(VisionTransformer().state_dict(), path)
+    return path

@@ -218,8 +218,14 @@ def _own_files(tmp: str, rank: int) -> list[str]:
 
 
 def _describe(err: BaseException | None):
-    return None if err is None else (f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}",
-                                     integ.is_no_space(err))
+    """(one-line reason, is it a full disk) of a write error, picklable for the gather; None if no error."""
+    if err is None:
+        return None
+    root = err
+    if isinstance(err, CheckpointException) and err.failures:  # DCP wraps each rank's own exception
+        root = next(iter(err.failures.values()))[0]
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0][:300] if text else ''}", integ.is_no_space(err)
 
 
 def _abort(tmp: str, rank: int) -> None:

@@ -35,8 +35,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 
-from .decode import BadSample, decode_rgb, resolve_decoder
-from .sources import MANIFEST, FileListSource, ShardSource, image_member, open_source, read_manifest
+from .decode import MAX_PIXELS, decode_rgb, resolve_decoder
+from .files import MAX_FILE_MB
+from .index import MANIFEST, index_written_shard, read_manifest, update_manifest
+from .inputs import check_apart, plan_units, unit_inputs
+from .reasons import BadSample
 
 DETECT_MAX_SIDE = 640  # detectors run on a copy at most this big (speed); boxes are scaled back
 
@@ -137,56 +140,27 @@ def _encode(rgb: np.ndarray, quality: int) -> bytes:
         return buf.getvalue()
 
 
-def _unit_inputs(unit):
-    """Yield (key, image bytes or None, meta dict or None) for one unit."""
-    kind, spec = unit
-    if kind == "files":
-        for p in spec:
-            key = os.path.splitext(os.path.basename(p))[0]
-            try:
-                with open(p, "rb") as f:
-                    yield key, f.read(), None
-            except OSError:
-                yield key, None, None
-        return
-    samples: dict[str, dict] = {}
-    with tarfile.open(spec, "r:") as tf:  # TarError propagates: the whole unit is a corrupt shard
-        for m in tf:
-            if m.isreg():
-                dot = m.name.find(".", m.name.rfind("/") + 1)
-                if dot > 0:
-                    samples.setdefault(m.name[:dot], {})[m.name[dot + 1:].lower()] = m
-        for key, comps in samples.items():
-            e = image_member(comps)
-            meta = None
-            if "json" in comps:
-                try:
-                    meta = json.loads(tf.extractfile(comps["json"]).read())
-                except ValueError:
-                    meta = None
-            yield key.replace("/", "_"), (tf.extractfile(comps[e]).read() if e else None), meta
-
-
 def process_unit(unit, out_path: str, opts: dict) -> dict:
     """Crop the faces of one unit into out_path (atomic rename); returns its manifest entry."""
     import webdataset as wds
     det = Detector(opts["detector"], opts["min_face"])
     decoder = resolve_decoder("auto")
-    stats, n_in, n_out = Counter(), 0, 0
+    stats, converted, n_in, n_out = Counter(), Counter(), 0, 0
     tmp = out_path + ".tmp"
     with open(tmp, "wb") as fh:
         sink = wds.TarWriter(fh)
         try:
-            for key, data, meta in _unit_inputs(unit):
+            for key, data, meta in unit_inputs(unit, stats, opts["max_bytes"]):
                 n_in += 1
-                if data is None:
-                    stats["missing_image"] += 1
+                if data is None:  # why is already counted in stats
                     continue
                 try:
-                    img, _ = decode_rgb(data, decoder, 8)
+                    img, note = decode_rgb(data, decoder, 8, opts["max_pixels"])
                 except BadSample as e:
                     stats[e.reason] += 1
                     continue
+                if note:
+                    converted[note] += 1
                 boxes = det(img, meta)
                 if not boxes:
                     stats["no_face"] += 1
@@ -213,32 +187,25 @@ def process_unit(unit, out_path: str, opts: dict) -> dict:
             if os.path.exists(p):
                 os.remove(p)
         return {"samples": 0, "size": 0, "empty": True, "skipped_by_reason": dict(stats), "inputs": n_in,
-                "faces": 0, "detector": opts["detector"], "validated_by": "prepare", "input": unit_name}
+                "faces": 0, "detector": opts["detector"], "validated_by": "prepare", "input": unit_name,
+                "converted_by_reason": dict(converted)}
     os.replace(tmp, out_path)
-    from .index import index_written_shard
     entry = index_written_shard(out_path, "prepare", dict(stats))
     entry.update({"inputs": n_in, "faces": n_out, "detector": opts["detector"],
-                  "input": unit_name})
+                  "input": unit_name, "converted_by_reason": dict(converted)})
     return entry
 
 
-def plan_units(spec: str, per_unit: int) -> list:
-    """[(kind, shard path | list of files)] in a stable order (unit u -> faces-u.tar)."""
-    src = open_source(spec, seed=0, img_size=8, synthetic_size=1, cache_mb=0)
-    if isinstance(src, ShardSource):
-        return [("shard", s) for s in src.shards if os.path.exists(s)]
-    if isinstance(src, FileListSource):
-        return [("files", src.paths[i:i + per_unit]) for i in range(0, src.num_samples, per_unit)]
-    raise ValueError("prepare needs a folder, a list file or shards as --input")
-
-
 def prepare(inp: str, out: str, *, size=256, workers=1, margin=0.3, min_face=48, max_faces=1, quality=95,
-            detector="auto", per_unit=1000, progress=False) -> dict:
-    from .index import update_manifest
-    opts = dict(size=size, margin=margin, min_face=min_face, max_faces=max_faces, quality=quality,
+            detector="auto", per_unit=1000, progress=False, max_file_mb=MAX_FILE_MB, max_pixels=MAX_PIXELS) -> dict:
+    check_apart(inp, out)  # first: nothing may be written into (or over) the input
+    opts = dict(max_bytes=max_file_mb << 20, max_pixels=max_pixels,
+                size=size, margin=margin, min_face=min_face, max_faces=max_faces, quality=quality,
                 detector=resolve_detector(detector))
     os.makedirs(out, exist_ok=True)
-    units = plan_units(inp, per_unit)
+    units, listing = plan_units(inp, per_unit, opts["max_bytes"])
+    # left out while listing the input (FIFOs, symlink loops, ...): no unit holds them, the manifest does
+    update_manifest(out, {}, input_skipped_by_reason=dict(listing))
     done = read_manifest(out).get("shards", {})
     todo, reused = [], 0
     for u, unit in enumerate(units):
@@ -284,19 +251,26 @@ def main(argv=None) -> int:
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality of the crops")
     ap.add_argument("--detector", default="auto", help="auto | haar | lbp | json | none (see module doc)")
     ap.add_argument("--per-unit", type=int, default=1000, help="folder inputs: images per output shard")
+    ap.add_argument("--max-file-mb", type=int, default=MAX_FILE_MB, help="skip (too_large) bigger inputs unread")
+    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip (too_large) images whose header "
+                                                                         "claims more pixels, undecoded")
     a = ap.parse_args(argv)
     if a.size < 16 or not 0 <= a.margin <= 2 or a.max_faces < 1 or not 1 <= a.quality <= 100:
         ap.error("need --size >= 16, 0 <= --margin <= 2, --max-faces >= 1, 1 <= --quality <= 100")
+    if a.max_file_mb < 1 or a.max_pixels < 64:
+        ap.error("need --max-file-mb >= 1 and --max-pixels >= 64")
     try:
         man = prepare(a.input, a.out, size=a.size, workers=a.workers, margin=a.margin, min_face=a.min_face,
                       max_faces=a.max_faces, quality=a.quality, detector=a.detector, per_unit=a.per_unit,
-                      progress=True)
+                      max_file_mb=a.max_file_mb, max_pixels=a.max_pixels, progress=True)
     except ValueError as e:
         print(f"prepare: {e}", file=sys.stderr)
         return 2
     n_in = sum(e.get("inputs", 0) for e in man["shards"].values())
     print(f"{n_in} images in, {man['samples']} face crops out, in {len(man['shards'])} shard(s) "
-          f"({man['reused_units']} already done); skipped: {man['skipped_by_reason'] or 'none'}")
+          f"({man['reused_units']} already done); skipped: {man['skipped_by_reason'] or 'none'}"
+          + (f"; left out of the input listing: {man['input_skipped_by_reason']}"
+             if man.get("input_skipped_by_reason") else ""))
     print(f"manifest: {os.path.join(a.out, MANIFEST)}")
     return 0
 

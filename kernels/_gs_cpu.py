@@ -8,7 +8,8 @@ Why this shape (measured on a 2-core AMX CPU, N=256, L=196, D=768, fp32; see doc
 - d(pos) and d(mask_token) are fp32 reductions over the gradient already in hand, never a second
   full-size temporary.
 All functions here take and return plain tensors (no autograd); the autograd.Function in
-gather_scatter.py wires them.
+gather_scatter.py wires them. Narrowing (fp32 sums -> bf16/fp16) goes through torch's `.to()`, which
+rounds to nearest even, exactly as the reference does.
 """
 import torch
 

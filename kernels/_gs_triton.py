@@ -18,6 +18,12 @@ Two kernels serve all four directions (gather and scatter are adjoints):
 Offsets are int64 (N * L * D passes 2^31 at batch 4096); the feature dim is contiguous (the
 launcher enforces stride 1) so that loads and stores vectorise to 16-byte accesses when rows are
 16-byte aligned; every other stride is passed explicitly.
+
+Rounding: values are carried in fp32 and narrowed by the store into the output's dtype. Compiled
+Triton rounds fp32 -> bf16/fp16 to nearest even, as torch's `.to()` does in the reference and the CPU
+path, so outputs and gradients match them bit for bit (tests/test_kernels_gpu.py). Triton 3.8's
+interpreter (TRITON_INTERPRET=1) truncates fp32 -> bf16 instead, so interpreted runs can differ by
+one bf16 step wherever a store narrows (tests/test_kernels_interpret.py says what it can prove).
 """
 import triton
 import triton.language as tl

@@ -87,6 +87,36 @@ def test_info_nce_cuda(dtype, N, M, off):
         _three_way(o, lp, r, name, rel)
 
 
+def _truncate_bf16(t):
+    return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32).to(BF16)
+
+
+def test_bf16_narrowing_rounds_to_nearest_cuda():
+    """Compiled Triton narrows fp32 gradients to bf16 rounding to nearest even: bit-exact vs the reference.
+
+    The interpreter truncates instead (tests/test_kernels_interpret.py), so bf16 exactness of the
+    narrowing stores is proven here only: un-shuffle backward (bf16 tokens, fp32 pos and mask token)
+    and gather backward (bf16 x, fp32 pos), with a check that truncation would have been caught.
+    """
+    N, L, D, k = 16, 196, 512, 49
+    restore = torch.rand(N, L, device="cuda").argsort(1).argsort(1)
+    t = torch.randn(N, 1 + k, D, device="cuda", dtype=BF16, requires_grad=True)
+    m = torch.randn(D, device="cuda", requires_grad=True)
+    pos = torch.randn(1 + L, D, device="cuda", requires_grad=True)
+    out, ref = K.scatter_to_full(t, restore, m, pos), K.scatter_to_full_ref(t, restore, m, pos)
+    g = torch.randn_like(ref)
+    (a,), (b,) = torch.autograd.grad(out, t, g), torch.autograd.grad(ref, t, g)
+    assert torch.equal(a, b)
+    t32 = t.detach().float().requires_grad_(True)
+    (exact,) = torch.autograd.grad(K.scatter_to_full_ref(t32, restore, m, pos), t32, g)
+    assert not torch.equal(a, _truncate_bf16(exact))  # this gradient tells the two modes apart
+    ids = torch.rand(N, L, device="cuda").argsort(1)[:, :k]
+    x = torch.randn(N, L, D, device="cuda", dtype=BF16, requires_grad=True)
+    out, ref = K.gather_visible(x, ids, pos), K.gather_visible_ref(x, ids, pos)
+    g = torch.randn_like(ref)
+    assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
 def test_gather_int64_offsets_beyond_2_31():
     """x and d x with more than 2^31 elements: the last sample's rows are right both ways (int64 offsets)."""
     N, L, D, k = 14300, 196, 768, 49  # 2.15e9 elements, 4.3 GB in bf16

@@ -17,7 +17,7 @@ SKIP = {
     "unsafe_pickle": "an LMDB value whose pickle would call code (only plain containers are read)",
     # files and folders
     "unreadable_file": "a file that cannot be opened or read (permissions, broken symlink, vanished)",
-    "not_regular_file": "a FIFO, device or socket named like an image (never opened: it could block)",
+    "not_regular_file": "a FIFO, device or socket named like an image (never read: it could block or never end)",
     "unreadable_folder": "a sub-folder that cannot be listed",
     "symlink_loop": "a folder reached a second time through a symlink (walked once)",
     # shards and samples inside them

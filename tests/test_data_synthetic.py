@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mcf_fast.data.formats import LAPA_POINTS, lapa_split
+from mcf_fast.data.formats import FARL_ALIGN, LAPA_POINTS, lapa_split
 from mcf_fast.data.synthetic import LANDMARK_CLASSES, draw_face, main
 
 
@@ -113,9 +113,11 @@ def test_lapa_format_labels_and_106_points(tmp_path):
     pts = read_lapa_landmarks(str(out / "val" / "landmarks" / f"{idx:06d}.txt"))
     assert pts.shape == (LAPA_POINTS, 2)
     np.testing.assert_allclose(pts[:19], ref.landmarks, atol=1e-3)
-    # the extra points lie on the skin outline: just inside or just outside the skin class
-    ring = [_cls_at(ref, p) for p in pts[19:]]
-    assert sum(c in (0, 1, 10) for c in ring) == len(ring)
+    # FaRL's five alignment points are the eye centres, nose tip and mouth corners
+    np.testing.assert_allclose(pts[list(FARL_ALIGN)], ref.landmarks[list(FARL_ALIGN.values())], atol=1e-3)
+    # the other extra points lie on the skin outline: just inside or just outside the skin class
+    ring = [_cls_at(ref, p) for k, p in enumerate(pts) if k >= 19 and k not in FARL_ALIGN]
+    assert len(ring) == LAPA_POINTS - 19 - len(FARL_ALIGN) and all(c in (0, 1, 10) for c in ring)
 
 
 def test_cli_rejects_bad_arguments(tmp_path):

@@ -24,8 +24,11 @@ count is stored in `OUT/split.json` as {"train_count": K, "num_faces": N, "rule"
 per pixel) and `landmarks/NNNNNN.txt` ("106" on the first line, then 106 lines "x y"). LaPa has 106
 points; ours are: 0-18 the AFLW-19 points (same order), 18 is the chin; 19-105 = 87 points on the
 face outline (the drawn skin ellipse), evenly spaced in the ellipse's angle, starting at the chin and
-going through the image-left side. Faces 0..T-1 go to train (T = round(N * train_fraction)), the rest
-split in half: val first, then test (each at least 1 face when N >= 3). OUT/split.json records it.
+going through the image-left side, except LaPa's indices 104, 105, 54, 84, 90, which hold the eye
+centres, nose tip and mouth corners (AFLW points 7, 10, 13, 15, 17) because FaRL aligns LaPa faces
+with exactly those five (farl/datasets/prepare.py, `FARL_ALIGN`). Faces 0..T-1 go to train
+(T = round(N * train_fraction)), the rest split in half: val first, then test (each at least 1 face
+when N >= 3). OUT/split.json records it.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from .faces import FACE_HALF_H, draw_face, face_params
 from .index import index_written_shard, update_manifest
 
 LAPA_POINTS = 106
+FARL_ALIGN = {104: 7, 105: 10, 54: 13, 84: 15, 90: 17}  # LaPa index -> AFLW-19 index (see the docstring)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -121,6 +125,7 @@ def write_lapa(out: str, num: int, size: int, seed: int, train_fraction: float =
             fh.write(encode_jpeg(f.image, f.quality))
         Image.fromarray(f.parsing, mode="L").save(os.path.join(d, "labels", stem + ".png"))
         pts = np.concatenate([f.landmarks, face_outline(seed, i, size, LAPA_POINTS - 19)])
+        pts[list(FARL_ALIGN)] = f.landmarks[list(FARL_ALIGN.values())]
         with open(os.path.join(d, "landmarks", stem + ".txt"), "w") as fh:
             fh.write(f"{LAPA_POINTS}\n" + "".join(f"{x:.3f} {y:.3f}\n" for x, y in pts))
     counts = {sp: splits.count(sp) for sp in ("train", "val", "test")}

@@ -132,7 +132,7 @@ def wire(cfg: Config, rt: Runtime) -> Wiring:
     total = o.max_steps or max(1, int(round(o.epochs * steps_per_epoch)))
     warmup = o.warmup_steps or int(round(o.warmup_epochs * steps_per_epoch))
     base_lr = o.lr if o.lr > 0 else o.blr * eff_batch / 256
-    optimizer = build_optimizer(model, base_lr, o.weight_decay, (o.beta1, o.beta2), rt.device)
+    optimizer = build_optimizer(model, base_lr, o.weight_decay, (o.beta1, o.beta2), rt.device, o.decay_tokens)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
     return Wiring(cfg, rt, cfg.run.out, model, optimizer, scaler, loader, total, warmup, base_lr, eff_batch,
                   steps_per_epoch)
@@ -172,7 +172,7 @@ def run_steps(w: Wiring, start: int, saved: dict) -> None:
     batches = TimedBatches(iter(w.loader))
     try:
         for i in range(start, w.total):
-            lr = cosine_lr(i, w.total, w.warmup, w.base_lr, o.min_lr)
+            lr = cosine_lr(i, w.total, w.warmup, w.base_lr, o.min_lr, o.warmup_from_zero)
             m = ema_momentum(i, w.total, o.momentum, o.momentum_schedule)
             res = step(batches, i, lr, m)
             window.add(res)

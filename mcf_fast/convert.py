@@ -27,7 +27,7 @@ MODEL_PREFIX = "model."
 
 def resolve_checkpoint(path: str) -> str:
     """The complete checkpoint folder that `path` names (a step folder, checkpoints/ or a run folder)."""
-    from mcf_fast.train.checkpoint import complete_checkpoints
+    from mcf_fast.train.checkpoint import complete_checkpoints, latest
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a folder: pass RUN/checkpoints/step_NNNNNNNN, RUN/checkpoints "
                                 "or the run folder")
@@ -37,20 +37,22 @@ def resolve_checkpoint(path: str) -> str:
                              "saving). Use an earlier step folder, or the run folder to pick the newest complete one")
         return path
     for folder in (path, os.path.join(path, "checkpoints")):
-        ckpts = complete_checkpoints(folder)
-        if ckpts:
-            return ckpts[-1][1]
+        if complete_checkpoints(folder):
+            return latest(folder)  # newest intact finite one; damaged newer ones are named in a warning
     raise FileNotFoundError(f"no complete checkpoint under {path} (looked for step_*/COMPLETE in it and in "
                             f"{os.path.join(path, 'checkpoints')})")
 
 
 def load_model_state(ckpt: str) -> dict[str, torch.Tensor]:
     """Full (unsharded) model tensors of a DCP checkpoint, keys as `MCFModel.state_dict()`, on the CPU."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    meta = FileSystemReader(ckpt).read_metadata()
+    from mcf_fast.train.checkpoint import CheckpointError, damage
+    from mcf_fast.train.dcp_safe import read_metadata_file, safe_load
+    why = damage(ckpt)  # digests recorded at save time; .metadata through the restricted unpickler
+    if why is not None:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({why}): convert an older step folder")
+    meta = read_metadata_file(os.path.join(ckpt, ".metadata"))
     empty = {k[len(MODEL_PREFIX):]: torch.empty(m.size, dtype=m.properties.dtype)
              for k, m in meta.state_dict_metadata.items()
              if k.startswith(MODEL_PREFIX) and isinstance(m, TensorStorageMetadata)}
@@ -59,7 +61,7 @@ def load_model_state(ckpt: str) -> dict[str, torch.Tensor]:
     state = {"model": empty}
     with warnings.catch_warnings():  # "loading in a single process" is exactly the intent here
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+        safe_load(state, ckpt, no_dist=True)
     return state["model"]
 
 
@@ -99,9 +101,9 @@ def convert(ckpt: str, out: str | None = None, encoder_dir: str | None = None,
     if os.path.isfile(split_spec(ckpt)[0]):  # a single file: reference-code, MAE, MoCo v3, timm, ours
         from mcf_fast.model.foreign_export import convert_file
         return convert_file(ckpt, out, encoder_dir, num_heads)
+    from mcf_fast.train.checkpoint import read_marker
     ckpt = resolve_checkpoint(ckpt)
-    with open(os.path.join(ckpt, "COMPLETE")) as f:
-        marker = json.load(f)
+    marker = read_marker(ckpt)
     sd = load_model_state(ckpt)
     result = {"checkpoint": ckpt, "step": marker.get("step"), "world_size": marker.get("world_size")}
     if out:
@@ -140,9 +142,10 @@ def main(argv=None) -> int:
     p.add_argument("--num-heads", type=int, default=None,
                    help="encoder heads when the run's config.json is not beside the checkpoint")
     a = p.parse_args(argv)
+    from mcf_fast.train.dcp_safe import CheckpointError
     try:
         res = convert(a.checkpoint, a.out, a.encoder, a.num_heads)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         p.error(str(e))
     print(json.dumps(res))
     return 0

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from . import ckpt_integrity as integ
-from .dcp_safe import UnsafeCheckpointError, read_metadata_file, safe_load
+from .dcp_safe import CheckpointError, UnsafeCheckpointError, read_metadata_file, safe_load
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -44,10 +44,6 @@ FROZEN_PREFIXES = ("perceptual.",)  # rebuilt from the config (seed or checkpoin
 MARKER = integ.MARKER
 _WRITE_ERRORS = (OSError, RuntimeError, CheckpointException)  # CheckpointException is a BaseException
 _VERIFIED: dict[str, tuple] = {}  # path -> (files' stat key, damage or None): resume asks more than once
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message says which one, why, and what to do."""
 
 
 def _rank() -> int:

@@ -34,7 +34,11 @@ _ALLOWED: dict[str, frozenset[str]] = {
 }
 
 
-class UnsafeCheckpointError(RuntimeError):
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message says which one, why, and what to do."""
+
+
+class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file asks to build something outside what DCP itself writes: it was refused, unread."""
 
 
@@ -122,4 +126,5 @@ def safe_load(state: dict, path: str, no_dist: bool = False) -> None:
     dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), no_dist=no_dist)
 
 
-__all__ = ["UnsafeCheckpointError", "SafeFileSystemReader", "SafeLoadPlanner", "read_metadata_file", "safe_load"]
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "SafeFileSystemReader", "SafeLoadPlanner", "read_metadata_file",
+           "safe_load"]

@@ -1,0 +1,148 @@
+"""A run folder's DCP files execute nothing: hostile `.metadata` or byte entries are refused on resume and
+convert, naming the class and the file, and a marker file the payload would create never appears (issue 13)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from test_checkpoint_integrity import _save, _tiny
+
+from mcf_fast.train import checkpoint as ckpt
+from mcf_fast.train.dcp_safe import UnsafeCheckpointError, read_metadata_file
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny()
+
+
+class _Payload:
+    """Unpickles to os.system('touch MARKER'): what an attacker's checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _rehash(path):
+    """Rewrite COMPLETE's digests to match the folder, as an attacker who edits the files would."""
+    m = json.load(open(os.path.join(path, "COMPLETE")))
+    for name in m["files"]:
+        data = open(os.path.join(path, name), "rb").read()
+        m["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    json.dump(m, open(os.path.join(path, "COMPLETE"), "w"))
+
+
+def _poison_metadata(path, marker):
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    _rehash(path)
+
+
+def test_real_metadata_reads_through_the_restricted_unpickler(tmp_path, tiny):
+    """The allow-list covers everything a real MCF + fused-AdamW checkpoint pickles (tensors and byte entries)."""
+    path = _save(tmp_path, 1, tiny)
+    md = read_metadata_file(os.path.join(path, ".metadata"))
+    kinds = {type(v).__name__ for v in md.state_dict_metadata.values()}
+    assert kinds == {"TensorStorageMetadata", "BytesStorageMetadata"}
+    assert md.state_dict_metadata["model.encoder.cls_token"].properties.dtype == torch.float32
+
+
+@pytest.mark.parametrize("rehash", [True, False], ids=["digests-rewritten", "legacy-marker"])
+def test_hostile_metadata_is_refused_on_resume(tmp_path, tiny, rehash):
+    """A .metadata reducing to os.system is refused by latest() and load(), naming posix.system and the file."""
+    marker = tmp_path / "PWNED"
+    path = _save(tmp_path / "ck", 1, tiny)
+    _poison_metadata(path, marker)
+    if not rehash:
+        json.dump({"step": 1, "world_size": 1, "finite": True}, open(os.path.join(path, "COMPLETE"), "w"))
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata asks to build posix\.system.*refused"):
+        ckpt.latest(str(tmp_path / "ck"))
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+        ckpt.load(path, *_tiny())
+    assert not marker.exists()
+
+
+def test_hostile_byte_entry_in_distcp_is_refused(tmp_path, tiny):
+    """A non-tensor entry (DCP loads these with weights_only=False) pointing at a hostile pickle is refused."""
+    marker = tmp_path / "PWNED"
+    path = _save(tmp_path / "ck", 1, tiny)
+    meta_path = os.path.join(path, ".metadata")
+    md = read_metadata_file(meta_path)
+    buf = io.BytesIO()
+    torch.save(_Payload(marker), buf)
+    shard = os.path.join(path, "__0_0.distcp")
+    offset = os.path.getsize(shard)
+    with open(shard, "ab") as f:
+        f.write(buf.getvalue())
+    key = next(k for k in md.storage_data if k.fqn == "optim.param_groups.0.lr")
+    info = md.storage_data[key]
+    info.offset, info.length = offset, len(buf.getvalue())
+    with open(meta_path, "wb") as f:
+        pickle.dump(md, f)
+    _rehash(path)
+    with pytest.raises(UnsafeCheckpointError, match="optim.param_groups.0.lr"):
+        ckpt.load(path, *_tiny())
+    assert not marker.exists()
+
+
+def test_storage_paths_outside_the_folder_are_refused(tmp_path, tiny):
+    """A storage entry naming ../something would make DCP open files outside the checkpoint: refused."""
+    path = _save(tmp_path / "ck", 1, tiny)
+    meta_path = os.path.join(path, ".metadata")
+    md = read_metadata_file(meta_path)
+    next(iter(md.storage_data.values())).relative_path = "../../etc/passwd"
+    with open(meta_path, "wb") as f:
+        pickle.dump(md, f)
+    with pytest.raises(UnsafeCheckpointError, match="points outside the checkpoint folder"):
+        read_metadata_file(meta_path)
+
+
+def test_convert_refuses_hostile_metadata(tmp_path, tiny):
+    """`python -m mcf_fast.convert RUN` and `... STEP_DIR` refuse the hostile file with a one-line error."""
+    from mcf_fast import convert
+    marker = tmp_path / "PWNED"
+    run = tmp_path / "run"
+    path = _save(run / "checkpoints", 1, tiny)
+    _poison_metadata(path, marker)
+    for target in (str(run), path):
+        with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+            convert.convert(target, out=str(tmp_path / "m.safetensors"))
+        with pytest.raises(SystemExit):
+            convert.main([target, "--out", str(tmp_path / "m.safetensors")])
+    assert not marker.exists() and not (tmp_path / "m.safetensors").exists()
+
+
+def test_convert_verifies_digests(tmp_path, tiny):
+    """convert of a step folder whose shard no longer matches its digest is refused, naming the file."""
+    from mcf_fast import convert
+    path = _save(tmp_path / "run" / "checkpoints", 1, tiny)
+    shard = os.path.join(path, "__0_0.distcp")
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="__0_0.distcp does not match its sha256"):
+        convert.convert(path, out=str(tmp_path / "m.pt"))
+
+
+def test_pretrain_resume_refuses_hostile_metadata(tmp_path):
+    """Rerunning `pretrain` on a run folder whose checkpoint carries a hostile .metadata stops before unpickling it."""
+    from test_pretrain_e2e import TINY
+
+    from mcf_fast.train.cli import parse_args
+    from mcf_fast.train.loop import train
+    marker = tmp_path / "PWNED"
+    cfg, _ = parse_args(["--out", str(tmp_path / "r"), "--max-steps", "2", *TINY, "--run.ckpt_every", "2",
+                         "--run.tensorboard", "false", "--run.export", "false", "--run.vis_every", "0"])
+    train(cfg)
+    _poison_metadata(str(tmp_path / "r" / "checkpoints" / "step_00000002"), marker)
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+        train(cfg)
+    assert not marker.exists()

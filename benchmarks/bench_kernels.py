@@ -18,9 +18,8 @@ import subprocess
 import sys
 import time
 
-import torch
-
 import mcf_fast.kernels as K
+import torch
 
 
 def _compare_ms(base_fn, ours_fn, repeats):
@@ -98,6 +97,33 @@ def bench_scatter(N=256, L=196, Dd=512, ratio=0.75, dtype=torch.float32, repeats
     return dict(name=f"scatter_to_full N={N} L={L} Dd={Dd} r={ratio} {str(dtype)[6:]}",
                 baseline="MAE repeat+cat+gather+cat+add", baseline_ms=base, baseline_spread_ms=base_sp,
                 ours_ms=ours, ours_spread_ms=ours_sp, speedup=base / ours)
+
+
+def mae_random_masking(x, mask_ratio, noise):
+    """MAE's random_masking: argsort twice, gather with a repeated index, 0/1 mask gathered back."""
+    N, L, D = x.shape
+    keep = int(L * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x_masked = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).repeat(1, 1, D))
+    mask = torch.ones([N, L])
+    mask[:, :keep] = 0
+    return x_masked, torch.gather(mask, 1, ids_restore), ids_restore
+
+
+def bench_random_masking(N=64, L=196, D=768, ratio=0.75, dtype=torch.float32, repeats=7):
+    """K.random_masking (the patch_mae drop-in) vs MAE's random_masking, fwd+bwd through x_masked."""
+    x = torch.randn(N, L, D, dtype=dtype, requires_grad=True)
+    noise = torch.rand(N, L)
+    g = torch.randn(N, int(L * (1 - ratio)), D, dtype=dtype)
+    K.set_backend("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(K.random_masking(x, ratio, noise), mae_random_masking(x, ratio, noise)))
+    (base, base_sp), (ours, ours_sp) = _compare_ms(
+        lambda: _fwd_bwd(lambda *a: mae_random_masking(*a)[0], (x, ratio, noise), (x,), g),
+        lambda: _fwd_bwd(lambda *a: K.random_masking(*a)[0], (x, ratio, noise), (x,), g), repeats)
+    return dict(name=f"random_masking N={N} L={L} D={D} r={ratio} {str(dtype)[6:]}", baseline="MAE random_masking",
+                baseline_ms=base, baseline_spread_ms=base_sp, ours_ms=ours, ours_spread_ms=ours_sp,
+                speedup=base / ours)
 
 
 def bench_pixel_first(N=32, img=224, p=16, D=768, ratio=0.75, repeats=3):
@@ -316,9 +342,11 @@ def gpu_cases() -> list:
 def cases(quick: bool) -> list:
     """Benchmark thunks for benchmarks/run.py (quick: smaller shapes, fewer repeats)."""
     if quick:
-        return [lambda: bench_gather(N=32, repeats=3), lambda: bench_scatter(N=32, repeats=3),
+        return [lambda: bench_random_masking(N=16, repeats=3),
+                lambda: bench_gather(N=32, repeats=3), lambda: bench_scatter(N=32, repeats=3),
                 lambda: bench_info_nce(N=1024, M=1024, repeats=2), lambda: bench_pixel_first(N=8, repeats=2)]
-    return [bench_gather, bench_scatter, lambda: bench_gather(dtype=torch.bfloat16),
+    return [bench_random_masking, lambda: bench_scatter(N=64),
+            bench_gather, bench_scatter, lambda: bench_gather(dtype=torch.bfloat16),
             lambda: bench_scatter(dtype=torch.bfloat16), bench_info_nce, bench_pixel_first]
 
 

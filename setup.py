@@ -25,8 +25,13 @@ NO_TORCH = ("torch is not importable in the build environment ({err}). Install t
             "or set MCF_FAST_BUILD_EXT=0 to install without the C++ mask generator")
 
 
+BUILDS = ("build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install")
+
+
 def _log(msg):
-    print(f"[mcf_fast setup] {msg}", file=sys.stderr, flush=True)
+    # pip runs setup.py for metadata too: say the build plan only where something is built.
+    if any(a in BUILDS for a in sys.argv[1:]):
+        print(f"[mcf_fast setup] {msg}", file=sys.stderr, flush=True)
 
 
 def _cudart_dir(cuda_home):

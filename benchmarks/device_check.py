@@ -37,6 +37,8 @@ def _args(argv):
     ap.add_argument("--only", default="", help="comma-separated step names to run (default: all, in order)")
     ap.add_argument("--prep", action="store_true", help="download gpu_wheels/ and record the git sha, then exit")
     ap.add_argument("--dry-run", action="store_true", help="print the steps, time boxes and paths; run nothing")
+    ap.add_argument("--no-skip", action="store_true", help="run the steps even without CUDA (to try the install "
+                    "and build steps on a CPU machine; the GPU steps then fail)")
     a = ap.parse_args(argv)
     names = [s.name for s in STEPS]
     only = [n for n in a.only.split(",") if n]
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
                PYTHONUNBUFFERED="1", MCF_FAST_REQUIRE_EXT="1", MCF_KIT_SITE=site)
     log = os.path.join(a.out, "logs.txt")
     open(log, "w").close()
-    ctx = Context(root=ROOT, out=a.out, work=work, env=env, log_path=log, cuda=torch.cuda.is_available(),
+    ctx = Context(root=ROOT, out=a.out, work=work, env=env, log_path=log, cuda=torch.cuda.is_available() or a.no_skip,
                   python=sys.executable)
     t0 = time.monotonic()
     rep = {"command": " ".join(["python benchmarks/device_check.py", *(argv if argv is not None else sys.argv[1:])]),

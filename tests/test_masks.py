@@ -365,6 +365,8 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_cuda_equals_cpu(N, L, ratio, V):
     """The CUDA kernel (shared-memory and workspace paths) gives the CPU bits."""
     if not getattr(ext, "WITH_CUDA", 0):
+        if os.environ.get("MCF_FAST_REQUIRE_EXT", "0") == "1":
+            pytest.fail("mcf_fast._C was built without CUDA on a CUDA machine under MCF_FAST_REQUIRE_EXT=1")
         pytest.skip("mcf_fast._C built without CUDA")
     ids = torch.arange(N, dtype=torch.int64) * 7919 + 3
     for seed, step in [(0, 0), (2**64 - 1, 2**32 - 1)]:

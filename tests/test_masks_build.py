@@ -115,3 +115,28 @@ def test_asan_build_runs_clean(tmp_path):
                          text=True, timeout=600, check=False)
     assert run.returncode == 0 and "ASAN_RUN_OK" in run.stdout, run.stderr[-4000:]
     assert "AddressSanitizer" not in run.stderr, run.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
+@pytest.mark.skipif(torch.version.cuda is None, reason="CPU-only torch: the CUDA part is never tried")
+def test_cuda_build_failure_keeps_the_cpu_part(tmp_path):
+    """auto mode: a CUDA part that does not build (here: an arch nvcc rejects) leaves a working CPU
+    extension and one '[mcf_fast setup]' line with the reason; MCF_FAST_BUILD_CUDA=1 fails instead."""
+    env = dict(os.environ, MCF_FAST_BUILD_CUDA="auto", MCF_FAST_CUDA_ARCH="1")
+    args = [sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+            "--build-temp", str(tmp_path / "tmp")]
+    build = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    log = build.stdout + build.stderr
+    assert build.returncode == 0, log[-3000:]
+    assert log.count("the CUDA part of mcf_fast._C did not build") == 1, log[-3000:]
+    so = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "lib") for f in fs if f.startswith("_C")]
+    assert len(so) == 1, so
+    probe = ("import sys, torch; torch.ops.load_library(sys.argv[1]); "
+             "print(len(torch.ops.mcf_fast.random_masks(torch.arange(3), 16, 4, 1, 0, 0)[0][0]))")
+    run = subprocess.run([sys.executable, "-c", probe, so[0]], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert run.returncode == 0 and run.stdout.strip() == "3", run.stderr[-2000:]
+    strict = subprocess.run(args, cwd=ROOT, env=dict(env, MCF_FAST_BUILD_CUDA="1"), capture_output=True,
+                            text=True, timeout=900, check=False)
+    assert strict.returncode != 0

@@ -145,9 +145,12 @@ def read_index(path: str) -> list:
         if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
             raise ValueError(f"{path}: not a DALI v1.2 index file (first line {head!r}); {fix}")
         out = []
-        for line in f:
+        for n, line in enumerate(f, 2):
             tok = line.split()
-            comps = {tok[i].lower(): (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok) - 3, 4)}
+            try:
+                comps = {tok[i].lower(): (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok) - 3, 4)}
+            except ValueError:
+                raise ValueError(f"{path}: line {n} is not 'ext offset size name ...'; {fix}") from None
             e = image_member(comps)
             key = split_key(tok[3])[0] if len(tok) > 3 else ""
             out.append((key, *comps[e]) if e else (key, 0, -1))

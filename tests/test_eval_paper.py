@@ -1,0 +1,80 @@
+"""`python -m mcf_fast.eval paper`: both tasks from one checkpoint, resumable, one table against the paper."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mcf_fast.eval.__main__ import main
+from mcf_fast.eval.toydata import write_aflw19, write_lapa
+from mcf_fast.model.vit import VisionTransformer, save_encoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--img-size", "32", "--batch-size", "4", "--workers", "0", "--head-width", "8", "--no-progress",
+        "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """A tiny exported encoder, a toy AFLW-19 folder and a toy LaPa folder."""
+    root = tmp_path_factory.mktemp("paper")
+    torch.manual_seed(2)
+    save_encoder(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2), str(root / "enc"))
+    write_aflw19(str(root / "aflw"), 14, 40, seed=1, train_count=9)
+    write_lapa(str(root / "lapa"), {"train": 6, "val": 1, "test": 3}, 40, seed=1)
+    return root
+
+
+def _paper(sets, out, *extra):
+    return main(["paper", "--encoder", str(sets / "enc"), "--aflw19", str(sets / "aflw"), "--lapa",
+                 str(sets / "lapa"), "--out", str(out), *TINY, *extra])
+
+
+def test_paper_resumes_and_ends_with_the_table(sets, tmp_path, capsys):
+    """Stopped after 1 step it resumes to the end; the table has ours, the paper and FaRL, and the face counts;
+    a finished task is not run again."""
+    assert _paper(sets, tmp_path, "--max-steps", "2", "--stop-after", "1") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stopped_at"] == 1
+    assert not os.path.exists(tmp_path / "paper.md")
+    assert torch.load(tmp_path / "alignment" / "ckpt.pt", weights_only=True)["step"] == 1
+    assert _paper(sets, tmp_path, "--max-steps", "2") == 0
+    md = open(tmp_path / "paper.md").read()
+    assert "| MCF paper | 0.932 | 93.96 |" in capsys.readouterr().out  # the table is also printed
+    for s in ("| MCF paper | 0.932 | 93.96 |", "| FaRL ep16 (FaRL README) | 0.943 | 93.88 |", "this checkpoint",
+              "9 train faces, 5 test faces", "6 train images, 3 test images", "FaRL's downstream protocol"):
+        assert s in md, s
+    t = json.load(open(tmp_path / "paper.json"))
+    ma = json.load(open(tmp_path / "alignment" / "metrics.json"))
+    mp = json.load(open(tmp_path / "parsing" / "metrics.json"))
+    assert t["this"] == [100 * ma["nme_diag"], 100 * mp["f1_mean"]]
+    assert ma["run"]["protocol"] == mp["run"]["protocol"] == "farl" and mp["run"]["warp_factor"] == 0.8
+    lines = len(open(tmp_path / "parsing" / "metrics.jsonl").readlines())
+    assert _paper(sets, tmp_path, "--max-steps", "2") == 0  # both done: nothing retrains
+    assert len(open(tmp_path / "parsing" / "metrics.jsonl").readlines()) == lines
+    assert json.load(open(tmp_path / "paper.json"))["this"] == t["this"]
+
+
+def test_paper_errors_name_the_problem(sets, tmp_path, capsys):
+    """A missing LaPa folder and a refused protocol value exit with a message, not a traceback."""
+    assert main(["paper", "--encoder", str(sets / "enc"), "--aflw19", str(sets / "aflw"), "--lapa",
+                 str(tmp_path / "no_lapa"), "--out", str(tmp_path / "o"), *TINY, "--max-steps", "1"]) == 2
+    assert "no_lapa" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _paper(sets, tmp_path / "p", "--protocol", "resize-whole")
+
+
+def test_paper_on_the_project_generator_sets(sets, tmp_path):
+    """`python -m mcf_fast.eval paper` runs end to end on mcf_fast.data.synthetic's AFLW-19 and LaPa layouts."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for fmt in ("aflw19", "lapa"):
+        r = subprocess.run([sys.executable, "-m", "mcf_fast.data.synthetic", "--out", str(tmp_path / fmt), "--num",
+                            "10", "--size", "48", "--format", fmt, "--seed", "3"], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "mcf_fast.eval", "paper", "--encoder", str(sets / "enc"), "--aflw19",
+                        str(tmp_path / "aflw19"), "--lapa", str(tmp_path / "lapa"), "--out", str(tmp_path / "out"),
+                        *TINY, "--max-steps", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| this checkpoint |" in r.stdout and "8 train faces, 2 test faces" in r.stdout

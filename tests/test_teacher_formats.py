@@ -134,3 +134,38 @@ def test_mae_decoder_partial_init(tmp_path):
     assert torch.equal(got["decoder_pred.weight"], fresh["decoder_pred.weight"])  # only with all blocks
     with pytest.raises(ValueError, match="asked to load 4"):
         load_mae_decoder(dst, str(tmp_path / "mae.pth"), num_blocks=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_non_float_teacher_weights_are_refused(tmp_path, dtype):
+    """Teacher weights of a non-float dtype are an error naming the tensor, not a silent cast."""
+    sd = _vit().state_dict()
+    sd["blocks.0.attn.qkv.weight"] = (sd["blocks.0.attn.qkv.weight"] * 100).to(dtype)
+    torch.save(sd, tmp_path / "int.pth")
+    with pytest.raises(ValueError, match=rf"'blocks.0.attn.qkv.weight' has dtype {dtype}, not a float"):
+        build_teacher_vit(f"checkpoint:{tmp_path / 'int.pth'}", {}, seed=0, num_heads=2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_teacher_weights_are_refused(tmp_path, bad):
+    """A teacher with NaN / inf weights is refused at load, naming the tensor and how many values."""
+    sd = _vit().state_dict()
+    sd["blocks.2.mlp.fc1.weight"][3, :2] = bad
+    save_file({k: t.contiguous() for k, t in sd.items()}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ValueError, match=r"'blocks.2.mlp.fc1.weight' holds 2 non-finite value"):
+        build_teacher_vit(f"checkpoint:{tmp_path / 'nan.safetensors'}", {}, seed=0, num_heads=2)
+
+
+def test_non_finite_mae_decoder_is_refused(tmp_path):
+    """--model.decoder_init refuses a decoder with NaN weights the same way (nothing is loaded)."""
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+              decoder_num_heads=2, proj_hidden=16, proj_dim=8, teacher="pixel")
+    src = MCFModel(**kw)
+    mae = {k: v.clone() for k, v in src.state_dict().items() if k.startswith(("decoder", "mask_token"))}
+    mae["decoder_embed.weight"][0, 0] = float("nan")
+    torch.save({"model": mae}, tmp_path / "mae.pth")
+    dst = MCFModel(**kw)
+    before = dst.decoder_embed.weight.clone()
+    with pytest.raises(ValueError, match="'decoder_embed.weight' holds 1 non-finite"):
+        load_mae_decoder(dst, str(tmp_path / "mae.pth"))
+    assert torch.equal(dst.decoder_embed.weight, before)

@@ -3,7 +3,9 @@
 Reports sample counts, bad samples by reason (with examples), converted images (gray, CMYK, RGBA,
 16-bit, palette: usable, both loaders convert them) and a histogram of the shorter image side.
 Exit code 0 when nothing is bad, 1 otherwise (`--strict`: conversions count as bad too), 2 on usage
-errors.
+errors. Reasons are `reasons.SKIP`'s, the loader's and prepare's too; files are read through the same
+guarded readers (regular files only, `--max-file-mb`, `--max-pixels` checked on the header), and a tar
+cut mid-member is scanned (and indexed) up to the cut.
 
 `--write-index` (shards only) writes each shard's DALI index `SHARD.tar.idx` listing only the samples
 whose image decodes, and records the shard in `manifest.json` (see `index`): from then on both loaders

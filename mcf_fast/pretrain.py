@@ -1,7 +1,8 @@
 """`python -m mcf_fast.pretrain [--preset demo|vit-s|vit-b-paper] [--out DIR] [--SECTION.FIELD VALUE ...]`
 
-Without arguments: the `demo` preset, a small ViT pre-trained on synthetic faces on the CPU in a few
-minutes. Rerunning the same command with the same --out resumes from the last complete checkpoint.
+Without arguments: the demo (`mcf_fast.demo`): a small MAE teacher, then MCF against it, on synthetic
+faces on the CPU in a few minutes, ending with a summary of what was learnt. With arguments: one run
+of the preset (default `demo`). Rerunning the same command with the same --out resumes.
 """
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ import sys
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # the embedded default: the two-stage demo (MAE teacher, then MCF against it)
+        from mcf_fast.demo import run_demo
+        run_demo()
+        return 0
     from mcf_fast.train.cli import parse_args
     cfg, ns = parse_args(argv)
     if ns.print_config:

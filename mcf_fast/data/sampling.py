@@ -165,7 +165,7 @@ def per_rank(total: int, batch_size: int, world_size: int, drop_last: bool) -> t
         if steps == 0:
             raise ValueError(
                 f"{total} samples cannot fill one step of batch {batch_size} on {world_size} rank(s) "
-                "with drop_last=True: use more data, a smaller batch, or drop_last=False")
+                "(full steps only): use more data (--data.path) or a smaller --optim.batch_size")
     else:
         steps = max(1, -(-total // (world_size * batch_size)))
     return steps * batch_size, steps

@@ -20,7 +20,11 @@ Detectors (`--detector`): `haar` = OpenCV's Haar cascade (opencv-python-headless
 OpenCV 5 dropped `CascadeClassifier`), `lbp` = the LBP frontal-face cascade that ships inside
 scikit-image (`skimage.data.lbp_frontal_face_cascade_filename()`), `json` = the box stored in the
 sample's JSON ("bbox" [left, right, top, bottom] or "face_box" [x, y, w, h]; synthetic shards carry
-it), `none` = the image is already a face crop (central square). `auto` = haar, else lbp.
+it), `none` = the image is already a face crop (central square), `mtcnn` = the MTCNN CNN cascade
+(`mtcnn.py`; weights from the facenet-pytorch wheel), `boxes` = the boxes of `--boxes FILE`
+(`boxes.py`: LAION-Face's released detections, or a JSON/JSONL/parquet table; no detector runs).
+`auto` = mtcnn where its weights are installed, else haar, else lbp (recall and precision of each on
+labelled photos that ship in packages: `python benchmarks/bench_detect.py`).
 """
 from __future__ import annotations
 
@@ -53,26 +57,41 @@ def haar_available() -> bool:
     return hasattr(cv2, "CascadeClassifier") and os.path.exists(path)
 
 
-def resolve_detector(name: str) -> str:
+DETECTORS = ("auto", "mtcnn", "haar", "lbp", "boxes", "json", "none")
+
+
+def resolve_detector(name: str, boxes: str = "") -> str:
+    from . import mtcnn
+    if boxes and name not in ("auto", "boxes"):
+        raise ValueError(f"--boxes gives the faces: drop --detector {name} (or use --detector boxes)")
+    if boxes or name == "boxes":
+        if not boxes:
+            raise ValueError("--detector boxes needs --boxes FILE (.pth, .json, .jsonl or .parquet of face boxes)")
+        return "boxes"
     if name == "auto":
-        return "haar" if haar_available() else "lbp"
+        return "mtcnn" if mtcnn.available() else "haar" if haar_available() else "lbp"
     if name == "haar" and not haar_available():
         raise ValueError("--detector haar needs OpenCV's CascadeClassifier and its XML files "
-                         "(opencv-python-headless<5); use --detector lbp (ships with scikit-image)")
-    if name not in ("haar", "lbp", "json", "none"):
-        raise ValueError(f"--detector {name!r}: choose auto, haar, lbp, json or none")
+                         "(opencv-python-headless<5); use --detector mtcnn or lbp (ships with scikit-image)")
+    if name == "mtcnn":
+        mtcnn.find_weights()  # raises with the install hint
+    if name not in DETECTORS:
+        raise ValueError(f"--detector {name!r}: choose one of {', '.join(DETECTORS)}")
     return name
 
 
 class Detector:
     """Face boxes [(x, y, w, h)] in image pixels, largest first."""
 
-    def __init__(self, kind: str, min_face: int):
-        self.kind, self.min_face = kind, min_face
+    def __init__(self, kind: str, min_face: int, boxes=None):
+        self.kind, self.min_face, self.boxes = kind, min_face, boxes  # boxes: a boxes.GivenBoxes
         self._impl = None
 
     def _load(self):
-        if self.kind == "haar":
+        if self.kind == "mtcnn":
+            from .mtcnn import MTCNN
+            self._impl = MTCNN()
+        elif self.kind == "haar":
             import cv2
             self._impl = cv2.CascadeClassifier(
                 os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
@@ -81,8 +100,10 @@ class Detector:
             from skimage.feature import Cascade
             self._impl = Cascade(lbp_frontal_face_cascade_filename())
 
-    def __call__(self, img: np.ndarray, meta: dict | None) -> list:
+    def __call__(self, img: np.ndarray, meta: dict | None, key: str = "") -> list:
         h, w = img.shape[:2]
+        if self.kind == "boxes":
+            return self.boxes(key, meta, img.shape)
         if self.kind == "none":
             s = min(h, w)
             return [((w - s) // 2, (h - s) // 2, s, s)]
@@ -106,6 +127,8 @@ class Detector:
             import cv2
             gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
             found = [tuple(map(int, b)) for b in self._impl.detectMultiScale(gray, 1.1, 5, minSize=(m, m))]
+        elif self.kind == "mtcnn":
+            found = [b[:4] for b in self._impl(small, min_face=m)]
         else:
             hs, ws = small.shape[:2]
             dets = self._impl.detect_multi_scale(img=small, scale_factor=1.2, step_ratio=1, min_size=(m, m),
@@ -140,10 +163,23 @@ def _encode(rgb: np.ndarray, quality: int) -> bytes:
         return buf.getvalue()
 
 
+_BOX_TABLES: dict = {}  # path -> table, once per process: workers get the path, not a 1 GB dict per unit
+
+
+def _given_boxes(opts: dict):
+    if opts["detector"] != "boxes":
+        return None
+    from .boxes import GivenBoxes, load_boxes
+    path = opts["boxes"]
+    if path not in _BOX_TABLES:
+        _BOX_TABLES[path] = load_boxes(path)
+    return GivenBoxes(_BOX_TABLES[path], opts["box_format"], opts["min_score"])
+
+
 def process_unit(unit, out_path: str, opts: dict) -> dict:
     """Crop the faces of one unit into out_path (atomic rename); returns its manifest entry."""
     import webdataset as wds
-    det = Detector(opts["detector"], opts["min_face"])
+    det = Detector(opts["detector"], opts["min_face"], _given_boxes(opts))
     decoder = resolve_decoder("auto")
     stats, converted, n_in, n_out = Counter(), Counter(), 0, 0
     tmp = out_path + ".tmp"
@@ -161,7 +197,7 @@ def process_unit(unit, out_path: str, opts: dict) -> dict:
                     continue
                 if note:
                     converted[note] += 1
-                boxes = det(img, meta)
+                boxes = det(img, meta, key)
                 if not boxes:
                     stats["no_face"] += 1
                     continue
@@ -197,11 +233,14 @@ def process_unit(unit, out_path: str, opts: dict) -> dict:
 
 
 def prepare(inp: str, out: str, *, size=256, workers=1, margin=0.3, min_face=48, max_faces=1, quality=95,
-            detector="auto", per_unit=1000, progress=False, max_file_mb=MAX_FILE_MB, max_pixels=MAX_PIXELS) -> dict:
+            detector="auto", per_unit=1000, progress=False, boxes="", box_format="xyxy", min_score=0.0,
+            max_file_mb=MAX_FILE_MB, max_pixels=MAX_PIXELS) -> dict:
     check_apart(inp, out)  # first: nothing may be written into (or over) the input
     opts = dict(max_bytes=max_file_mb << 20, max_pixels=max_pixels,
                 size=size, margin=margin, min_face=min_face, max_faces=max_faces, quality=quality,
-                detector=resolve_detector(detector))
+                detector=resolve_detector(detector, boxes), boxes=boxes, box_format=box_format, min_score=min_score)
+    if boxes:  # read (and check) the box file once before any work, so a bad one fails at once
+        _given_boxes(opts)
     os.makedirs(out, exist_ok=True)
     units, listing = plan_units(inp, per_unit, opts["max_bytes"])
     # left out while listing the input (FIFOs, symlink loops, ...): no unit holds them, the manifest does
@@ -249,7 +288,11 @@ def main(argv=None) -> int:
     ap.add_argument("--min-face", type=int, default=48, help="drop faces smaller than this (px, input scale)")
     ap.add_argument("--max-faces", type=int, default=1, help="faces kept per image (largest first)")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality of the crops")
-    ap.add_argument("--detector", default="auto", help="auto | haar | lbp | json | none (see module doc)")
+    ap.add_argument("--detector", default="auto", help=" | ".join(DETECTORS) + " (see module doc)")
+    ap.add_argument("--boxes", default="", help="face boxes per sample (LAION-Face's sample2detect_N.pth, or "
+                                                ".json/.jsonl/.parquet): crop these, run no detector")
+    ap.add_argument("--box-format", default="xyxy", choices=("xyxy", "xywh"), help="how --boxes writes a box")
+    ap.add_argument("--min-score", type=float, default=0.0, help="--boxes: drop faces scored below this")
     ap.add_argument("--per-unit", type=int, default=1000, help="folder inputs: images per output shard")
     ap.add_argument("--max-file-mb", type=int, default=MAX_FILE_MB, help="skip (too_large) bigger inputs unread")
     ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip (too_large) images whose header "
@@ -262,6 +305,7 @@ def main(argv=None) -> int:
     try:
         man = prepare(a.input, a.out, size=a.size, workers=a.workers, margin=a.margin, min_face=a.min_face,
                       max_faces=a.max_faces, quality=a.quality, detector=a.detector, per_unit=a.per_unit,
+                      boxes=a.boxes, box_format=a.box_format, min_score=a.min_score,
                       max_file_mb=a.max_file_mb, max_pixels=a.max_pixels, progress=True)
     except ValueError as e:
         print(f"prepare: {e}", file=sys.stderr)

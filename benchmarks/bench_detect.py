@@ -52,6 +52,7 @@ def _portrait(name: str) -> np.ndarray:
 def labelled_set(n_composites: int, seed: int = 0) -> list:
     """[(name, rgb uint8, [(x, y, w, h)] labels)]."""
     import skimage.data
+
     from mcf_fast.data.augment import _resize
     out = [(n, _portrait(n), boxes) for n, boxes in PORTRAITS.items()]
     negs = [(n, _rgb(getattr(skimage.data, n)())) for n in NEGATIVES]

@@ -112,7 +112,7 @@ def test_lmdb_pickles_never_run_code(tmp_path):
     for db in ("keys", "len"):
         with pytest.raises(ValueError, match=f"__{db}__ is not a plain pickle"):
             build_pretrain_loader(DataConfig(path=str(tmp_path / db), workers=0), batch_size=2)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="not a plain pickle"):
             scan(str(tmp_path / db))
     loader, ids, st = _epoch_stats(tmp_path / "vals")
     assert loader.num_samples == 5 and 4 not in ids

@@ -154,6 +154,18 @@ def test_fifo_named_in_a_list_file_is_checked_at_read_time(fifo_folder, tmp_path
     assert rep["ok"] == 2 and dict(rep["skipped"]) == {"not_regular_file": 2}
 
 
+def test_fifo_named_like_a_shard_is_skipped(tmp_path):
+    """A FIFO named s-000001.tar next to a real shard: loader and scan finish and count it."""
+    d = tmp_path / "shards"
+    d.mkdir()
+    _tar(d / "s-000000.tar", [(f"g{i}.jpg", _jpeg(i)) for i in range(2)])
+    os.mkfifo(d / "s-000001.tar")
+    loader, ids, st = _finishes(lambda: _epoch_stats(d))
+    assert loader.num_samples == 2 and st["skipped_by_reason"] == {"not_regular_file": 1}
+    rep = _finishes(lambda: scan(str(d)))
+    assert rep["ok"] == 2 and dict(rep["skipped"]) == {"not_regular_file": 1}
+
+
 # --- item 14: symlink loops ---------------------------------------------------------------------------
 def test_symlinks_to_dot_do_not_make_the_walk_endless(tmp_path):
     """Two links to `.` and one to `..`: the walk finishes, lists each image once, counts the loops."""

@@ -101,6 +101,9 @@ def convert(ckpt: str, out: str | None = None, encoder_dir: str | None = None,
     if os.path.isfile(split_spec(ckpt)[0]):  # a single file: reference-code, MAE, MoCo v3, timm, ours
         from mcf_fast.model.foreign_export import convert_file
         return convert_file(ckpt, out, encoder_dir, num_heads)
+    if not os.path.exists(split_spec(ckpt)[0]):
+        raise FileNotFoundError(f"{ckpt} not found: pass a checkpoint FILE (.pth, .safetensors), "
+                                "RUN/checkpoints/step_NNNNNNNN, RUN/checkpoints or the run folder")
     from mcf_fast.train.checkpoint import read_marker
     ckpt = resolve_checkpoint(ckpt)
     marker = read_marker(ckpt)

@@ -108,8 +108,8 @@ def init_from_checkpoint(model, path: str) -> list[str]:
 
 
 def _stem(key: str) -> str:
-    parts = key.split(".")
-    return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+    """'perceptual_loss.model.head.weight' -> 'perceptual_loss.model.head' (the module, not the tensor)."""
+    return key.rpartition(".")[0] or key
 
 
 __all__ = ["init_from_checkpoint", "plan"]

@@ -15,7 +15,6 @@ A DDP `module.` prefix on every key is stripped first. Sub-network names: PARTS 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections import Counter
@@ -25,8 +24,6 @@ import torch
 
 from .checkpoints import infer_vit_arch, load_into, read_file
 from .vit import VisionTransformer
-
-log = logging.getLogger(__name__)
 
 PARTS = ("online_encoder", "target_encoder", "teacher", "decoder", "projector", "target_projector", "predictor")
 ALIASES = {"encoder": "online_encoder", "online": "online_encoder", "base_encoder": "online_encoder",
@@ -173,8 +170,8 @@ def open_checkpoint(path: str) -> Checkpoint:
 
 
 def arch_text(arch: dict) -> str:
-    names = {384: "ViT-S", 768: "ViT-B", 1024: "ViT-L", 192: "ViT-Ti", 1280: "ViT-H"}
-    name = names.get(arch["embed_dim"], "ViT")
+    names = {(192, 12): "ViT-Ti", (384, 12): "ViT-S", (768, 12): "ViT-B", (1024, 24): "ViT-L", (1280, 32): "ViT-H"}
+    name = names.get((arch["embed_dim"], arch["depth"]), "ViT")
     return (f"{name}/{arch['patch_size']} ({arch['embed_dim']}-d x {arch['depth']} blocks, {arch['num_heads']} "
             f"heads, {arch['img_size']} px)")
 
@@ -206,8 +203,7 @@ def load_vit(spec: str, prefer: tuple[str, ...] = ("online_encoder",),
     if part is None:
         part = next((p for p in prefer if p in ck.parts), prefer[-1])
     vit, text = vit_from(ck, part, num_heads)
-    log.info("%s", text)
-    return vit, text, ck
+    return vit, text, ck  # callers log `text` once, saying what they use it for
 
 
 # Where each part sits in `MCFModel.state_dict()` (the frozen teacher is left out, as `convert` does).

@@ -166,3 +166,21 @@ def test_numbers_are_checked_without_torch_models(tmp_path):
     with pytest.raises(ValueError, match="--optim.max_steps"):
         cfg.validate()
     assert os.path.exists(tmp_path)
+
+
+def test_no_arguments_runs_the_demo(monkeypatch):
+    """`python -m mcf_fast.pretrain` with no argument is the two-stage demo, not a bare preset run."""
+    import mcf_fast.demo
+    calls = []
+    monkeypatch.setattr(mcf_fast.demo, "run_demo", lambda *a, **k: calls.append((a, k)))
+    assert pretrain.main([]) == 0 and calls == [((), {})]
+
+
+def test_demo_cli_refuses_bad_counts(capsys):
+    """The demo's own options are checked too (and not abbreviated)."""
+    from mcf_fast.demo import main
+    for argv in (["--steps", "0"], ["--seed", "-1"], ["--teacher-step", "5"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert "--steps" in capsys.readouterr().err

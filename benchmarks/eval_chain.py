@@ -56,6 +56,7 @@ def make_data(root: str, fmt: str, num: int, size: int, seed: int, generator: st
 
 def tiny_encoder(out: str, img_size: int) -> str:
     import torch
+
     from mcf_fast.model.vit import VisionTransformer, save_encoder
     torch.manual_seed(12345)
     enc = VisionTransformer(img_size=img_size, patch_size=8, embed_dim=96, depth=4, num_heads=3)
@@ -75,8 +76,10 @@ def main(argv=None) -> int:
     ap.add_argument("--img-size", type=int, default=0, help="network input (0 = the encoder's)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--head-width", type=int, default=128)
+    ap.add_argument("--protocol", choices=("simple", "farl"), default="simple",
+                    help="simple = square-crop / resize-whole with the light head (issue 8's table); farl = FaRL's")
+    ap.add_argument("--lr", type=float, default=0.0, help="head lr (0 = the protocol's)")
+    ap.add_argument("--head-width", type=int, default=0, help="head channels (0 = the protocol's)")
     ap.add_argument("--freeze-backbone", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
@@ -101,7 +104,9 @@ def main(argv=None) -> int:
         fmt = "aflw19" if task == "alignment" else "lapa"
         data = make_data(a.data_dir or os.path.join(a.out, "data"), fmt, a.num, a.size, a.seed, a.generator)
         for name, encoder, arch in (("pretrained", enc, ""), ("scratch", "random", arch_json)):
+            proto = a.protocol if a.protocol == "farl" else ("square-crop" if task == "alignment" else "resize-whole")
             cfg = EvalConfig(task=task, data=data, encoder=encoder, arch=arch, out=os.path.join(a.out, task, name),
+                             protocol=proto,
                              img_size=a.img_size, batch_size=a.batch_size, max_steps=a.steps, lr=a.lr,
                              freeze_backbone=a.freeze_backbone, head_width=a.head_width, seed=a.seed,
                              workers=a.workers, device=a.device, progress=False,
@@ -119,7 +124,8 @@ def main(argv=None) -> int:
     import torch
     dev = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() and a.device != "cpu" else \
         f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    lines = [f"encoder: {os.path.abspath(enc)}; steps {a.steps}, batch {a.batch_size}, lr {a.lr}, "
+    lines = [f"encoder: {os.path.abspath(enc)}; protocol {a.protocol}; steps {a.steps}, batch {a.batch_size}, "
+             f"lr {a.lr or 'the protocol default'}, "
              f"{a.num} faces/set at {a.size}px, seed {a.seed}, freeze_backbone {a.freeze_backbone}; device {dev}", "",
              "| task | metric | pre-trained | scratch | pre-trained better | time pre-trained (s) | time scratch (s) |",
              "| --- | --- | ---: | ---: | :---: | ---: | ---: |"]

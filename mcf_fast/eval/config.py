@@ -120,6 +120,8 @@ class EvalConfig:
         if r.head_width < 1 or r.schedule not in ("step", "cosine") or not 0 <= r.ema_decay < 1:
             bad(f"need --head-width >= 1, --schedule step|cosine, 0 <= --ema-decay < 1; got {r.head_width}, "
                 f"{r.schedule!r}, {r.ema_decay}")
+        if self.protocol == "farl" and self.batch_size < 2:
+            bad("--protocol farl needs --batch-size >= 2 (FaRL's head uses batch norm, as FaRL's SyncBN)")
         if not 0 <= r.warp_factor < 1:
             bad(f"--warp-factor must lie in [0, 1) (0 = plain similarity warp), got {r.warp_factor}")
         if self.img_size < 0 or self.crop_scale <= 0 or r.heatmap_weight < 0:

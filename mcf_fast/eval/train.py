@@ -58,17 +58,22 @@ def _atomic_json(path: str, obj) -> None:
 
 class Ema:
     """Exponential moving average of every float parameter and buffer (FaRL scores `main_ema`, decay 0.999:
-    trainers/*_farl.yaml); integer buffers are copied."""
+    trainers/*_farl.yaml); integer buffers are copied.
+
+    The decay at update t is min(decay, (1 + t) / (10 + t)) (TensorFlow's num_updates warm-up; ours, since
+    blueprint's EMAConfig was not available to read): at FaRL's 75,000+ steps this is 0.999 after the
+    first ~9,000, while a 1,000-step run is not scored on weights still 37% made of the initial ones."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                self.state[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+                self.state[k].mul_(d).add_(v.detach(), alpha=1 - d)
             else:
                 self.state[k].copy_(v)
 
@@ -122,6 +127,78 @@ def build_optimizer(model, cfg: EvalConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
 
+def _autocast_for(device: torch.device):
+    def autocast():
+        # bf16 on GPU (as pre-training); fp32 on CPU, where bf16 autocast is slower on most machines.
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+    return autocast
+
+
+def _step(cfg: EvalConfig, model, opt, ema, task, batch, device, step: int, autocast):
+    """One optimiser step; returns (loss, logs, lr factor)."""
+    scale = lr_at(step, cfg)
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * g["lr_scale"] * scale
+    # Dropout draws from a per-step seed, so a resumed run repeats the uninterrupted one exactly.
+    torch.manual_seed(cfg.seed * 1_000_003 + step)
+    with autocast():
+        loss, logs = task.loss(model, batch, device)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    opt.step()
+    if ema is not None:
+        ema.update(model, step)
+    return loss, logs, scale
+
+
+def _train(cfg: EvalConfig, model, opt, ema, task, train_ds, device, start: int, end: int, autocast) -> None:
+    """Steps start..end-1 with metrics lines, a progress bar and checkpoints."""
+    model.train()
+    sampler = StepBatches(len(train_ds), cfg.batch_size, cfg.seed, start, end)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=start, desc=cfg.task, dynamic_ncols=True)
+    t0 = time.time()
+    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as mlog:
+        for step, batch in zip(range(start, end), loader):
+            loss, logs, scale = _step(cfg, model, opt, ema, task, batch, device, step, autocast)
+            last = step + 1 == end
+            if (step + 1) % cfg.log_every == 0 or last:
+                rec = {"step": step + 1, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in logs.items()},
+                       "lr": cfg.lr * scale, "elapsed_s": round(time.time() - t0, 3)}
+                if not math.isfinite(rec["loss"]):
+                    raise FloatingPointError(f"loss became {rec['loss']} at step {step + 1}; lower --lr "
+                                             "or raise --warmup-steps")
+                mlog.write(json.dumps(rec) + "\n")
+                mlog.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if bar is not None:
+                bar.update(1)
+            if last or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0):
+                save_checkpoint(os.path.join(cfg.out, CKPT), model, opt, step + 1, cfg, ema)
+    if bar is not None:
+        bar.close()
+
+
+def _write_results(cfg: EvalConfig, metrics: dict, viz, run_info: dict) -> dict:
+    out = {"task": cfg.task, **metrics, "units": "fraction", "run": run_info}
+    _atomic_json(os.path.join(cfg.out, "metrics.json"), out)
+    with open(os.path.join(cfg.out, "metrics.md"), "w") as f:
+        f.write(summary_markdown(cfg.task, metrics, run_info))
+    (alignment_sheet if cfg.task == "alignment" else parsing_sheet)(viz, os.path.join(cfg.out, "predictions.png"))
+    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as mlog:
+        mlog.write(json.dumps({"step": cfg.max_steps, "final": True,
+                               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}) + "\n")
+    return out
+
+
 def run(cfg: EvalConfig) -> dict:
     """Train and score; returns the metrics (also written to OUT/metrics.json)."""
     cfg = cfg.validate().resolved()
@@ -144,55 +221,10 @@ def run(cfg: EvalConfig) -> dict:
     end = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
     if start:
         log.info("resuming %s from step %d", cfg.out, start)
-
-    def autocast():
-        # bf16 on GPU (as pre-training); fp32 on CPU, where bf16 autocast is slower on most machines.
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
+    autocast = _autocast_for(device)
     t0 = time.time()
     if start < end:
-        model.train()
-        sampler = StepBatches(len(train_ds), cfg.batch_size, cfg.seed, start, end)
-        loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers)
-        bar = None
-        if cfg.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.max_steps, initial=start, desc=cfg.task, dynamic_ncols=True)
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as mlog:
-            for step, batch in zip(range(start, end), loader):
-                scale = lr_at(step, cfg)
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * g["lr_scale"] * scale
-                # Dropout draws from a per-step seed, so a resumed run repeats the uninterrupted one exactly.
-                torch.manual_seed(cfg.seed * 1_000_003 + step)
-                with autocast():
-                    loss, logs = task.loss(model, batch, device)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                opt.step()
-                if ema is not None:
-                    ema.update(model)
-                last = step + 1 == end
-                if (step + 1) % cfg.log_every == 0 or last:
-                    rec = {"step": step + 1, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in logs.items()},
-                           "lr": cfg.lr * scale, "elapsed_s": round(time.time() - t0, 3)}
-                    if not math.isfinite(rec["loss"]):
-                        raise FloatingPointError(f"loss became {rec['loss']} at step {step + 1}; lower --lr "
-                                                 "or raise --warmup-steps")
-                    mlog.write(json.dumps(rec) + "\n")
-                    mlog.flush()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                if bar is not None:
-                    bar.update(1)
-                if last or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0):
-                    save_checkpoint(ckpt, model, opt, step + 1, cfg, ema)
-        if bar is not None:
-            bar.close()
+        _train(cfg, model, opt, ema, task, train_ds, device, start, end, autocast)
     train_s = time.time() - t0
     if end < cfg.max_steps:
         log.info("stopped after step %d of %d (--stop-after); rerun without it to finish", end, cfg.max_steps)
@@ -203,19 +235,10 @@ def run(cfg: EvalConfig) -> dict:
     model.eval()
     t1 = time.time()
     metrics, viz = task.evaluate(model, device, cfg.num_viz, autocast)
-    eval_s = time.time() - t1
     run_info = {"encoder": info["source"], "arch": info["arch"], "img_size": size, "freeze_backbone": cfg.freeze_backbone,
                 "steps": cfg.max_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "layer_decay": cfg.layer_decay,
                 "seed": cfg.seed, "train_images": len(train_ds), "train_seconds": round(train_s, 2),
-                "eval_seconds": round(eval_s, 2), "device": str(device), "eval_split": cfg.eval_split,
+                "eval_seconds": round(time.time() - t1, 2), "device": str(device), "eval_split": cfg.eval_split,
                 "protocol": cfg.protocol, "warp_factor": cfg.warp_factor, "ema_decay": cfg.ema_decay,
                 "head_width": cfg.head_width, "backbone_lr_scale": cfg.backbone_lr_scale, "schedule": cfg.schedule}
-    out = {"task": cfg.task, **metrics, "units": "fraction", "run": run_info}
-    _atomic_json(os.path.join(cfg.out, "metrics.json"), out)
-    with open(os.path.join(cfg.out, "metrics.md"), "w") as f:
-        f.write(summary_markdown(cfg.task, metrics, run_info))
-    (alignment_sheet if cfg.task == "alignment" else parsing_sheet)(viz, os.path.join(cfg.out, "predictions.png"))
-    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as mlog:
-        mlog.write(json.dumps({"step": cfg.max_steps, "final": True,
-                               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}) + "\n")
-    return out
+    return _write_results(cfg, metrics, viz, run_info)

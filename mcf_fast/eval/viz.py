@@ -81,8 +81,9 @@ def summary_markdown(task: str, metrics: dict, info: dict) -> str:
             lines.append(f"| {k} | {_fmt(v)} | {_fmt(v * 100 if isinstance(v, float) else v)} |")
     lines += ["", f"Scored on {metrics.get('num_images')} test images "
                   f"({info['eval_split']}), at the original image resolution.", "", "## Run", ""]
-    for k in ("encoder", "arch", "img_size", "freeze_backbone", "steps", "batch_size", "lr", "layer_decay",
-              "seed", "train_images", "train_seconds", "device"):
+    for k in ("encoder", "arch", "protocol", "warp_factor", "img_size", "freeze_backbone", "steps", "batch_size", "lr",
+              "backbone_lr_scale", "layer_decay", "schedule", "ema_decay", "head_width", "seed", "train_images",
+              "train_seconds", "device"):
         if k in info:
             lines.append(f"- {k}: {info[k]}")
     lines += ["", "![predictions](predictions.png)", ""]

@@ -215,9 +215,11 @@ def test_kill_between_rename_and_rotation_is_tidied_on_resume(tmp_path, tiny, mo
     assert sorted(os.listdir(tmp_path)) == ["step_00000002", "step_00000003"]
 
 
-def _fail_extra_write(real):
+def _fail_extra_write(real, disk):
+    """torch.save that fills the disk while writing extra_rank0.pt, as the C++ zip writer reports it."""
     def save(obj, f, *a, **k):
         if isinstance(f, str) and f.endswith("extra_rank0.pt"):
+            disk["full"] = True
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4992 vs 4880")
         return real(obj, f, *a, **k)
     return save
@@ -233,18 +235,25 @@ def test_disk_full_gives_a_clear_message_and_keeps_intact_checkpoints(tmp_path, 
     'no space left on DEVICE (PATH): N MB needed', the partial folder removed, the older checkpoint intact."""
     import torch.distributed.checkpoint.filesystem as dcp_fs
     good = _save(tmp_path, 1, tiny)
-    if how == "precheck":
-        usage = shutil.disk_usage(str(tmp_path))
-        monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1 << 20))
-    elif how == "dcp ENOSPC":
+    usage, disk = shutil.disk_usage(str(tmp_path)), {"full": how == "precheck"}
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=(1 << 20) if disk["full"] else 1 << 40))
+    if how == "dcp ENOSPC":
         monkeypatch.setattr(dcp_fs, "_write_item", _fail_dcp_write)
-    else:
-        monkeypatch.setattr(torch, "save", _fail_extra_write(torch.save))
+    elif how == "zip writer":
+        monkeypatch.setattr(torch, "save", _fail_extra_write(torch.save, disk))
     with pytest.raises(CheckpointError, match=r"^no space left on \S+ \(.*\): \d+ MB needed") as e:
         _save(tmp_path, 2, tiny)
     assert "\n" not in str(e.value) and "kept" in str(e.value)
     assert sorted(os.listdir(tmp_path)) == ["step_00000001"]
     assert ckpt.damage(good) is None and ckpt.latest(str(tmp_path)) == good
+
+
+def test_zip_writer_error_with_free_space_is_not_called_disk_full(tmp_path, tiny, monkeypatch):
+    """'unexpected pos' while the disk still has room is reported as a write failure, not as a full disk."""
+    monkeypatch.setattr(torch, "save", _fail_extra_write(torch.save, {}))
+    with pytest.raises(CheckpointError, match=r"writing checkpoint .* failed on rank 0 \(RuntimeError: .*unexpected pos"):
+        _save(tmp_path, 1, tiny)
+    assert os.listdir(tmp_path) == []
 
 
 def test_other_write_errors_name_the_checkpoint(tmp_path, tiny, monkeypatch):

@@ -214,14 +214,14 @@ def _own_files(tmp: str, rank: int) -> list[str]:
 
 
 def _describe(err: BaseException | None):
-    """(one-line reason, is it a full disk) of a write error, picklable for the gather; None if no error."""
+    """(one-line reason, no_space_kind) of a write error, picklable for the gather; None if no error."""
     if err is None:
         return None
     root = err
     if isinstance(err, CheckpointException) and err.failures:  # DCP wraps each rank's own exception
         root = next(iter(err.failures.values()))[0]
     text = str(root).strip().splitlines()
-    return f"{type(root).__name__}: {text[0][:300] if text else ''}", integ.is_no_space(err)
+    return f"{type(root).__name__}: {text[0][:300] if text else ''}", integ.no_space_kind(err)
 
 
 def _abort(tmp: str, rank: int) -> None:
@@ -235,7 +235,8 @@ def _raise_write_failure(results, err, ckpt_dir, final, tmp, need, rank) -> None
         return
     _abort(tmp, rank)  # every rank has stopped writing: the gather above is after their writes
     kept = ", ".join(os.path.basename(p) for _, p in complete_checkpoints(ckpt_dir)) or "none"
-    if any(no_space for _, (_, no_space) in failed):
+    kinds = {kind for _, (_, kind) in failed}
+    if "enospc" in kinds or ("short-write" in kinds and integ.free_bytes(ckpt_dir) < need):
         raise CheckpointError(integ.no_space_message(ckpt_dir, need) + f" (kept: {kept})") from err
     r, (msg, _) = failed[0]
     raise CheckpointError(f"writing checkpoint {final} failed on rank {r} ({msg}); removed the partial folder, "

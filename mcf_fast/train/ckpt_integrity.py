@@ -142,21 +142,26 @@ def no_space_message(ckpt_dir: str, need: int, free: int | None = None) -> str:
             "the same command: the intact checkpoints are kept and it resumes from the newest")
 
 
-def is_no_space(exc: BaseException) -> bool:
-    """ENOSPC from Python, or the C++ zip writer's way of saying the same (`unexpected pos`, `file write failed`)."""
-    seen = 0
+def no_space_kind(exc: BaseException) -> str | None:
+    """'enospc' for ENOSPC/EDQUOT from Python; 'short-write' for the C++ zip writer's messages, which a full
+    disk causes but not only a full disk (the caller confirms with the free space); else None."""
+    seen, short = 0, False
     while exc is not None and seen < 8:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+            return "enospc"
         msg = str(exc)
-        if "unexpected pos" in msg or "file write failed" in msg or "No space left" in msg:
-            return True
+        if "No space left" in msg:
+            return "enospc"
+        short = short or "unexpected pos" in msg or "file write failed" in msg
         failures = getattr(exc, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
-        if isinstance(failures, dict) and any(is_no_space(f[0]) for f in failures.values()):
-            return True
+        if isinstance(failures, dict):
+            kinds = {no_space_kind(f[0]) for f in failures.values()}
+            if "enospc" in kinds:
+                return "enospc"
+            short = short or "short-write" in kinds
         exc = exc.__cause__ or exc.__context__
         seen += 1
-    return False
+    return "short-write" if short else None
 
 
 def estimate_bytes(state: dict) -> int:

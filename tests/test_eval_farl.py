@@ -219,3 +219,17 @@ def test_protocol_defaults_fill_only_unset_fields():
     assert (s.lr, s.layer_decay, s.warmup_steps, s.schedule, s.ema_decay) == (5e-4, 0.75, 5, "cosine", 0.0)
     with pytest.raises(ValueError, match="resize-whole"):
         EvalConfig(task="parsing", data="d", encoder="e", out="o", protocol="square-crop").validate()
+
+
+def test_parsing_without_landmarks_is_refused_up_front(tmp_path):
+    """Under farl a LaPa split lacking landmark files fails before training, naming the fix."""
+    import os
+
+    from mcf_fast.eval.tasks import ParsingTask
+    write_lapa(str(tmp_path), {"train": 2, "val": 1, "test": 1}, 32, seed=0)
+    os.remove(tmp_path / "train" / "landmarks" / "000001.txt")
+    cfg = EvalConfig(task="parsing", data=str(tmp_path), encoder="e", out="o").resolved()
+    with pytest.raises(FileNotFoundError, match="resize-whole"):
+        ParsingTask(cfg, 32, [0.5] * 3, [0.5] * 3).train_data()
+    simple = EvalConfig(task="parsing", data=str(tmp_path), encoder="e", out="o", protocol="resize-whole").resolved()
+    assert len(ParsingTask(simple, 32, [0.5] * 3, [0.5] * 3).train_data()) == 2

@@ -108,11 +108,20 @@ class ParsingTask:
                                    self.cfg.warp_factor, with_label)
         return ParsingData(recs, self.size, self.mean, self.std, augment, self.cfg.seed, with_label)
 
+    def _records(self, split: str):
+        recs = read_lapa(self.cfg.data, split)
+        missing = [r.image for r in recs if not r.landmarks] if self.farl else []
+        if missing:  # checked up front: a worker would otherwise fail mid-run
+            raise FileNotFoundError(f"FaRL's LaPa protocol aligns faces with the 106 landmarks, but {len(missing)} "
+                                    f"{split} images have no landmarks/<stem>.txt (e.g. {missing[0]}); add them or "
+                                    "use --protocol resize-whole")
+        return recs
+
     def train_data(self):
-        return self._data(read_lapa(self.cfg.data, "train"), self.cfg.augment, True)
+        return self._data(self._records("train"), self.cfg.augment, True)
 
     def test_records(self):
-        recs = read_lapa(self.cfg.data, self.cfg.eval_split)
+        recs = self._records(self.cfg.eval_split)
         return recs[: self.cfg.max_test] if self.cfg.max_test else recs
 
     def loss(self, model, batch, device):

@@ -94,17 +94,18 @@ def train(cfg: Config) -> dict:
     lock = runfolder.claim(out, rt)  # before anything in the folder is read or written
     try:
         setup_logging(None, rt.rank)  # console only until we know there is work to do
-        done = runfolder.finished_summary(cfg, out, rt.world_size)
+        latest = ckpt.latest(os.path.join(out, "checkpoints"))  # once: it verifies every file's digest
+        done = runfolder.finished_summary(cfg, out, rt.world_size, latest)
         if done is not None:
             return _nothing_to_do(out, done)
         setup_logging(out, rt.rank)
         log.info("device %s, precision %s (%s), world size %d", rt.device, rt.precision, rt.why, rt.world_size)
-        runfolder.check_config(cfg, out, rt, ckpt.latest(os.path.join(out, "checkpoints")) is not None)
+        runfolder.check_config(cfg, out, rt, latest is not None)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         w = wire(cfg, rt)
         try:
-            start, saved = resume(w)
+            start, saved = resume(w, latest)
             prior = runfolder.read_summary(out)
             if start >= w.total and prior is not None:
                 return _nothing_to_do(out, prior)
@@ -138,11 +139,10 @@ def wire(cfg: Config, rt: Runtime) -> Wiring:
                   steps_per_epoch)
 
 
-def resume(w: Wiring) -> tuple[int, dict]:
-    """(first step, saved counters): from the newest checkpoint, or 0 and {} for a fresh start, which also
-    empties metrics.jsonl (rows of an earlier attempt that never checkpointed must not repeat)."""
+def resume(w: Wiring, path: str | None) -> tuple[int, dict]:
+    """(first step, saved counters) from checkpoint `path` (`ckpt.latest`), or 0 and {} for a fresh start,
+    which also empties metrics.jsonl (rows of an earlier attempt that never checkpointed must not repeat)."""
     metrics = os.path.join(w.out, "metrics.jsonl")
-    path = ckpt.latest(w.ckpt_dir)
     if path is None:
         if w.rt.is_main:
             truncate_metrics(metrics, 0)

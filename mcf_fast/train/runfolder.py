@@ -16,7 +16,6 @@ import socket
 
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
 from .config import Config
 from .runtime import Runtime
 
@@ -131,16 +130,13 @@ def read_summary(out: str) -> dict | None:
         return None
 
 
-def finished_summary(cfg: Config, out: str, world_size: int) -> dict | None:
+def finished_summary(cfg: Config, out: str, world_size: int, latest: str | None) -> dict | None:
     """The saved summary when this exact config already ran to its end (summary.json written, and the
-    newest checkpoint is its last step); None otherwise."""
+    checkpoint a resume would take, `latest`, is its last step); None otherwise."""
     summary = read_summary(out)
-    if summary is None or _saved_config(out) is None or config_diff(cfg, out, world_size):
+    if summary is None or latest is None or _saved_config(out) is None or config_diff(cfg, out, world_size):
         return None
-    last = ckpt.latest(os.path.join(out, "checkpoints"))
-    if last is None or checkpoint_step(last) != summary.get("steps"):
-        return None
-    return summary
+    return summary if checkpoint_step(latest) == summary.get("steps") else None
 
 
 __all__ = ["RunLock", "claim", "config_diff", "check_config", "finished_summary", "read_summary",

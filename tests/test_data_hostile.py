@@ -183,6 +183,32 @@ def test_symlinks_to_dot_do_not_make_the_walk_endless(tmp_path):
     assert loader.num_samples == 2 and st["skipped_by_reason"] == {"symlink_loop": 3}
 
 
+def test_walk_order_is_os_walks_order_for_good_folders(tmp_path):
+    """Without loops, walk_images lists what os.walk(followlinks=True) did, in its order (resume stays
+    exact); a folder linked twice is walked once, where os.walk first met it, and counted."""
+    d, outside = tmp_path / "imgs", tmp_path / "elsewhere"
+    for sub in ("b", "a/z", "a/B", "c.d"):
+        (d / sub).mkdir(parents=True)
+    outside.mkdir()
+    for n in ("b/2.jpg", "a/z/1.PNG", "a/B/x.jpeg", "c.d/0.jpg", "r.jpg", "Q.jpg", "a/note.txt"):
+        (d / n).write_bytes(_jpeg(0))
+    (outside / "o.jpg").write_bytes(_jpeg(1))
+    os.symlink(outside, d / "a" / "link_out")
+
+    def os_walk():
+        out = []
+        for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+            dirnames.sort()
+            out += [os.path.join(dirpath, f) for f in sorted(filenames)
+                    if f.rsplit(".", 1)[-1].lower() in ("jpg", "jpeg", "png")]
+        return out
+    assert walk_images(str(d)) == (os_walk(), {})
+    os.symlink(d / "b", d / "a" / "link_to_b")  # b is now reachable twice
+    want = [p for p in os_walk() if not p.startswith(str(d / "b") + os.sep)]
+    paths, stats = walk_images(str(d))
+    assert paths == want and str(d / "a" / "link_to_b" / "2.jpg") in paths and stats == {"duplicate_folder": 1}
+
+
 def test_unreadable_subfolder_is_counted(tmp_path, monkeypatch):
     """A sub-folder that cannot be listed is counted as unreadable_folder, not skipped silently."""
     import mcf_fast.data.files as files

@@ -4,8 +4,9 @@
   open), checks S_ISREG on the open descriptor (a symlink to /dev/zero is a character device, never
   read), refuses files above the cap before reading them, and never reads more than the cap.
 - `walk_images(root)`: the folder's image files in os.walk's sorted order (a folder's files, then its
-  sub-folders, depth first), following symlinks but entering each directory (device, inode) once, so
-  two symlinks to `.` cannot make the walk endless. What it leaves out is counted by reason.
+  sub-folders, depth first), following symlinks but never into a folder above (a loop: two symlinks
+  to `.` made os.walk endless) and into each directory (device, inode) once, so a web of links to
+  the same folders cannot multiply the walk either. What it leaves out is counted by reason.
 """
 from __future__ import annotations
 
@@ -83,8 +84,34 @@ def _list_dir(path: str, stats: Counter) -> tuple[list, list] | None:
     return dirs, files
 
 
+def _image_files(files: list, paths: list, stats: Counter) -> None:
+    """Append the regular image files among one folder's file entries; count the others."""
+    for e in files:
+        if not _is_image_name(e.name):
+            continue
+        try:
+            regular = stat.S_ISREG(os.stat(e.path).st_mode) if e.is_symlink() else e.is_file()
+        except OSError:  # a broken symlink
+            stats["unreadable_file"] += 1
+            continue
+        if regular:
+            paths.append(e.path)
+        else:
+            stats["not_regular_file"] += 1
+
+
+def _in_chain(key, chain) -> bool:
+    while chain is not None:
+        if chain[0] == key:
+            return True
+        chain = chain[1]
+    return False
+
+
 def walk_images(root: str) -> tuple[list[str], Counter]:
-    """(image paths in os.walk's sorted order, Counter of what was left out by reason)."""
+    """(image paths in os.walk's sorted order, Counter of what was left out by reason). A symlink to
+    a folder above it is a loop (`symlink_loop`, not entered); a folder reached a second time through
+    another path is walked once, where os.walk meets it first (`duplicate_folder`)."""
     stats: Counter = Counter()
     paths: list[str] = []
     try:
@@ -92,25 +119,22 @@ def walk_images(root: str) -> tuple[list[str], Counter]:
     except OSError:
         stats["unreadable_folder"] += 1
         return paths, stats
-    seen = {(st.st_dev, st.st_ino)}
-    stack = [root]  # explicit stack: a deep tree must not hit Python's recursion limit
+    seen = set()
+    # explicit stack (a deep tree must not hit Python's recursion limit) of (path, (dev, ino), ancestors),
+    # ancestors a linked list ((dev, ino), parent's list)
+    stack = [(root, (st.st_dev, st.st_ino), None)]
     while stack:
-        listed = _list_dir(stack.pop(), stats)
+        path, key, chain = stack.pop()
+        if key in seen:
+            stats["duplicate_folder"] += 1
+            continue
+        seen.add(key)
+        listed = _list_dir(path, stats)
         if listed is None:
             continue
         dirs, files = listed
-        for e in files:
-            if not _is_image_name(e.name):
-                continue
-            try:
-                regular = stat.S_ISREG(os.stat(e.path).st_mode) if e.is_symlink() else e.is_file()
-            except OSError:  # a broken symlink
-                stats["unreadable_file"] += 1
-                continue
-            if regular:
-                paths.append(e.path)
-            else:
-                stats["not_regular_file"] += 1
+        _image_files(files, paths, stats)
+        chain = (key, chain)
         todo = []
         for e in dirs:
             try:
@@ -118,10 +142,10 @@ def walk_images(root: str) -> tuple[list[str], Counter]:
             except OSError:
                 stats["unreadable_folder"] += 1
                 continue
-            if (s.st_dev, s.st_ino) in seen:
+            sub = (s.st_dev, s.st_ino)
+            if _in_chain(sub, chain):
                 stats["symlink_loop"] += 1
                 continue
-            seen.add((s.st_dev, s.st_ino))
-            todo.append(e.path)
+            todo.append((e.path, sub, chain))
         stack.extend(reversed(todo))  # first sub-folder on top: depth-first in sorted order
     return paths, stats

@@ -19,7 +19,8 @@ SKIP = {
     "unreadable_file": "a file that cannot be opened or read (permissions, broken symlink, vanished)",
     "not_regular_file": "a FIFO, device or socket named like an image (never read: it could block or never end)",
     "unreadable_folder": "a sub-folder that cannot be listed",
-    "symlink_loop": "a folder reached a second time through a symlink (walked once)",
+    "symlink_loop": "a symlink to a folder above it (a loop): not followed",
+    "duplicate_folder": "a folder reached again through another symlink: walked once, where first met",
     # shards and samples inside them
     "missing_image": "a sample (key) with no image member",
     "bad_name": "a member name with whitespace or control characters (DALI's index cannot hold it)",

@@ -153,6 +153,8 @@ def check_inputs(cfg) -> None:
     m, o, d, r = cfg.model, cfg.optim, cfg.data, cfg.run
     kind, _, arg = m.teacher.partition(":")
     if kind == "checkpoint":
+        if "#" in arg and not os.path.exists(arg):  # FILE#PART picks a sub-network (model/layouts.py)
+            arg = arg.rpartition("#")[0]
         _check_file("model.teacher", arg, "a pre-trained ViT checkpoint (.pth, .pth.tar or .safetensors)")
         path = os.path.join(arg, "encoder.safetensors") if os.path.isdir(arg) else arg
         depth = teacher_depth(path)

@@ -80,6 +80,15 @@ def test_inverse_of_forward_point_warp_is_identity(wf):
     np.testing.assert_allclose(farl.from_input(farl.to_input(pts, m, 64, wf), m, 64, wf), pts, atol=1e-7)
 
 
+@pytest.mark.parametrize("wf", [0.0, 0.8])
+def test_separable_input_grid_equals_the_pointwise_inverse(wf):
+    """input_grid (1-D tanh inverse + broadcast matrix) == from_input on every input pixel centre (+0.5)."""
+    m = _similarity(np.random.default_rng(4)) @ np.diag([3.0, 3.0, 1.0])
+    ys, xs = np.mgrid[0:40, 0:40] + 0.5
+    full = farl.from_input(np.stack([xs, ys], -1), m, 40, wf) + 0.5
+    np.testing.assert_allclose(farl.input_grid(m, 40, wf), full, atol=1e-9)
+
+
 def test_tanh_warp_is_linear_inside_and_squashes_outside():
     """Inside |u| <= 1 - f the warp is the identity; far points land inside the input, monotonically."""
     u = np.linspace(-0.2, 0.2, 11)

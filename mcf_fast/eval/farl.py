@@ -129,14 +129,27 @@ def _sample(src: torch.Tensor, where: np.ndarray, mode: str, fill: float) -> tor
     return out + fill if fill else out
 
 
+def input_grid(m: np.ndarray, size: int, warp_factor: float) -> np.ndarray:
+    """[size, size, 2] continuous source positions of the input's pixel centres: `from_input` on the grid.
+
+    The tanh warp acts on x and y separately, so on the input grid it is undone on two 1-D axes and the
+    inverse matrix is then broadcast (about 20x cheaper at 448 than mapping every pixel)."""
+    c = np.arange(size) + 0.5
+    if warp_factor > 0:
+        c = (_tanh_part(c / size * 2 - 1, warp_factor, inverse=True) + 1) / 2 * size
+    inv = np.linalg.inv(m)
+    x = inv[0, 0] * c[None, :] + inv[0, 1] * c[:, None] + inv[0, 2]
+    y = inv[1, 0] * c[None, :] + inv[1, 1] * c[:, None] + inv[1, 2]
+    return np.stack([x, y], -1) + 0.5  # dataset (pixel-centre) frame -> continuous frame
+
+
 def warp_to_input(src: torch.Tensor, m: np.ndarray, size: int, warp_factor: float, mode: str = "bilinear",
-                  fill: float = 0.0) -> torch.Tensor:
+                  fill: float = 0.0, grid: np.ndarray | None = None) -> torch.Tensor:
     """[C, H, W] image (or label map) in the dataset frame -> [C, size, size] network input.
 
     Each input pixel centre is taken back through `from_input` and sampled there (FaRL's GetTransformMap
-    + TransformByMap, cv2.remap with a constant border)."""
-    where = from_input(_pixel_centres(size, size), m, size, warp_factor) + 0.5  # dataset -> continuous frame
-    return _sample(src, where, mode, fill)
+    + TransformByMap, cv2.remap with a constant border); `grid` = a precomputed `input_grid`."""
+    return _sample(src, input_grid(m, size, warp_factor) if grid is None else grid, mode, fill)
 
 
 def warp_to_original(maps: torch.Tensor, m: np.ndarray, size: int, warp_factor: float, hw: tuple[int, int],

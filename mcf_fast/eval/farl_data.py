@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .datasets import FaceRecord, ParsingRecord, read_lapa_landmarks
-from .farl import AFLW_WARP_FACTOR, aflw_box_matrix, farl_jitter, lapa_align_matrix, to_input, warp_to_input
+from .farl import AFLW_WARP_FACTOR, aflw_box_matrix, farl_jitter, input_grid, lapa_align_matrix, to_input, warp_to_input
 from .transforms import load_label, load_rgb
 
 
@@ -100,8 +100,8 @@ class _FarlBase(torch.utils.data.Dataset):
     def _matrix(self, base: np.ndarray, rng) -> np.ndarray:
         return base if rng is None else farl_jitter(rng, self.size, self.task) @ base
 
-    def _image(self, path: str, m: np.ndarray, rng) -> torch.Tensor:
-        x = warp_to_input(_rgb01(path), m, self.size, self.warp_factor).clamp(0, 1)
+    def _image(self, path: str, m: np.ndarray, rng, grid=None) -> torch.Tensor:
+        x = warp_to_input(_rgb01(path), m, self.size, self.warp_factor, grid=grid).clamp(0, 1)
         if rng is not None:
             x = photometric(x, rng, self.task)
         return _normalise(x, self.mean, self.std)
@@ -145,10 +145,10 @@ class FarlParsingData(_FarlBase):
         i, rng = self._rng(key)
         r = self.records[i]
         m = self._matrix(lapa_matrix(r, self.size), rng)
-        x = self._image(r.image, m, rng)
-        out = {"image": x, "matrix": torch.from_numpy(m), "index": i}
+        grid = input_grid(m, self.size, self.warp_factor)  # shared by the image and its label
+        out = {"image": self._image(r.image, m, rng, grid), "matrix": torch.from_numpy(m), "index": i}
         if self.with_label:
             lab = torch.from_numpy(np.asarray(load_label(r.label), np.float32).copy())[None]
-            warped = warp_to_input(lab, m, self.size, self.warp_factor, mode="nearest", fill=0.0)
+            warped = warp_to_input(lab, m, self.size, self.warp_factor, mode="nearest", fill=0.0, grid=grid)
             out["label"] = warped[0].round().long()
         return out

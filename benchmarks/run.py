@@ -4,8 +4,11 @@ would otherwise run, on whatever machine it is given.
     python benchmarks/run.py --suite kernels|masks|data|step|all --device cpu|cuda --out DIR
                              [--quick] [--compare OLD.json] [--budget-s S] [--step-batch N]
 
-Writes DIR/report.json, DIR/report.md, DIR/speedups.png (+ DIR/step_phases.png and
-DIR/profile_step.txt with the step suite) and prints the Markdown report last. Suites:
+Writes DIR/report.json, DIR/report.md, DIR/speedups.png and DIR/memory.png (ratio charts centred
+at 1.0), with the step suite also DIR/step_phases.png and DIR/profile_step.txt, and prints the
+Markdown report last. Every chart is written even when nothing could be measured (it says why);
+a --quick run's demo configurations are measured whatever budget is left (load slows them, never
+drops them); H100 projections are made for the paper-size preset only and labelled as a model. Suites:
 kernels (bench_kernels.py's providers), masks (bench_masks.py's), data (bench_data.py's) and step
 (suite_step.py: the engine's training step vs the reference step). Exit status 1 when a provider
 disagreed with its reference (its row says FAILED; no ratio is reported for it).
@@ -29,6 +32,8 @@ import report as R  # noqa: E402
 SUITES = ("kernels", "masks", "data", "step")
 H100_BF16_DENSE = 989e12  # FLOP/s, the datasheet's dense bf16 tensor-core peak (SXM)
 PROJ_MFU = 0.40
+PROJ_PRESET = "vit-b-paper"  # projections only for the paper-size model: a demo-size rate says nothing about it
+QUICK_MIN_S = 300.0  # a quick run's demo configurations get at least this (they take seconds): load slows them, never drops them
 METHOD = ("Timing: warm-up calls, then repetitions on fresh random inputs; CPU: time.perf_counter (monotonic), "
           "GPU: CUDA events. Every provider is checked against its reference before it is timed. Peak memory: "
           "CPU = resident-set high-water mark of one call above the resident set before it (glibc free pages "
@@ -79,13 +84,16 @@ def _step_rows(res, peaks) -> list[dict]:
     return rows
 
 
-def run_step(device, quick, budget_s, out_dir, peaks, batch, threads) -> tuple[list, list, str, list]:
-    """Rows, goals, notes and projection rows of the step suite, each configuration in a child process."""
-    plan = _step_plan(device, quick)
+def run_step(device, quick, budget_s, out_dir, peaks, batch, threads, only=()) -> tuple[list, list, str, list]:
+    """Rows, goals, notes and projection rows of the step suite, each configuration in a child process;
+    `only`: (preset, precision) pairs to keep (--step-configs)."""
+    plan = [p for p in _step_plan(device, quick) if not only or (p[0], p[1]) in only]
     t0, rows, results, notes = time.perf_counter(), [], [], []
     for i, (preset, prec, share, max_b, reps, warm, prof) in enumerate(plan):
         left = budget_s - (time.perf_counter() - t0)
         my = left * share / sum(p[2] for p in plan[i:])
+        if quick:
+            my = max(my, QUICK_MIN_S)
         if prec not in peaks:
             res = {"preset": preset, "precision": prec, "skipped": f"not measured: no {prec} on {device.type}"}
         else:
@@ -121,20 +129,11 @@ def run_step(device, quick, budget_s, out_dir, peaks, batch, threads) -> tuple[l
         notes.append(f"- MFU above 100% ({', '.join(over)}): that precision's square-matmul peak is no ceiling for "
                      "this step here (e.g. bf16 emulated on a CPU without AMX/AVX512-BF16, while part of an autocast "
                      "step runs in fp32 or in small, faster kernels); read the fp32 rows' MFU instead.")
-    proj = []
-    for r in results:
-        f = r.get("flops_per_image_engine")
-        if f and device.type in ("cpu", "cuda"):
-            ips = PROJ_MFU * H100_BF16_DENSE / f
-            proj.append(R.row("projection", f"H100 {r['preset']} bf16", "per GPU", "bf16", "engine (model)",
-                              note=f"model, not measured: {f / 1e9:.1f} counted GFLOP per image (fwd+bwd) at "
-                                   f"{PROJ_MFU:.0%} of 989 TFLOP/s", images_per_s=ips, hours_per_epoch=20e6 / ips / 3600))
-    seen, proj_u = set(), []
-    for p in proj:  # one row per preset (fp32 and bf16 count the same FLOPs)
-        if p["what"] not in seen:
-            seen.add(p["what"])
-            proj_u.append(p)
-    text = ("Step suite: engine = loop.train's step replicated in benchmarks/suite_step.py (fused AdamW, foreach EMA "
+    proj_u = projections(results)
+    if not proj_u:
+        notes.append(f"- No H100 projection: projections are made for the paper-size model ({PROJ_PRESET}) only, "
+                     "and this run did not count its FLOPs.")
+    text = ("Step suite: engine = mcf_fast.train.step.TrainStep, the step loop.train runs (fused AdamW, foreach EMA "
             "and grad norm, device-side skip); reference = mcf_fast.model.reference with MAE's loop (torch.rand "
             "noise, Python-loop EMA, loss.item() per step, per-tensor grad-norm loop, torch.optim.AdamW defaults: "
             "foreach=None, fused=None, i.e. the single-tensor for-loop on CPU and foreach on CUDA). Teacher: "
@@ -144,6 +143,19 @@ def run_step(device, quick, budget_s, out_dir, peaks, batch, threads) -> tuple[l
             "MFU = counted FLOPs of that provider's step / median step time / the matmul peak measured in this run.\n"
             + "\n".join(notes))
     return rows, _goals(rows, device), text, proj_u
+
+
+def projections(results) -> list[dict]:
+    """H100 rows for the paper-size preset only, from its counted FLOPs at PROJ_MFU of the bf16 peak:
+    a model, labelled as one (fp32 and bf16 count the same FLOPs, so one row)."""
+    for r in results:
+        f = r.get("flops_per_image_engine")
+        if f and r["preset"] == PROJ_PRESET:
+            ips = PROJ_MFU * H100_BF16_DENSE / f
+            return [R.row("projection", f"H100 {r['preset']} bf16 (model)", "per GPU", "bf16", "engine (model)",
+                          note=f"model, not measured: {f / 1e9:.1f} counted GFLOP per image (fwd+bwd) at "
+                               f"{PROJ_MFU:.0%} of 989 TFLOP/s", images_per_s=ips, hours_per_epoch=20e6 / ips / 3600)]
+    return []
 
 
 def _goals(rows, device) -> list[dict]:
@@ -193,7 +205,14 @@ def main(argv=None) -> int:
                          "fits its batch and configurations into what the other suites leave")
     ap.add_argument("--step-batch", type=int, default=0, help="fix the step suite's batch (0 = largest that fits)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--step-configs", default="", help="step suite: only these PRESET:PRECISION pairs, comma-"
+                    "separated (e.g. vit-s:bf16,vit-b-paper:bf16; default: the device's whole plan)")
     a = ap.parse_args(argv)
+    only = tuple(tuple(c.split(":", 1)) for c in a.step_configs.split(",") if c)
+    known = {(p[0], p[1]) for q in (False, True) for d in ("cpu", "cuda") for p in _step_plan(torch.device(d), q)}
+    if any(c not in known for c in only):
+        raise SystemExit(f"error: --step-configs {a.step_configs!r}: give PRESET:PRECISION pairs from "
+                         f"{', '.join(sorted(f'{p}:{q}' for p, q in known))}")
     suites = _suites(a.suite)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no CUDA device: use --device cpu")
@@ -224,7 +243,7 @@ def main(argv=None) -> int:
             if s == "step":
                 left = budget - (time.perf_counter() - t0) - 20
                 srows, goals, notes, proj = run_step(device, a.quick, max(left, 30.0), a.out, peaks, a.step_batch,
-                                                     a.threads)
+                                                     a.threads, only)
                 rows += srows + proj
                 failed += [r for r in srows if r["note"].startswith("FAILED")]
             else:

@@ -259,9 +259,9 @@ def child(spec: dict) -> dict:
     floor_s = 2 * steps_per_provider * 2 * f1 / peak
     left = spec["budget_s"] - (time.perf_counter() - t0)
     if floor_s > left:
-        out["skipped"] = (f"not measured: even at batch 2 and 100% of the measured {prec} matmul peak "
-                          f"({peak / 1e9:.1f} GFLOP/s) the {2 * steps_per_provider} steps need {floor_s:.0f} s, "
-                          f"over this configuration's budget of {max(left, 0):.0f} s (what the run's budget left)")
+        out["skipped"] = (f"not measured: the run's --budget-s was used up before this configuration ({max(left, 0):.0f} s "
+                          f"left for it; its {2 * steps_per_provider} steps need at least {floor_s:.1f} s even at batch 2 "
+                          f"and the measured {prec} matmul peak); give a larger --budget-s or run --suite step alone")
         return out
     batch, why = spec.get("batch") or 0, "fixed (--step-batch or --quick)"
     if not batch:

@@ -169,14 +169,15 @@ def test_cli_explains_bad_arguments(tmp_path):
 
 
 def test_quick_run_writes_every_artefact(tmp_path):
-    """`run.py --suite all --quick` (CI): every suite reports measured rows with ratios, the step
-    suite checks and times engine vs reference on the demo preset, GPU-only rows say why they are
-    not measured, and the Markdown table is printed last."""
+    """`run.py --suite all --quick` (CI): every artefact is written, every suite reports measured rows
+    with ratios, the step suite checks and times engine vs reference on the demo preset, every other
+    row says why it is not measured, and the Markdown table is printed last. Nothing asserted depends
+    on machine load: a quick run's budget never drops a configuration (the timeout only guards a hang)."""
     out = tmp_path / "bench"
     p = subprocess.run([sys.executable, RUN, "--suite", "all", "--device", "cpu", "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+                       capture_output=True, text=True, timeout=3000, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for f in ("report.json", "report.md", "speedups.png", "step_phases.png", "profile_step.txt"):
+    for f in ("report.json", "report.md", "speedups.png", "memory.png", "step_phases.png", "profile_step.txt"):
         assert (out / f).stat().st_size > 0, f
     rep = json.loads((out / "report.json").read_text())
     m = rep["machine"]
@@ -191,10 +192,14 @@ def test_quick_run_writes_every_artefact(tmp_path):
     step = {r["provider"]: r for r in rows if r["suite"] == "step" and r["dtype"] == "fp32" and r["median_ms"]}
     assert set(step) == {"engine", "reference"}
     e = step["engine"]["extra"]
-    assert e["images_per_s"] > 0 and 0 < e["mfu"] < 1 and e["gflop_per_step"] > 0
+    assert e["images_per_s"] > 0 and e["mfu"] > 0 and e["gflop_per_step"] > 0
     assert sum(e["phases_ms"].values()) == pytest.approx(step["engine"]["median_ms"], rel=0.5)
     assert step["engine"]["peak_mib"] > e["state_mib"] > 0
     assert any(r["note"] == H.NO_GPU for r in rows)
-    assert all(r["median_ms"] or r["note"] for r in rows)  # every row is measured or says why not
+    for r in rows:  # every row is measured, or a labelled model, or says why it is not measured
+        assert r["median_ms"] or R.reason(r["note"]).startswith(("not measured (", "model, not measured")), r
+    assert not any(r["suite"] == "projection" for r in rows)  # the demo preset is not the paper-size model
+    md = (out / "report.md").read_text()
+    assert "None" not in md.splitlines()[2] and "not measured:" not in md
     assert p.stdout.rstrip().splitlines()[-1].startswith("Times: median")
     assert "| engine |" in p.stdout

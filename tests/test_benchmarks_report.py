@@ -1,0 +1,112 @@
+"""benchmarks/report.py and run.py's report logic on made-up rows: the charts, labels, reasons, header
+and projections say what was measured, and nothing here depends on how busy the machine is."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import report as R  # noqa: E402
+import run as RUN  # noqa: E402
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ST = lambda m: {"median_ms": m, "p20_ms": m * 0.9, "p80_ms": m * 1.1, "n": 5}  # noqa: E731
+
+
+def _rows():
+    """A baseline and two providers per group: one faster (2x), one slower (0.53x), one unmeasured."""
+    rows = []
+    for what, shape in (("train step demo", "batch 16"), ("gather_visible", "N=64 L=196 D=768 r=0.75")):
+        suite = "step" if "step" in what else "kernels"
+        ex = dict(preset="demo", batch=16, phases_ms=dict(data=1.0, forward=2.0, backward=3.0, optimizer_ema=1.0)) \
+            if suite == "step" else {}
+        rows += [R.row(suite, what, shape, "fp32", "baseline", is_baseline=True, stats=ST(10.0), peak_bytes=8 * 2**20,
+                       **ex),
+                 R.row(suite, what, shape, "fp32", "fast", stats=ST(5.0), peak_bytes=2 * 2**20, **ex),
+                 R.row(suite, what, shape, "fp32", "slow", stats=ST(10 / 0.53), peak_bytes=16 * 2**20, **ex),
+                 R.row("kernels", what, shape, "bf16", "mcf_fast[triton]", note="not measured: no GPU")]
+    R.add_ratios(rows)
+    return rows
+
+
+def test_ratio_bars_are_centred_at_one():
+    """A 2x bar spans [1, 2] to the right, a 0.53x bar [0.53, 1] to the left; the 1.0 line is drawn; axis symmetric."""
+    rows = [r for r in _rows() if r["speedup"] and not r["is_baseline"]]
+    fig, ax = plt.subplots()
+    R.ratio_bars(ax, rows, [r["speedup"] for r in rows], "x")
+    ends = [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches]
+    assert all(1.0 in e for e in ends)  # every bar starts at 1.0
+    spans = sorted((min(e), max(e)) for e in ends)
+    want = sorted((min(1.0, r["speedup"]), max(1.0, r["speedup"])) for r in rows)
+    assert spans == [(pytest.approx(a), pytest.approx(b)) for a, b in want]
+    assert any(tuple(ln.get_xdata()) == (1.0, 1.0) for ln in ax.lines)
+    lo, hi = ax.get_xlim()
+    assert lo < 0.53 and hi > 2 and lo * hi == pytest.approx(1.0)
+    plt.close(fig)
+    fig, ax = plt.subplots()  # one 460x row: the axis stops at RATIO_CAP and the bar says it is off scale
+    R.ratio_bars(ax, rows[:2], [460.0, 0.5], "x")
+    assert ax.get_xlim()[1] == pytest.approx(R.RATIO_CAP)
+    assert max(p.get_x() + p.get_width() for p in ax.patches) == pytest.approx(R.RATIO_CAP)
+    assert any(t.get_text() == "460x (off scale)" for t in ax.texts)
+    plt.close(fig)
+
+
+def test_chart_labels_do_not_overlap_or_repeat_words():
+    """Tick labels: unique, no word twice ("batch batch 16"), and their boxes do not overlap once drawn."""
+    rows = [r for r in _rows() if r["speedup"] and not r["is_baseline"]] * 4  # 16 bars
+    labels = [R.label(r) for r in rows]
+    assert R.label(rows[0]) == "train step demo batch 16 fp32 [fast]"
+    for text in labels:
+        words = text.rsplit(" [", 1)[0].lower().split()
+        assert len(words) == len(set(words)), text
+    fig, ax = plt.subplots(figsize=(10, R._fig_height(rows)))
+    R.ratio_bars(ax, rows, [r["speedup"] for r in rows], "x")
+    fig.tight_layout()
+    fig.canvas.draw()
+    boxes = sorted((t.get_window_extent() for t in ax.get_yticklabels()), key=lambda b: b.y0)
+    assert len(boxes) == 16 and all(a.y1 <= b.y0 + 0.5 for a, b in zip(boxes, boxes[1:]))
+    plt.close(fig)
+
+
+def test_missing_values_read_as_not_measured_why():
+    """Unmeasured cells and the header say 'not measured (why)' / 'not installed', never a bare '-' or None."""
+    assert R.reason("not measured: no GPU") == "not measured (no GPU)"
+    assert R.reason("model, not measured: 5 GFLOP") == "model, not measured: 5 GFLOP"
+    md = R.rows_table(_rows())
+    assert "not measured (no GPU)" in md and "not measured:" not in md
+    m = dict(cpu="AMD EPYC", cores=2, torch_threads=2, cpu_bf16="none", torch="2.14.1", triton=None, dali=None,
+             python="3.11", git="abc", date="today", loadavg_start=1.0)
+    line = R.machine_line(m)
+    assert "DALI not installed" in line and "triton not installed" in line and "None" not in line
+    assert "matmul peak: not measured (only the step suite measures it" in line
+    step = R.step_table([R.row("step", "train step vit-s", "-", "bf16", "engine", preset="vit-s",
+                               note="not measured: the run's --budget-s was used up")])
+    assert "not measured (the run's --budget-s was used up)" in step
+
+
+def test_every_chart_is_written_even_with_nothing_measured(tmp_path):
+    """speedups.png, memory.png and step_phases.png exist when no step and no ratio could be measured."""
+    rows = [R.row("step", "train step demo", "-", "fp32", p, is_baseline=b, preset="demo",
+                  note="not measured: the run's --budget-s was used up") for p, b in (("engine", False), ("reference", True))]
+    rep = {"rows": rows, "device": "cpu", "quick": True}
+    paths = R.plot(str(tmp_path), rep)
+    assert sorted(os.path.basename(p) for p in paths) == ["memory.png", "speedups.png", "step_phases.png"]
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    rows = _rows()
+    assert [os.path.basename(p) for p in R.plot(str(tmp_path), {"rows": rows, "device": "cpu", "quick": False})] == \
+        ["speedups.png", "memory.png", "step_phases.png"]
+
+
+def test_projection_only_for_the_paper_size_model():
+    """H100 projections come from the vit-b-paper preset alone, labelled as a model; a demo result gives none."""
+    demo = {"preset": "demo", "flops_per_image_engine": 2e9}
+    paper = {"preset": "vit-b-paper", "flops_per_image_engine": 175e9}
+    assert RUN.projections([demo]) == []
+    (p,) = RUN.projections([demo, paper, dict(paper)])
+    assert "(model)" in p["what"] and p["note"].startswith("model, not measured")
+    assert p["extra"]["images_per_s"] == pytest.approx(0.4 * 989e12 / 175e9)

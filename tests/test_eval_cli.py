@@ -130,3 +130,15 @@ def test_chain_with_project_generator(sets, tmp_path, fmt, task):
     assert _run(task, data, sets / "enc", tmp_path / "out", "--max-steps", "2") == 0
     m = json.load(open(tmp_path / "out" / "metrics.json"))
     assert m["num_images"] >= 1 and ("nme_diag" in m or "f1_mean" in m)
+
+
+@pytest.mark.parametrize("task, data, protocol", [("parsing", "lapa", "resize-whole"),
+                                                  ("alignment", "aflw", "square-crop")])
+def test_simple_protocols_stay_available(sets, tmp_path, task, data, protocol):
+    """The issue-8 paths run under their names, with their own defaults (cosine, layer decay, no EMA)."""
+    assert _run(task, sets / data, sets / "enc", tmp_path, "--max-steps", "2", "--protocol", protocol) == 0
+    m = json.load(open(tmp_path / "metrics.json"))
+    assert m["run"]["protocol"] == protocol and m["run"]["schedule"] == "cosine" and m["run"]["ema_decay"] == 0
+    assert m["run"]["layer_decay"] == 0.75 and m["run"]["head_width"] == 16
+    if task == "parsing":
+        assert sum(map(sum, m["confusion"])) == 4 * 40 * 40

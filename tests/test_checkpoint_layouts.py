@@ -141,6 +141,12 @@ def test_teacher_from_each_layout(files):
     for name in ("moco", "mae"):
         t = build_teacher_vit(f"checkpoint:{paths[name]}", {}, seed=0, num_heads=2)
         _same_output(t, _by_hand(src.state_dict(), "encoder.", arch))
+    t = build_teacher_vit(f"checkpoint:{paths['moco']}#target_encoder", {}, seed=0, num_heads=2)
+    _same_output(t, _by_hand(src.state_dict(), "target_encoder.", arch))
+    from mcf_fast.train.cli import parse_args
+    cfg, _ = parse_args(["--model.teacher", f"checkpoint:{paths['reference']}#online_encoder",
+                         "--model.teacher_layers", "0,1"])  # the CLI's early checks accept FILE#PART
+    assert cfg.model.teacher.endswith("#online_encoder")
 
 
 def test_eval_encoder_file_reads_arch_off_the_weights(files):
@@ -193,6 +199,10 @@ def test_convert_file_out_is_an_init_source(files, tmp_path):
     assert res["layout"] == "reference-code MCF checkpoint" and res["epoch"] == 15
     ck = open_checkpoint(str(tmp_path / "m.safetensors"))
     assert ck.layout == "mcf_fast model state dict" and "teacher" not in ck.parts
+    from mcf_fast.eval.encoders import build_encoder
+    convert(str(paths["reference"]), encoder_dir=str(tmp_path), num_heads=2)  # an export beside it
+    enc, info = build_encoder(str(tmp_path / "m.safetensors"), None, None, seed=0)
+    assert info["description"].startswith("mcf_fast model state dict")
     dst = MCFModel(**KW)
     init_from_checkpoint(dst, str(tmp_path / "m.safetensors"))
     for k, v in src.state_dict().items():

@@ -14,7 +14,8 @@ index and a manifest entry (counts in/out, skipped by reason, the detector), so 
 
 Resumable: a unit whose shard is already in the manifest (same size on disk) is not redone; a unit
 interrupted mid-way left only a `.tmp` file, which is rewritten. Multi-process over units with a
-progress bar.
+progress bar. Inputs are read by `inputs.py` through the loader's guarded readers (skip reasons are
+`reasons.SKIP`'s); an `--out` that is, contains or lies inside an input folder is refused first.
 
 Detectors (`--detector`): `haar` = OpenCV's Haar cascade (opencv-python-headless < 5 ships it;
 OpenCV 5 dropped `CascadeClassifier`), `lbp` = the LBP frontal-face cascade that ships inside

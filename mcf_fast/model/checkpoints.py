@@ -15,12 +15,6 @@ import torch
 
 from .safe_load import safe_torch_load
 
-# Prefixes by which known formats wrap a ViT's own keys, tried in this order.
-_PREFIXES = ("module.base_encoder.", "base_encoder.", "module.encoder.", "encoder.", "module.", "model.")
-# Keys that belong to a classification / projection head, not to the backbone.
-_HEAD = re.compile(r"^(head|fc_norm|pre_logits|head_drop)\b")
-
-
 # Keys under which checkpoint files wrap their state dict, tried in this order.
 WRAPPERS = ("state_dict", "model", "module", "model_state")
 
@@ -70,26 +64,6 @@ def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Load a file into a flat {name: tensor} dict (see `read_file`)."""
     return read_file(path)[0]
-
-
-def extract_vit(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """Strip the wrapping prefix and head keys; return the backbone's timm-named keys and the prefix."""
-    for prefix in _PREFIXES:
-        if any(k.startswith(prefix + "patch_embed.") for k in sd):
-            out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
-    else:
-        if "patch_embed.proj.weight" not in sd:
-            sample = sorted(sd)[:8]
-            raise ValueError("no ViT backbone in this checkpoint: expected 'patch_embed.proj.weight' with one "
-                             f"of the prefixes {('',) + _PREFIXES}; first keys are {sample}")
-        prefix, out = "", dict(sd)
-    keep = {}
-    for k, v in out.items():
-        if _HEAD.match(k) or k.startswith("decoder") or k == "mask_token":
-            continue
-        keep[k] = v
-    return keep, prefix
 
 
 def infer_vit_arch(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> dict:

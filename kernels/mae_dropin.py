@@ -143,6 +143,8 @@ def _refusal(model, parts):
     if not own and isinstance(getattr(model, "module", None), torch.nn.Module):
         return (f"{name} wraps the model: pass model.module (patch_mae(model.module)), or better, "
                 "patch before wrapping")
+    if any(c.__name__ == "FSDPModule" for c in type(model).__mro__) and not is_patched(model):
+        return f"{name} is already wrapped by FSDP2's fully_shard: patch the model before fully_shard"
     missing = [n for p in parts for n in _NEEDED[p] if not hasattr(model, n)]
     if missing:
         return (f"{name} does not look like MAE's MaskedAutoencoderViT: it lacks {', '.join(missing)}. "

@@ -218,3 +218,6 @@ def test_ddp_and_fsdp2_keep_the_patch(one_rank_group):
     assert len(grads) == len(want[3]) and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(grads, want[3]))
     with pytest.raises(TypeError, match="unpatch before wrapping"):
         K.unpatch_mae(sharded)
+    late = fully_shard(copy.deepcopy(model))
+    with pytest.raises(TypeError, match="patch the model before fully_shard"):
+        K.patch_mae(late)

@@ -412,3 +412,13 @@ def test_readme_documents_the_vocabulary():
     readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
     with open(readme) as f:
         assert table_markdown() in f.read()
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"shards": {"s.tar": {"samples": "7"}}}', '["a"]',
+                                  '{"shards": {"s.tar": {"samples": 1, "skipped_by_reason": {"x": -3}}}}'])
+def test_a_malformed_manifest_is_refused_at_start_with_the_fix(tmp_path, text):
+    """A damaged or hand-edited manifest.json stops the loader at start-up, naming the file and the fix."""
+    _tar(tmp_path / "s.tar", [("g.jpg", _jpeg(0))])
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ValueError, match="manifest.*scan --write-index"):
+        build_pretrain_loader(DataConfig(path=str(tmp_path / "s.tar"), workers=0), batch_size=1)

@@ -159,12 +159,32 @@ def read_index(path: str) -> list:
     return out
 
 
+def _counts_ok(d) -> bool:
+    return isinstance(d, dict) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in d.items())
+
+
+def _entry_ok(e) -> bool:
+    return (isinstance(e, dict) and type(e.get("samples")) is int and e["samples"] >= 0
+            and type(e.get("size", 0)) is int and _counts_ok(e.get("skipped_by_reason", {}))
+            and _counts_ok(e.get("converted_by_reason", {})))
+
+
 def read_manifest(folder: str) -> dict:
+    """folder/manifest.json, checked: a manifest the readers would trip over later is refused now."""
     p = os.path.join(folder, MANIFEST)
     if not os.path.exists(p):
         return {}
-    with open(p) as f:
-        return json.load(f)
+    fix = "delete it and rerun `python -m mcf_fast.data.scan --write-index` (or prepare)"
+    try:
+        with open(p) as f:
+            man = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{p}: unreadable manifest ({e}); {fix}") from None
+    shards = man.get("shards", {}) if isinstance(man, dict) else None
+    bad = [k for k, e in shards.items() if not _entry_ok(e)][:3] if isinstance(shards, dict) else ["(all)"]
+    if bad:
+        raise ValueError(f"{p}: malformed manifest entries {bad} (need int samples/size and int counts); {fix}")
+    return man
 
 
 def update_manifest(folder: str, entries: dict, **extra) -> dict:

@@ -39,6 +39,19 @@ def tiny():
     return _tiny()
 
 
+@pytest.fixture
+def ckpt_log():
+    """Messages the checkpoint module logs (a handler on its own logger: training sets propagate=False on
+    'mcf_fast', which would hide them from pytest's log capture)."""
+    msgs: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: msgs.append(record.getMessage())
+    logger = logging.getLogger(ckpt.__name__)
+    logger.addHandler(handler)
+    yield msgs
+    logger.removeHandler(handler)
+
+
 def _save(d, step, tiny, keep_last=3, finite=True):
     model, opt = tiny
     return ckpt.save(str(d), step, model, opt, {"step": step, "rng_cpu": torch.get_rng_state()}, keep_last, finite)
@@ -94,14 +107,13 @@ def test_save_load_round_trip_is_exact(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
-def test_damaged_newest_falls_back_to_intact_and_says_why(tmp_path, tiny, kind, caplog):
+def test_damaged_newest_falls_back_to_intact_and_says_why(tmp_path, tiny, kind, ckpt_log):
     """A damaged newest checkpoint is named with its reason and resume falls back to the newest intact one."""
     _save(tmp_path, 1, tiny)
     newest = _save(tmp_path, 2, tiny)
     DAMAGE[kind](newest)
-    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
-        assert ckpt.latest(str(tmp_path)) == os.path.join(str(tmp_path), "step_00000001")
-    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert ckpt.latest(str(tmp_path)) == os.path.join(str(tmp_path), "step_00000001")
+    msg = " ".join(ckpt_log)
     assert "step_00000002 is damaged" in msg and "falling back to" in msg and "step_00000001" in msg
     with pytest.raises(CheckpointError, match="step_00000002"):
         ckpt.load(newest, *_tiny())
@@ -142,13 +154,12 @@ def test_all_damaged_is_an_error_not_a_fresh_start(tmp_path, tiny):
     assert ckpt.latest(str(tmp_path / "nothing-here")) is None
 
 
-def test_resume_skips_non_finite_checkpoints_and_names_both(tmp_path, tiny, caplog):
+def test_resume_skips_non_finite_checkpoints_and_names_both(tmp_path, tiny, ckpt_log):
     """After a divergence the newest finite checkpoint is resumed, with a log line naming both."""
     _save(tmp_path, 4, tiny)
     _save(tmp_path, 8, tiny, finite=False)
-    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
-        assert ckpt.latest(str(tmp_path)).endswith("step_00000004")
-    line = next(r.getMessage() for r in caplog.records if "non-finite" in r.getMessage())
+    assert ckpt.latest(str(tmp_path)).endswith("step_00000004")
+    line = next(m for m in ckpt_log if "non-finite" in m)
     assert "step_00000008" in line and "step_00000004" in line
 
 
@@ -319,3 +330,33 @@ def test_two_ranks_gather_their_digests_into_one_marker(tmp_path):
         f.seek(0)
         f.write(bytes([b[0] ^ 1]))
     assert "__1_0.distcp does not match" in ckpt.damage(path)
+
+
+def test_rerun_after_divergence_resumes_from_the_last_finite_checkpoint(tmp_path, monkeypatch, ckpt_log):
+    """Weights go NaN after step 4, step 8's checkpoint is non-finite and the guard stops the run; the rerun
+    resumes from step 4 (saying so, naming step 8) and finishes instead of stopping again."""
+    from test_pretrain_e2e import TINY
+
+    from mcf_fast.model import mcf as mcf_mod
+    from mcf_fast.train.cli import parse_args
+    from mcf_fast.train.loop import NonFiniteError, train
+    cfg, _ = parse_args(["--out", str(tmp_path / "r"), "--max-steps", "12", *TINY, "--run.log_every", "2",
+                         "--run.ckpt_every", "4", "--run.max_nonfinite", "4", "--run.keep_last", "3",
+                         "--run.tensorboard", "false", "--run.export", "false", "--run.vis_every", "0"])
+    real, calls = mcf_mod.MCFModel.forward, {"n": 0}
+
+    def diverging(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:  # during step 6: the weights themselves become NaN (not only one loss)
+            with torch.no_grad():
+                self.encoder.cls_token.fill_(float("nan"))
+        return real(self, *a, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(mcf_mod.MCFModel, "forward", diverging)
+        with pytest.raises(NonFiniteError):
+            train(cfg)
+    ck = tmp_path / "r" / "checkpoints"
+    assert ckpt.read_marker(str(ck / "step_00000008"))["finite"] is False
+    summary = train(cfg)
+    assert summary["steps"] == 12 and summary["resumed_from"] == 4
+    assert any("step_00000008 holds non-finite weights" in x and "step_00000004" in x for x in ckpt_log)

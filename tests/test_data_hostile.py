@@ -166,6 +166,18 @@ def test_fifo_named_like_a_shard_is_skipped(tmp_path):
     assert rep["ok"] == 2 and dict(rep["skipped"]) == {"not_regular_file": 1}
 
 
+def test_hostile_list_files(tmp_path):
+    """A NUL byte in a listed path is one unreadable_file; a binary list file is refused by name."""
+    (tmp_path / "a.jpg").write_bytes(_jpeg(0))
+    lst = tmp_path / "list.txt"
+    lst.write_text("a.jpg\nb\0c.jpg\n")
+    loader, ids, st = _epoch_stats(lst)
+    assert set(ids) == {0} and set(st["skipped_by_reason"]) == {"unreadable_file"}
+    lst.write_bytes(b"\xff\xfe\x00garbage\n")
+    with pytest.raises(ValueError, match="UTF-8 text"):
+        build_pretrain_loader(DataConfig(path=str(lst), workers=0), batch_size=1)
+
+
 # --- item 14: symlink loops ---------------------------------------------------------------------------
 def test_symlinks_to_dot_do_not_make_the_walk_endless(tmp_path):
     """Two links to `.` and one to `..`: the walk finishes, lists each image once, counts the loops."""

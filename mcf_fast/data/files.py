@@ -24,8 +24,8 @@ def read_regular(path: str, max_bytes: int = MAX_FILE_MB << 20) -> bytes:
     """The bytes of a regular file of at most `max_bytes`; raise BadSample naming what it is otherwise."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise BadSample("unreadable_file", f"{path}: {e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in a path from a list file
+        raise BadSample("unreadable_file", f"{path!r}: {e}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

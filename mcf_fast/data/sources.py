@@ -224,8 +224,11 @@ def open_source(path: str, *, seed: int, img_size: int, synthetic_size: int, cac
         return src
     if path.endswith((".txt", ".lst", ".list")) and os.path.isfile(path):
         base = os.path.dirname(os.path.abspath(path))
-        with open(path) as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data.path={path!r}: a list file must be UTF-8 text, one path per line ({e})") from None
         lines = [ln if os.path.isabs(ln) else os.path.join(base, ln) for ln in lines]
         if lines and all(ln.endswith(".tar") for ln in lines):
             return ShardSource(lines, require_validated=require_validated, max_bytes=max_bytes)

@@ -21,12 +21,16 @@ def main(argv=None) -> int:
     if ns.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    from mcf_fast.train.dcp_safe import CheckpointError
     from mcf_fast.train.loop import NonFiniteError, train
     try:
         train(cfg)
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:  # damaged, hostile or unwritable checkpoints: the message says which and why
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     finally:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():

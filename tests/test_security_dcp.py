@@ -132,17 +132,19 @@ def test_convert_verifies_digests(tmp_path, tiny):
         convert.convert(path, out=str(tmp_path / "m.pt"))
 
 
-def test_pretrain_resume_refuses_hostile_metadata(tmp_path):
-    """Rerunning `pretrain` on a run folder whose checkpoint carries a hostile .metadata stops before unpickling it."""
+def test_pretrain_resume_refuses_hostile_metadata(tmp_path, capsys):
+    """Rerunning `pretrain` on a run whose checkpoint carries a hostile .metadata stops before unpickling it,
+    with a one-line error naming the class (exit code 4)."""
     from test_pretrain_e2e import TINY
 
-    from mcf_fast.train.cli import parse_args
-    from mcf_fast.train.loop import train
+    from mcf_fast import pretrain
     marker = tmp_path / "PWNED"
-    cfg, _ = parse_args(["--out", str(tmp_path / "r"), "--max-steps", "2", *TINY, "--run.ckpt_every", "2",
-                         "--run.tensorboard", "false", "--run.export", "false", "--run.vis_every", "0"])
-    train(cfg)
+    argv = ["--out", str(tmp_path / "r"), "--max-steps", "2", *TINY, "--run.ckpt_every", "2",
+            "--run.tensorboard", "false", "--run.export", "false", "--run.vis_every", "0"]
+    assert pretrain.main(argv) == 0
     _poison_metadata(str(tmp_path / "r" / "checkpoints" / "step_00000002"), marker)
-    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
-        train(cfg)
+    capsys.readouterr()
+    assert pretrain.main(argv) == 4
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "posix.system" in err and "step_00000002" in err
     assert not marker.exists()

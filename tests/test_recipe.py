@@ -113,9 +113,17 @@ def test_switches_leave_the_step_exact():
     mask1 = torch.ones(N, L, dtype=torch.bool).scatter_(1, keep1, False)
     imgs = torch.randn(N, 3, 32, 32)
     out = model(imgs, keep1, restore1, mask1, keep2)
+    out.loss.backward()
+    g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
     loss, lp, lc, _ = ref_losses(model, imgs, 0.75, n1, noise_for(keep2, L))
-    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    torch.testing.assert_close(out.loss.detach(), loss.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.loss_perceptual, lp.detach(), rtol=1e-5, atol=1e-7)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            atol = 1e-5 * float(p.grad.abs().max()) + 1e-9
+            torch.testing.assert_close(g[n], p.grad, rtol=1e-4, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_presets_say_which_recipe():

@@ -255,6 +255,22 @@ def test_tar_member_claiming_60_gib_is_too_large(tmp_path):
     assert rep["ok"] == 3 and dict(rep["skipped"]) == {"too_large": 1, "corrupt_shard": 1}
 
 
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE])
+def test_long_name_or_pax_header_claiming_60_gib_is_not_allocated(tmp_path, kind):
+    """A GNU long-name or pax header whose size field says 60 GiB: tarfile's read of it is bounded by
+    the file, the shard counts corrupt_shard and keeps the member before it."""
+    p = tmp_path / "s.tar"
+    _tar(p, [("g0.jpg", _jpeg(0))])
+    with tarfile.open(p) as tf:
+        last = tf.getmembers()[-1]
+    head = tarfile.TarInfo("x")
+    head.type, head.size = kind, 60 << 30
+    raw = p.read_bytes()[:last.offset_data + -(-last.size // 512) * 512]
+    p.write_bytes(raw + head.tobuf(format=tarfile.GNU_FORMAT) + b"y" * 4096)
+    loader, ids, st = _epoch_stats(p)
+    assert loader.num_samples == 1 and st["skipped_by_reason"] == {"corrupt_shard": 1}
+
+
 def test_index_claiming_a_huge_member_is_refused_before_reading(tmp_path):
     """An index (ours or hand-made) claiming a huge member size: too_large, nothing allocated."""
     p = tmp_path / "s.tar"

@@ -50,6 +50,24 @@ def image_member(exts: dict) -> str | None:
     return None
 
 
+class _Bounded:
+    """A file for tarfile whose reads never ask for more than the file holds: a GNU long-name or pax
+    header claiming 60 GiB makes tarfile call read(60 GiB), which allocates before reading."""
+
+    def __init__(self, f, end: int):
+        self.f, self.end = f, end
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.end - self.f.tell())
+        return self.f.read(left if n is None or n < 0 else min(n, left))
+
+    def seek(self, *args):
+        return self.f.seek(*args)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
 def _open_regular(path: str, stats: Counter):
     """A binary file object of a regular, non-empty shard, or None with the reason counted."""
     try:
@@ -76,7 +94,7 @@ def walk_tar(path: str, max_bytes: int = MAX_FILE_MB << 20) -> tuple[list, Count
         end = os.fstat(f.fileno()).st_size
         dropped = set()
         try:
-            with tarfile.open(fileobj=f, mode="r:") as tf:
+            with tarfile.open(fileobj=_Bounded(f, end), mode="r:") as tf:
                 for m in tf:
                     if not m.isreg():
                         continue

@@ -51,14 +51,18 @@ def image_member(exts: dict) -> str | None:
 
 
 class _Bounded:
-    """A file for tarfile whose reads never ask for more than the file holds: a GNU long-name or pax
-    header claiming 60 GiB makes tarfile call read(60 GiB), which allocates before reading."""
+    """A file for tarfile whose reads never ask for more than the file holds, nor more than 16 MiB:
+    a GNU long-name or pax header claiming 60 GiB makes tarfile call read(60 GiB), which allocates
+    before reading. Walking headers, tarfile reads only headers (512 B, long names, pax records); a
+    short read makes it raise ReadError, counted as corrupt_shard."""
+
+    CAP = 16 << 20
 
     def __init__(self, f, end: int):
         self.f, self.end = f, end
 
     def read(self, n: int = -1) -> bytes:
-        left = max(0, self.end - self.f.tell())
+        left = min(max(0, self.end - self.f.tell()), self.CAP)
         return self.f.read(left if n is None or n < 0 else min(n, left))
 
     def seek(self, *args):

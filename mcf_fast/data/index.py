@@ -100,6 +100,7 @@ def walk_tar(path: str, max_bytes: int = MAX_FILE_MB << 20) -> tuple[list, Count
         try:
             with tarfile.open(fileobj=_Bounded(f, end), mode="r:") as tf:
                 for m in tf:
+                    tf.members.clear()  # tarfile keeps every header otherwise: memory grows with the shard
                     if not m.isreg():
                         continue
                     key, ext = split_key(m.name)
@@ -117,7 +118,6 @@ def walk_tar(path: str, max_bytes: int = MAX_FILE_MB << 20) -> tuple[list, Count
                         dropped.add(key)
                         break
                     samples.setdefault(key, []).append((ext, m.offset_data, m.size))
-                    tf.members.clear()  # tarfile keeps every header otherwise: memory grows with the shard
         except (tarfile.TarError, OSError):
             stats["corrupt_shard"] = 1  # once per shard, however it broke
     for k in dropped:

@@ -93,6 +93,18 @@ def test_hostile_byte_entry_in_distcp_is_refused(tmp_path, tiny):
     assert not marker.exists()
 
 
+def test_hostile_extra_state_is_refused(tmp_path, tiny):
+    """extra_rank0.pt stays on torch.load(weights_only=True): a pickled os.system in it is refused, never run."""
+    marker = tmp_path / "PWNED"
+    path = _save(tmp_path / "ck", 1, tiny)
+    with open(os.path.join(path, "extra_rank0.pt"), "wb") as f:
+        torch.save({"step": 1, "x": _Payload(marker)}, f)
+    _rehash(path)
+    with pytest.raises(ckpt.CheckpointError, match="extra_rank0.pt does not load"):
+        ckpt.load(path, *_tiny())
+    assert not marker.exists()
+
+
 def test_storage_paths_outside_the_folder_are_refused(tmp_path, tiny):
     """A storage entry naming ../something would make DCP open files outside the checkpoint: refused."""
     path = _save(tmp_path / "ck", 1, tiny)

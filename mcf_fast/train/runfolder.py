@@ -33,12 +33,16 @@ class RunLock:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
             os.close(self.fd)
             self.fd = None
             raise SystemExit(f"error: {out} is in use by another training process ({holder}); wait for it to "
                              "end (rerunning the same command then resumes), or use another --out") from None
+        except OSError as e:  # a filesystem without locks (some network mounts): say so, do not block the run
+            log.warning("cannot lock %s (%s): running without the one-process-per-run-folder guard", self.path,
+                        e.strerror)
+            return
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
 

@@ -450,3 +450,23 @@ def test_a_malformed_manifest_is_refused_at_start_with_the_fix(tmp_path, text):
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(ValueError, match="manifest.*scan --write-index"):
         build_pretrain_loader(DataConfig(path=str(tmp_path / "s.tar"), workers=0), batch_size=1)
+
+
+def test_every_reason_the_data_code_counts_is_in_the_vocabulary():
+    """Each literal reason in mcf_fast/data (BadSample(...), stats[...] += ...) is a key of reasons.SKIP."""
+    import re
+
+    import mcf_fast.data as pkg
+    folder = os.path.dirname(pkg.__file__)
+    used = set()
+    for f in os.listdir(folder):
+        if f.endswith(".py"):
+            with open(os.path.join(folder, f)) as fh:
+                src = fh.read()
+            used |= set(re.findall(r'BadSample\("(\w+)"', src))
+            used |= set(re.findall(r'(?:stats|walk|skipped"\])\["(\w+)"\] \+?=', src))
+            used |= {w for pair in re.findall(r'stats\["(\w+)" if .*? else "(\w+)"\]', src) for w in pair}
+            used |= set(re.findall(r'_bad\(\w+, "(\w+)"', src))
+    used -= {"ok"}  # scan's report counts usable samples beside its Counter of reasons
+    assert {"not_regular_file", "too_large", "symlink_loop", "bad_name", "missing_shard"} <= used  # it finds them
+    assert used <= set(SKIP), used - set(SKIP)

@@ -1,7 +1,7 @@
 """FaRL's downstream geometry: which faces go where, and how predictions come back for scoring.
 
-Every constant below cites the FaRL file it comes from (repository facebookresearch/FaRL, mirrored
-as FacePerceiver/FaRL; `blueprint` is the training framework FaRL's configs run on, whose
+Every constant below cites the FaRL file it comes from (repository FacePerceiver/FaRL, which FaRL's
+README also links as microsoft/FaRL; `blueprint` is the training framework FaRL's configs run on, whose
 `ml/augmenters/geometry.py` holds the warps).
 
 Frames. FaRL works in pixel-centre coordinates (integer = pixel centre, the box edge of pixel 0 at

@@ -142,6 +142,7 @@ def test_engine_step_is_the_training_step():
     cfg = SS._config("demo")
     m = cfg.model
     m.depth, m.decoder_depth, m.teacher_depth, m.teacher_layers, m.proj_hidden = 1, 1, 1, (0,), 64
+    cfg.data.synthetic_size = 16  # the loader draws its faces up front
     cpu = torch.device("cpu")
     timed_model, plain_model = build_model(m, 0).train(), build_model(m, 0).train()
     timed = SS.TimedTrainStep(timed_model, cfg, SS._loader(cfg, 2, cpu), cpu, "fp32")

@@ -90,7 +90,17 @@ def kernels(device: torch.device, quick: bool) -> list[dict]:
                     st, pk = _timed(call, setup, device, reps, warm)
                     rows.append(row("kernels", f"{op} {mode}", shape, dname, prov, is_baseline=is_base, stats=st,
                                     peak_bytes=pk))
-    # info_nce: the contrastive loss without the [N, M] logits vs full logits + cross_entropy
+    rows += _info_nce_rows(device, quick, reps, warm, ours)
+    if device.type != "cuda":
+        rows.append(row("kernels", "gather/scatter/info_nce", "as above", "bf16", "mcf_fast[triton]", note=H.NO_GPU))
+    return rows
+
+
+def _info_nce_rows(device, quick, reps, warm, ours) -> list[dict]:
+    """info_nce: the contrastive loss without the [N, M] logits vs full logits + cross_entropy."""
+    import bench_kernels as BK
+    import mcf_fast.kernels as K
+    rows = []
     n = 1024 if quick else 4096
     C, T, scale = 256, 0.2, 0.4
 
@@ -112,8 +122,6 @@ def kernels(device: torch.device, quick: bool) -> list[dict]:
             st, pk = _timed(call, setup, device, reps, warm)
             rows.append(row("kernels", f"info_nce {mode}", f"N=M={n} C={C}", "fp32", prov, is_baseline=is_base,
                             stats=st, peak_bytes=pk))
-    if device.type != "cuda":
-        rows.append(row("kernels", "gather/scatter/info_nce", "as above", "bf16", "mcf_fast[triton]", note=H.NO_GPU))
     return rows
 
 

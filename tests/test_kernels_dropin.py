@@ -4,6 +4,8 @@ MAE's recipe and a small MAE-shaped model are re-stated in tests/mae_tiny.py; wh
 pickling and wrappers is in tests/test_kernels_patch.py.
 """
 import copy
+import os
+import sys
 
 import mcf_fast.kernels as K
 import pytest
@@ -84,3 +86,22 @@ def test_patch_mae_refuses_other_models():
         K.patch_mae(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="nn.Module"):
         K.patch_mae(object())
+
+
+def test_patch_mae_on_a_vit_mae_with_norm_pix():
+    """An MAE with real ViT blocks and norm_pix loss (benchmarks/bench_mae_step.py's, small): patched = MAE, bit for bit."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from bench_mae_step import MAEViT
+    K.set_backend("cpu")
+    model = MAEViT(depth=2, dim=64, heads=4, dec_depth=1, dec_dim=32, dec_heads=4, img=32, p=8)
+    patched = K.patch_mae(copy.deepcopy(model))
+    imgs = torch.randn(3, 3, 32, 32)
+    outs = []
+    for m in (model, patched):
+        torch.manual_seed(5)
+        loss, pred, mask = m(imgs)
+        loss.backward()
+        outs.append((loss, pred, mask, [p.grad for p in m.parameters() if p.grad is not None]))
+    (l0, p0, m0, g0), (l1, p1, m1, g1) = outs
+    assert torch.equal(l0, l1) and torch.equal(p0, p1) and torch.equal(m0, m1)
+    assert len(g0) == len(g1) and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g0, g1))

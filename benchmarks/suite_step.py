@@ -237,6 +237,30 @@ def _teacher_flops(model, cfg, device, precision, batch) -> float | None:
     return count_flops(run, model.parameters())["total"]
 
 
+def _choose_batch(engine_model, cfg, device, spec, left_s, steps_per_provider, out) -> tuple[int, str]:
+    """(batch, why): the largest batch whose predicted cost fits what is left of the budget, from a
+    batch-2 probe of the engine step; (0, '') with out['skipped'] set when none fits."""
+    prec = spec["precision"]
+    eng2 = TimedTrainStep(engine_model, cfg, _loader(cfg, 2, device), device, prec)
+    t0 = time.perf_counter()
+    probe = eng2()["total"] / 1e3 / 2  # batch 2, first call (lazy init included): an upper bound per image
+    if probe * 2 < 0.1 * spec["budget_s"]:  # cheap: a second call (no lazy init) gives a truer rate
+        probe = eng2()["total"] / 1e3 / 2
+    del eng2  # its optimizer state must not sit in the memory baseline
+    engine_model.zero_grad(set_to_none=True)
+    out["probe_s"] = probe
+    left = left_s - (time.perf_counter() - t0) - 10
+    # cost ~ both providers' steps + check (~3 forwards) + profile step, reference ~1.2x the engine
+    ladder = [b for b in (64, 32, 16, 8, 4, 2) if b <= spec["max_batch"]]
+    fits = [b for b in ladder if (2.2 * steps_per_provider + 2) * probe * b <= left]
+    if not fits:
+        out["skipped"] = (f"not measured: one {prec} step at batch 2 took {2 * probe:.1f} s here; "
+                          f"{2 * steps_per_provider + 2} steps exceed this configuration's budget of {max(left, 0):.0f} s")
+        return 0, ""
+    return fits[0], (f"largest of {ladder} whose predicted cost fits the {spec['budget_s']:.0f} s budget "
+                     f"(batch-2 probe step {2 * probe:.2f} s)")
+
+
 def child(spec: dict) -> dict:
     """One (preset, precision) configuration; see the module docstring. `spec`: preset, precision,
     device, budget_s, max_batch, batch (fixed or 0 = choose), reps, warmup, profile."""
@@ -265,23 +289,10 @@ def child(spec: dict) -> dict:
         return out
     batch, why = spec.get("batch") or 0, "fixed (--step-batch or --quick)"
     if not batch:
-        eng2 = TimedTrainStep(engine_model, cfg, _loader(cfg, 2, device), device, prec)
-        probe = eng2()["total"] / 1e3 / 2  # batch 2, first call (lazy init included): an upper bound per image
-        if probe * 2 < 0.1 * spec["budget_s"]:  # cheap: a second call (no lazy init) gives a truer rate
-            probe = eng2()["total"] / 1e3 / 2
-        del eng2  # its optimizer state must not sit in the memory baseline
-        engine_model.zero_grad(set_to_none=True)
-        out["probe_s"] = probe
-        left = spec["budget_s"] - (time.perf_counter() - t0) - 10
-        # cost ~ both providers' steps + check (~3 forwards) + profile step, reference ~1.2x the engine
-        ladder = [b for b in (64, 32, 16, 8, 4, 2) if b <= spec["max_batch"]]
-        fits = [b for b in ladder if (2.2 * steps_per_provider + 2) * probe * b <= left]
-        if not fits:
-            out["skipped"] = (f"not measured: one {prec} step at batch 2 took {2 * probe:.1f} s here; "
-                              f"{2 * steps_per_provider + 2} steps exceed this configuration's budget of {max(left, 0):.0f} s")
+        batch, why = _choose_batch(engine_model, cfg, device, spec, spec["budget_s"] - (time.perf_counter() - t0),
+                                   steps_per_provider, out)
+        if not batch:
             return out
-        batch, why = fits[0], (f"largest of {ladder} whose predicted cost fits the {spec['budget_s']:.0f} s budget "
-                               f"(batch-2 probe step {2 * probe:.2f} s)")
     out.update(batch=batch, batch_reason=why)
     out["check"] = check_losses(engine_model, cfg, device, prec, batch)
     out["flops_engine"] = f_fixed or _flops_of(engine_model, cfg, device, prec, batch, "engine")

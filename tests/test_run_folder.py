@@ -164,3 +164,22 @@ def test_finished_run_is_left_as_it_was(tmp_path, capsys):
     assert re.search(r"checkpoints/step_\d{8}/", listing) and re.search(r"recon_step\d{8}\.png", listing)
     assert sorted(os.listdir(out / "images")) == ["recon_latest.png", "recon_step00000001.png",
                                                   "recon_step00000002.png"]
+
+
+def test_finished_run_with_an_allowed_config_change(tmp_path, capsys):
+    """A finished run rerun with an allowed change of the same length does nothing and keeps summary.json;
+    one that asks for more steps trains them and writes a new summary."""
+    out = tmp_path / "r"
+    loop.train(_cfg(out, 2))
+    summary = (out / "summary.json").read_text()
+    capsys.readouterr()
+    loop.train(_cfg(out, 2, "--run.log_every", "2", "--run.allow_config_change", "true"))
+    assert "already finished at step 2" in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == summary
+    longer = loop.train(_cfg(out, 3, "--run.allow_config_change", "true"))
+    assert longer["steps"] == 3 and longer["resumed_from"] == 2
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
+    # killed after its last checkpoint but before its summary: the stale summary (step 2) is replaced
+    (out / "summary.json").write_text(summary)
+    fixed = loop.train(_cfg(out, 3, "--run.allow_config_change", "true"))
+    assert fixed["steps"] == 3 and json.load(open(out / "summary.json"))["steps"] == 3

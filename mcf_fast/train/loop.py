@@ -106,8 +106,8 @@ def train(cfg: Config) -> dict:
         w = wire(cfg, rt)
         try:
             start, saved = resume(w, latest)
-            prior = runfolder.read_summary(out)
-            if start >= w.total and prior is not None:
+            prior = runfolder.read_summary(out)  # a finished run resumed with an allowed config change
+            if start >= w.total and prior is not None and prior.get("steps") == start:
                 return _nothing_to_do(out, prior)
             run_steps(w, start, saved)
         finally:

@@ -121,6 +121,11 @@ def _build_ext_class(cpp_extension, cpu_fallback):
             self._cuda_failed = False
             if cpu_fallback is None:
                 return super().build_extensions()
+            # setuptools' finalize_options gave the CUDA extension private fields (_needs_stub,
+            # _full_name, ...); its CPU twin has the same name, so the same values.
+            for key, val in vars(self.extensions[0]).items():
+                if key.startswith("_") and not hasattr(cpu_fallback, key):
+                    setattr(cpu_fallback, key, val)
             self.extensions.append(cpu_fallback)
             try:
                 super().build_extensions()

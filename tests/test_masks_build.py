@@ -126,7 +126,7 @@ def test_cuda_build_failure_keeps_the_cpu_part(tmp_path):
     env = dict(os.environ, MCF_FAST_BUILD_CUDA="auto", MCF_FAST_CUDA_ARCH="1")
     args = [sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
             "--build-temp", str(tmp_path / "tmp")]
-    build = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    build = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400, check=False)
     log = build.stdout + build.stderr
     assert build.returncode == 0, log[-3000:]
     assert log.count("the CUDA part of mcf_fast._C did not build") == 1, log[-3000:]
@@ -138,5 +138,5 @@ def test_cuda_build_failure_keeps_the_cpu_part(tmp_path):
                          check=False)
     assert run.returncode == 0 and run.stdout.strip() == "3", run.stderr[-2000:]
     strict = subprocess.run(args, cwd=ROOT, env=dict(env, MCF_FAST_BUILD_CUDA="1"), capture_output=True,
-                            text=True, timeout=900, check=False)
+                            text=True, timeout=2400, check=False)
     assert strict.returncode != 0

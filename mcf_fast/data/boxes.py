@@ -4,9 +4,9 @@ LAION-Face ships its detections (batch-face's RetinaFace) as `sample2detect_{par
 `{int SAMPLE_ID: [(box [x1, y1, x2, y2], landmarks [5, 2], score), ...]}` of numpy values, one file
 per download part; img2dataset writes `SAMPLE_ID` into every sample's JSON (LAION-Face's download.sh
 saves that column). Other tools write tables. Accepted here:
-- `.pth` / `.pt`: that dict (or `{key: [[x1, y1, x2, y2, score?], ...]}`), read with
-  `torch.load(weights_only=True)` and exactly numpy's array/scalar/dtype rebuild functions allowed,
-  so a hostile file cannot run code;
+- `.pth` / `.pt`: that dict (or `{key: [[x1, y1, x2, y2, score?], ...]}`), read weights-only with
+  exactly numpy's array/scalar/dtype rebuild functions allowed (`mcf_fast.safe_load`), so a hostile
+  file cannot run code;
 - `.json`: `{key: boxes}`; `.jsonl`: one `{"key" | "SAMPLE_ID": ..., "boxes" | "box": ..., "scores"?}`
   per line; `.parquet` (needs pyarrow): the same columns.
 Boxes are `[x1, y1, x2, y2]` corners by default (RetinaFace, LAION-Face) or `--box-format xywh`, in
@@ -23,26 +23,12 @@ import numpy as np
 BOX_FORMATS = ("xyxy", "xywh")
 
 
-def _numpy_safe_globals() -> list:
-    """The globals a pickled numpy array/scalar refers to, under numpy 2's and numpy 1's module names."""
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray
-    out = [np.ndarray, np.dtype]
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        out += [(multiarray._reconstruct, f"{mod}._reconstruct"), (multiarray.scalar, f"{mod}.scalar")]
-    out += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.uint8)]
-    return out
-
-
 def _load_pth(path: str):
-    import torch
+    from mcf_fast.safe_load import safe_torch_load
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler names the refused global; say which file and why
-        raise ValueError(f"--boxes {path}: not a weights-only box file ({str(e).splitlines()[0][:200]}); "
+        return safe_torch_load(path, arrays=True)
+    except ValueError as e:  # it names the refused globals; say which option the file came from
+        raise ValueError(f"--boxes {path}: not a weights-only box file ({str(e)[:300]}); "
                          "only dicts of numbers, lists and numpy arrays are read") from None
 
 

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from .safe_load import safe_torch_load
+from mcf_fast.safe_load import safe_torch_load
 
 # Keys under which checkpoint files wrap their state dict, tried in this order.
 WRAPPERS = ("state_dict", "model", "module", "model_state")

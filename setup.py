@@ -13,6 +13,7 @@ Environment switches:
 """
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -98,6 +99,8 @@ def _extensions():
         _log(f"building the CPU part of mcf_fast._C only ({why}); MCF_FAST_BUILD_CUDA=1 requires CUDA")
         return [cpu_ext], {"build_ext": _build_ext_class(cpp_extension, None)}
     archs = os.environ.get("MCF_FAST_CUDA_ARCH", "90").split(";")
+    if not all(re.fullmatch(r"\d+[a-z]?", a) for a in archs):
+        raise SystemExit(f"MCF_FAST_CUDA_ARCH={';'.join(archs)!r}: give SM numbers, e.g. 90 or 80;90 or 90a")
     gencode = [f for a in archs for f in ("-gencode", f"arch=compute_{a},code=sm_{a}")]
     # -Xptxas -v: keep the register / spill report of every kernel in the build log.
     nvcc_flags = ["-O3", "-std=c++20", "-Xptxas", "-v", "-DMCF_FAST_WITH_CUDA", *gencode]

@@ -92,6 +92,11 @@ def probe_report(run_out: str, seed: int, sizes=(480, 240)) -> dict:
     return {"pretrained": probe(enc, *sizes), "random_init": probe(random_encoder(enc.arch, seed), *sizes)}
 
 
+def _change(frac: float, good: str, bad: str) -> str:
+    """'14.5% lower' or, when the pre-trained encoder is worse, '3.0% higher (worse)'."""
+    return f"{100 * frac:.1f}% {good}" if frac >= 0 else f"{-100 * frac:.1f}% {bad} (worse)"
+
+
 def summary_table(s: dict) -> str:
     r_t, r_m, p = s["recon_teacher"], s["recon_mcf"], s["probe"]
     pre, rnd = p["pretrained"], p["random_init"]
@@ -106,7 +111,7 @@ def summary_table(s: dict) -> str:
         f"  {'':34s}{'NME_diag (lower)':>20s}{'F1 mean (higher)':>22s}",
         f"  {'MCF encoder (this run)':34s}{pre['nme_diag']:>20.4f}{pre['f1_mean']:>22.4f}",
         f"  {'random-init encoder':34s}{rnd['nme_diag']:>20.4f}{rnd['f1_mean']:>22.4f}",
-        f"  gain over scratch: NME_diag {100 * (1 - pre['nme_diag'] / rnd['nme_diag']):+.1f}% (lower), "
+        f"  gain over scratch: NME_diag {_change(1 - pre['nme_diag'] / rnd['nme_diag'], 'lower', 'higher')}, "
         f"F1 {pre['f1_mean'] - rnd['f1_mean']:+.4f}",
         f"reconstruction below the mean-colour baseline: {'yes' if s['recon_below_baseline'] else 'NO'}; "
         f"encoder better than scratch on both probes: {'yes' if s['beats_scratch'] else 'NO'}",

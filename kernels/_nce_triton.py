@@ -116,13 +116,15 @@ def _cfg(C, dtype_is_fp32, kernel="fwd"):
     Chosen from the sm_90 ahead-of-time compile report (tests/test_kernels_aot.py, 2026-11): at
     C = 256 the accumulating kernels keep their [rows, C] fp32 accumulator at 32 rows, which holds
     them under 160 registers without spills; 64 rows hit the 255-register cap (fp32 spilled).
+    fp32 at C = 256 also halves the streamed tile of the two backward kernels: triton 3.6 (the H200
+    image's) spilled 5.9-6.3 KB of stack at 32 x 32 there (2026-12-01), 0 at 32 x 16 / 16 x 32.
     """
     block_c = max(16, triton.next_power_of_2(C))
     if block_c > 256:
         raise ValueError(f"info_nce Triton kernels support feature dims up to 256, got C={C}; "
                          "use set_backend('cpu') (the blocked torch path also runs on CUDA)")
     if dtype_is_fp32:
-        bn, bm = 32, 32
+        bn, bm = {"dq": (32, 16), "dk": (16, 32)}.get(kernel, (32, 32)) if block_c == 256 else (32, 32)
     else:
         bn, bm = {"fwd": (64, 32), "dq": (32, 64), "dk": (64, 32)}[kernel]
     return dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_C=block_c, num_warps=8, num_stages=3)

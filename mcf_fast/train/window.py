@@ -105,7 +105,8 @@ class MetricsWindow:
                "skipped_nonfinite": int(self.skipped_total.item()),
                "skipped_in_window": max(0, window_steps - round(good / rt.world_size)),
                "data_skipped": int(data_stats.get("skipped", 0)),
-               "data_skipped_by_reason": dict(data_stats.get("skipped_by_reason", {}))}
+               "data_skipped_by_reason": dict(data_stats.get("skipped_by_reason", {})),
+               "data_converted_by_reason": dict(data_stats.get("converted_by_reason", {}))}
         for v in self.sums.values():
             v.zero_()
         self.t0, self.n = time.perf_counter(), 0

@@ -182,7 +182,7 @@ setup(
         "faces": ["opencv-python-headless>=4.8", "simplejpeg>=1.7", "scikit-image>=0.21"],
         "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80", "ruff>=0.4",
                 "timm>=1.0", "scikit-image>=0.21", "opencv-python-headless>=4.8", "simplejpeg>=1.7",
-                "lmdb>=1.4"],
+                "lmdb>=1.4", "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["mcf-pretrain=mcf_fast.pretrain:main", "mcf-eval=mcf_fast.eval.__main__:main"]},
 )

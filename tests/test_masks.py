@@ -2,7 +2,6 @@
 bad input, torch.compile. Statistics live in test_masks_uniformity.py, build checks in
 test_masks_build.py."""
 import hashlib
-import logging
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from mcf_fast import mask_algo as algo
 from mcf_fast import masking as mk
 
 if os.environ.get("MCF_FAST_REQUIRE_EXT", "0") == "1":  # CI: a missing extension fails, never skips
@@ -91,7 +91,7 @@ def test_philox_known_answers():
              ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
               (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
     for ctr, key, want in cases:
-        got = mk.philox4x32_10(*[torch.tensor(c) for c in ctr], *key)
+        got = algo.philox4x32_10(*[torch.tensor(c) for c in ctr], *key)
         assert tuple(int(g) for g in got) == want
         assert tuple(_philox_py(ctr, key)) == want
 
@@ -108,8 +108,8 @@ def test_extension_equals_torch_mirror(N, L, ratio, V):
     ids = torch.arange(N, dtype=torch.int64) * 1_000_003 + (2**47 - 5)
     K = mk.num_kept(L, ratio)
     for seed, step in [(0, 0), (2**64 - 1, 2**32 - 1), (12345, 678)]:
-        a = mk.random_masks(N, L, ratio, views=V, seed=seed, step=step, sample_ids=ids)
-        b = mk._random_masks_torch(ids, L, K, V, seed, step)
+        a = mk.random_masks(N, L, ratio, views=V, seed=seed, step=step, sample_ids=ids, backend="ext")
+        b = mk.random_masks(N, L, ratio, views=V, seed=seed, step=step, sample_ids=ids, backend="torch")
         for x, y in zip(a, b):
             assert torch.equal(x, y)
         _check_structure(a, L, K)
@@ -127,7 +127,7 @@ def test_scalar_reference_rows_and_rejection_path():
     found = None
     for start in range(1000, 20_000, 500):
         sids = torch.arange(start, start + 500, dtype=torch.int64)
-        s = mk._TorchStream(sids, 1, seed, step, K)
+        s = algo.RowStreams(sids, 1, seed, step).prefetch(K)
         low = (s.first[:, :K] * ranges) & M32
         hit = (low < thresholds).any(1)
         if bool(hit.any()):
@@ -135,8 +135,8 @@ def test_scalar_reference_rows_and_rejection_path():
             break
     assert found is not None, "no rejecting row in 20k rows: expected ~1 per 1.5k"
     ids = torch.tensor([found, found + 1, 5], dtype=torch.int64)
-    a = mk.random_masks(3, L, 0.5, views=1, seed=seed, step=step, sample_ids=ids)
-    b = mk._random_masks_torch(ids, L, K, 1, seed, step)
+    a = mk.random_masks(3, L, 0.5, views=1, seed=seed, step=step, sample_ids=ids, backend="ext")
+    b = mk.random_masks(3, L, 0.5, views=1, seed=seed, step=step, sample_ids=ids, backend="torch")
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     keep, restore, mask, rejections = _row_py(L, K, seed, step, found, 0)
@@ -232,42 +232,6 @@ def test_views_are_prefix_stable_and_distinct():
     assert not torch.equal(three.mask[1], three.mask[2])
     assert not torch.equal(one.mask, mk.random_masks(32, 196, 0.75, seed=1, step=3).mask)
     assert not torch.equal(one.mask, mk.random_masks(32, 196, 0.75, seed=2, step=2).mask)
-
-
-def test_fallback_used_and_logged_once_without_extension(monkeypatch, caplog):
-    """Without mcf_fast._C the torch fallback runs (same masks) and says so once."""
-    want = mk.random_masks(4, 196, 0.75, views=2, seed=0)
-    monkeypatch.setattr(mk, "_EXT", None)
-    monkeypatch.setattr(mk, "_WARNED", set())
-    real_import = __import__
-
-    def fake_import(name, globs=None, locs=None, fromlist=(), level=0):
-        if fromlist and "_C" in fromlist and name == "mcf_fast":
-            raise ImportError("simulated: extension missing")
-        return real_import(name, globs, locs, fromlist, level)
-
-    monkeypatch.setattr("builtins.__import__", fake_import)
-    with caplog.at_level(logging.WARNING, logger="mcf_fast.masking"):
-        got = mk.random_masks(4, 196, 0.75, views=2, seed=0)
-        mk.random_masks(4, 196, 0.75, views=2, seed=0)
-    assert sum("pure-torch fallback" in r.message for r in caplog.records) == 1
-    for x, y in zip(want, got):
-        assert torch.equal(x, y)
-    monkeypatch.setenv("MCF_FAST_MASKS", "ext")
-    with pytest.raises(RuntimeError, match="MCF_FAST_MASKS=ext"):
-        mk.random_masks(4, 196, 0.75, seed=0)
-
-
-def test_env_forces_torch_backend(monkeypatch):
-    """MCF_FAST_MASKS=torch routes to the fallback; a bad value is refused by name."""
-    want = mk.random_masks(4, 49, 0.75, views=2, seed=0)
-    monkeypatch.setenv("MCF_FAST_MASKS", "torch")
-    got = mk.random_masks(4, 49, 0.75, views=2, seed=0)
-    for x, y in zip(want, got):
-        assert torch.equal(x, y)
-    monkeypatch.setenv("MCF_FAST_MASKS", "fast")
-    with pytest.raises(ValueError, match="MCF_FAST_MASKS"):
-        mk.random_masks(4, 49, 0.75, seed=0)
 
 
 # --------------------------------------------------------------------------------- bad input

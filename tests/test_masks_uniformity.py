@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from mcf_fast import mask_algo as algo
 from mcf_fast import masking as mk
 
 P_FAIL = 1e-6
@@ -69,8 +70,7 @@ def modulo_biased(bits):
 
 def biased_masks(N, L, ratio, views, seed, bits):
     ids = torch.arange(N, dtype=torch.int64)
-    return mk._random_masks_torch(ids, L, mk.num_kept(L, ratio), views, seed, 0,
-                                  _bounded=modulo_biased(bits))
+    return algo.uniform_masks(ids, L, mk.num_kept(L, ratio), views, seed, 0, bounded=modulo_biased(bits))
 
 
 def window_masks(N, L, K, seed):

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from mcf_fast.data.config import DataConfig
+from mcf_fast.masking import MASK_KINDS
 
 from .checks import check_numbers
 
@@ -89,8 +90,7 @@ class ModelConfig:
         L = (self.img_size // self.patch_size) ** 2
         if int(L * (1 - self.mask_ratio)) < 1:
             bad("mask_ratio", f"keeps no patch of {L}; lower it")
-        if self.mask_kind not in ("uniform", "block"):
-            bad("mask_kind", "must be 'uniform' or 'block'")
+        MASK_KINDS.get(self.mask_kind).precheck(self)  # unknown kinds: one line with the choices
         kind = self.teacher.partition(":")[0]
         if kind not in ("checkpoint", "random", "ema", "pixel"):
             bad("teacher", "must be checkpoint:PATH, random, ema or pixel")

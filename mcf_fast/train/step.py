@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from mcf_fast.masking import random_masks
+from mcf_fast.masking import build_mask_generator
 from mcf_fast.model.mcf import ema_update
 
 from .config import Config
@@ -62,6 +62,7 @@ class TrainStep:
         self.ema_target, self.ema_online = model.ema_pairs()
         self.num_patches = model.encoder.num_patches
         self.fused = bool(optimizer.defaults.get("fused"))
+        self.masks = build_mask_generator(cfg.model, seed=cfg.run.seed, device=rt.device)  # kind, backend: once
         self._zero = torch.zeros((), device=rt.device)
 
     def __call__(self, batches: Iterator, index: int, lr: float, momentum: float,
@@ -82,8 +83,7 @@ class TrainStep:
         """Masks, EMA, forward, backward of one micro-batch: (images, masks, model output)."""
         batch = next(batches)
         imgs = batch.images
-        masks = random_masks(imgs.shape[0], self.num_patches, self.mask_ratio, views=2, seed=self.seed,
-                             step=micro_step, sample_ids=batch.sample_ids, device=self.rt.device)
+        masks = self.masks(imgs.shape[0], step=micro_step, sample_ids=batch.sample_ids, views=2)
         if mark:
             mark("data")
         if update_ema:  # before k, every forward (the reference), or once per optimizer step

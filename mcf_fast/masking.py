@@ -1,6 +1,6 @@
 """Patch masks for MAE-style training: kinds in a registry, reproducible per sample, backend chosen once.
 
-Kinds (`MASK_KINDS`, picked by `--model.mask_kind`; docs/METHOD.md, "Masks"):
+Kinds (`MASK_KINDS`, picked by `--model.mask_kind`; docs/METHOD.md §3):
   uniform  every K-subset of the L patches equally likely, per sample and view (MAE; the paper)
   block    BEiT-style rectangles, topped up uniformly to the same exact count
 A kind is a `MaskKind` subclass (name, summary, the config fields it reads, a cheap `precheck(cfg)`,
@@ -209,7 +209,7 @@ def _ext_missing(kind, dev) -> str | None:
 def choose_backend(kind, device="cpu", backend=None) -> str:
     """'ext' or 'torch' for masks of `kind` (a MaskKind) on `device`. backend: 'auto', 'ext', 'torch' or
     None (the process default). 'ext' that cannot run is a RuntimeError saying why and how to fix it;
-    'auto' falls back to 'torch' and says so once per device type."""
+    'auto' falls back to 'torch' and says so once per kind and device type."""
     choice = default_backend() if backend is None else _check_choice(backend, "backend=")
     if choice == "torch":
         return "torch"

@@ -1,4 +1,4 @@
-"""The engine's MCF losses and gradients equal the plain re-statement of MCF.md (model/reference.py)."""
+"""The engine's MCF losses and gradients equal the plain re-statement of docs/METHOD.md (model/reference.py)."""
 import pytest
 import torch
 

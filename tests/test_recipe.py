@@ -101,7 +101,7 @@ def test_teacher_resize_nearest_always():
 
 def test_switches_leave_the_step_exact():
     """The reference-recipe switches change init and resize only: losses and gradients still equal the
-    plain re-statement of MCF.md (teacher at the input size, where nearest is the identity)."""
+    plain re-statement of docs/METHOD.md (teacher at the input size, where nearest is the identity)."""
     torch.manual_seed(2)
     model = MCFModel(**KW, teacher="random", **PAPER)
     N, L, K = 4, 16, 4

@@ -1,4 +1,4 @@
-"""Readers for the real on-disk layouts of the downstream sets (see docs/MCF.md).
+"""Readers for the real on-disk layouts of the downstream sets (see docs/METHOD.md §12).
 
 AFLW-19: `DIR/AFLWinfo_release.mat` (bbox N x 4 = left, right, top, bottom; data N x 38 = x1..x19,
 y1..y19; mask_new N x 19; nameList N x 1 cell of paths under `DIR/data/flickr/`; ra = 1-based

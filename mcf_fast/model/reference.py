@@ -1,4 +1,4 @@
-"""A plain re-statement of MCF.md, formulated as the public reference code computes it.
+"""A plain re-statement of docs/METHOD.md §2-§7, formulated as the public reference code computes it.
 
 This is the spec the engine is tested against and the baseline `benchmarks/run.py` times. It shares
 the engine's parameters (it takes an `MCFModel`) but none of its shortcuts:
@@ -84,7 +84,7 @@ def ref_teacher_feats(vit: VisionTransformer, x, layers):
 
 
 def ref_losses(model: MCFModel, imgs, mask_ratio, noise1, noise2, rank: int = 0):
-    """(total, perceptual, contrastive, pred image) exactly as MCF.md, step 2-6 (EMA done by caller)."""
+    """(total, perceptual, contrastive, pred image) exactly as docs/METHOD.md §2-§6 (EMA done by caller)."""
     latent, mask, ids_restore = ref_encode(model.encoder, imgs, mask_ratio, noise1)
     pred_patches = ref_decode(model, latent, ids_restore)
     pred = unpatchify(pred_patches, model.patch_size)

@@ -67,7 +67,7 @@ class PerceptualLoss(nn.Module):
         if resize not in RESIZE_MODES:
             raise ValueError(f"teacher resize must be one of {RESIZE_MODES}, got {resize!r}")
         # 'bilinear': resize only when sizes differ (ours); 'nearest': F.interpolate(size) always, the
-        # reference code's call (MCF.md, recipe details) -- an identity when the sizes already match.
+        # reference code's call (docs/METHOD.md §11) -- an identity when the sizes already match.
         self.resize = resize
         # `teacher` is None for the 'ema' source: the caller passes the encoder at call time, so the
         # momentum encoder is not registered (and sharded, and saved) twice.
@@ -91,7 +91,7 @@ class PerceptualLoss(nn.Module):
 
     def features(self, x: torch.Tensor, vit: VisionTransformer) -> list[torch.Tensor]:
         feats = vit.forward_intermediates(self._prep(x, vit), self.layers)
-        return [F.normalize(f.float(), dim=1) for f in feats]  # L2 along the token axis (MCF.md)
+        return [F.normalize(f.float(), dim=1) for f in feats]  # L2 along the token axis (docs/METHOD.md §5)
 
     def forward(self, pred: torch.Tensor, real: torch.Tensor, vit: VisionTransformer | None = None):
         vit = vit if vit is not None else self.teacher

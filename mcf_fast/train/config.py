@@ -279,11 +279,11 @@ PRESETS: dict[str, dict] = {
         "data": dict(img_size=224),
         "run": dict(out="runs/vit-s"),
     },
-    # The reference run (MCF.md): ViT-B/16, decoder 512-d x 8, batch 64 x accum 8 per GPU, 16 epochs.
+    # The reference run (docs/METHOD.md §10): ViT-B/16, decoder 512-d x 8, batch 64 x accum 8 per GPU, 16 epochs.
     "vit-b-paper": {
         "model": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
                       decoder_depth=8, decoder_num_heads=16, teacher="checkpoint:",
-                      # the reference code's recipe outside the step (MCF.md; tests/test_recipe.py pins each)
+                      # the reference code's recipe outside the step (docs/METHOD.md §11; tests/test_recipe.py pins each)
                       head_init="xavier", patch_embed_bias="conv_default", teacher_resize="nearest"),
         "optim": dict(batch_size=64, accum_steps=8, epochs=16, blr=1.5e-4, warmup_epochs=1, weight_decay=0.05,
                       momentum=0.99, decay_tokens=True, warmup_from_zero=True),

@@ -186,6 +186,24 @@ def test_torch_path_is_exact_integer_arithmetic(kind):
         assert all(row.unique().numel() == row.numel() for row in keys)
 
 
+class _NoHostRead(TorchDispatchMode):
+    """Fails on any op that reads a tensor's value back to the host (on a GPU: a sync)."""
+    BANNED = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+              torch.ops.aten.equal.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func not in self.BANNED, f"host read in block masks: {func}"
+        return func(*args, **(kwargs or {}))
+
+
+def test_block_masks_read_nothing_back():
+    """Drawing block masks never reads a value back to the host, so on a GPU the step stays sync-free."""
+    gen = mk.MaskGenerator("block", 14, 0.75, seed=0)
+    with _NoHostRead():
+        m = gen(8, step=1, views=2)
+    assert m.mask.shape == (2, 8, 196)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_equals_cpu():

@@ -14,18 +14,22 @@ from collections import Counter
 from .files import MAX_FILE_MB, pread_member, read_regular
 from .index import image_member, walk_tar
 from .reasons import BadSample
-from .sources import FileListSource, ShardSource, expand_shards, open_source
+from .config import DataConfig
+from .sources import SOURCES, expand_shards, open_data
 
 
 def plan_units(spec: str, per_unit: int, max_bytes: int = MAX_FILE_MB << 20) -> tuple[list, Counter]:
-    """([(kind, shard path | list of files)] in a stable order, what listing the input left out)."""
-    src = open_source(spec, seed=0, img_size=8, synthetic_size=1, cache_mb=0, max_bytes=max_bytes)
-    if isinstance(src, ShardSource):
+    """([(kind, shard path | list of files)] in a stable order, what listing the input left out).
+    The input is recognised and checked by the data source registry, its errors naming `--input`."""
+    cfg = DataConfig(path=spec, max_file_mb=max(1, max_bytes >> 20))
+    src = open_data(cfg, option="--input")
+    if src.kind == "shards":
         return [("shard", s) for s in src.shards if os.path.exists(s)], Counter()
-    if isinstance(src, FileListSource):
+    if src.kind in ("folder", "list"):
         units = [("files", src.paths[i:i + per_unit]) for i in range(0, src.num_samples, per_unit)]
         return units, Counter(src.index_stats)
-    raise ValueError("prepare needs a folder, a list file or shards as --input")
+    raise ValueError(f"--input {spec!r} is {SOURCES.get(src.kind).summary}: prepare reads a folder of images, "
+                     "a list file of images, or webdataset shards")
 
 
 def unit_inputs(unit, stats: Counter, max_bytes: int = MAX_FILE_MB << 20):

@@ -43,6 +43,7 @@ class FaceDetector:
 
     name = ""
     summary = ""
+    package = ""  # the pip package that brings what it needs ("" = nothing beyond the base install)
 
     @classmethod
     def missing(cls) -> str | None:
@@ -85,6 +86,7 @@ class _Scanning(FaceDetector):
 @DETECTORS.register
 class Mtcnn(_Scanning):
     name = "mtcnn"
+    package = "facenet-pytorch"
     summary = "MTCNN CNN cascade, best recall and precision (weights: " + MTCNN_INSTALL + ")"
 
     @classmethod
@@ -105,6 +107,7 @@ class Mtcnn(_Scanning):
 @DETECTORS.register
 class Lbp(_Scanning):
     name = "lbp"
+    package = "scikit-image"
     summary = "scikit-image's LBP frontal-face cascade (base install)"
 
     @classmethod
@@ -132,6 +135,7 @@ def _haar_file() -> str:
 @DETECTORS.register
 class Haar(_Scanning):
     name = "haar"
+    package = "opencv-python-headless"
     summary = "OpenCV's Haar cascade (needs opencv-python-headless<5; many false detections)"
 
     @classmethod

@@ -145,3 +145,16 @@ def test_a_crash_mid_unit_leaves_no_tmp_shard(photo_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="decoder crashed"):
         prepare(str(photo_dir), str(out), size=32, workers=1, detector="none")
     assert sorted(os.listdir(out)) == ["manifest.json"]
+
+
+def test_every_reason_prepare_records_is_in_the_vocabulary():
+    """Each literal reason given to `Skips.add` in mcf_fast/data is a key of reasons.SKIP."""
+    from mcf_fast.data.reasons import SKIP
+    folder = os.path.join(ROOT, "mcf_fast", "data")
+    used = set()
+    for f in os.listdir(folder):
+        if f.endswith(".py"):
+            src = open(os.path.join(folder, f)).read()
+            used |= {w for pair in re.findall(r'skips\.add\("(\w+)"(?: if .*? else "(\w+)")?', src) for w in pair if w}
+    assert {"no_face", "face_too_small", "missing_image", "corrupt_shard"} <= used  # the check sees them
+    assert used <= set(SKIP), used - set(SKIP)

@@ -228,3 +228,14 @@ def test_the_real_command_refuses_dev_zero_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "character device" in r.stderr and not out.exists()
+
+
+def test_the_data_page_documents_every_kind_and_reason():
+    """docs/data.md names every registered source and detector, and holds reasons.py's table row for row."""
+    from mcf_fast.data.detectors import DETECTORS
+    from mcf_fast.data.reasons import table_markdown
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "data.md")) as f:
+        page = f.read()
+    for entry in list(SOURCES) + list(DETECTORS):
+        assert f"| `{entry.name}` |" in page, entry.name
+    assert table_markdown() in page

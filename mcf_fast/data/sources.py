@@ -170,6 +170,7 @@ class Shards(DataSource):
     def _enough(cls, cfg, shards, need, option):
         """Count samples with an image: validated shards from their manifest, others by walking tar
         headers, stopping once one step's worth is found."""
+        strict = cfg.require_validated or cfg.loader == "dali"  # then every shard must be validated
         total, unvalidated, manifests = 0, [], {}
         for s in shards:
             entry = validated_entry(s, manifests)
@@ -177,7 +178,9 @@ class Shards(DataSource):
                 unvalidated.append(s)
             else:
                 total += entry["samples"]
-        if unvalidated and (cfg.require_validated or cfg.loader == "dali"):
+            if total >= need and not strict:
+                break
+        if unvalidated and strict:
             fail(option, cfg.path, f"{len(unvalidated)} of its {len(shards)} shards are not validated (e.g. "
                                    f"{unvalidated[0]!r}): run `python -m mcf_fast.data.scan --write-index "
                                    "SHARDS` once, or build them with `python -m mcf_fast.data.prepare`")

@@ -158,3 +158,12 @@ def test_every_reason_prepare_records_is_in_the_vocabulary():
             used |= {w for pair in re.findall(r'skips\.add\("(\w+)"(?: if .*? else "(\w+)")?', src) for w in pair if w}
     assert {"no_face", "face_too_small", "missing_image", "corrupt_shard"} <= used  # the check sees them
     assert used <= set(SKIP), used - set(SKIP)
+
+
+def test_an_out_that_is_a_file_is_one_line(photo_dir, tmp_path, capsys):
+    """--out naming an existing file: exit 2, one line saying what it is; the file is untouched."""
+    (tmp_path / "faces").write_text("keep me")
+    assert prepare_main(["--input", str(photo_dir), "--out", str(tmp_path / "faces"), "--detector", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a regular file: give a folder" in err, err
+    assert (tmp_path / "faces").read_text() == "keep me"

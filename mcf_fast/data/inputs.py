@@ -24,13 +24,13 @@ def plan_units(spec: str, per_unit: int, max_bytes: int = MAX_FILE_MB << 20) -> 
     The input is recognised and checked by the data source registry, its errors naming `--input`."""
     cfg = DataConfig(path=spec, max_file_mb=max(1, max_bytes >> 20))
     src = open_data(cfg, option="--input")
-    if src.kind == "shards":
+    if getattr(src, "shards", None) is not None:  # any kind read from tar shards
         return [("shard", s) for s in src.shards if os.path.exists(s)], Counter()
-    if src.kind in ("folder", "list"):
+    if getattr(src, "paths", None) is not None:  # any kind read from image files
         units = [("files", src.paths[i:i + per_unit]) for i in range(0, src.num_samples, per_unit)]
         return units, Counter(src.index_stats)
-    raise ValueError(f"--input {spec!r} is {SOURCES.get(src.kind).summary}: prepare reads a folder of images, "
-                     "a list file of images, or webdataset shards")
+    raise ValueError(f"--input {spec!r} is {SOURCES.get(src.kind).summary}: prepare reads image files (a folder "
+                     "or a list file) or webdataset shards")
 
 
 class Skips:

@@ -44,6 +44,7 @@ from .files import MAX_FILE_MB
 from .index import index_written_shard, read_manifest, update_manifest
 from .inputs import Skips, check_apart, plan_units, unit_inputs
 from .prepare_record import check_resume, settings, summary
+from .probe import describe
 from .reasons import BadSample
 
 
@@ -168,9 +169,14 @@ def prepare(inp: str, out: str, *, size=256, workers=1, margin=0.3, min_face=48,
     units, listing = plan_units(inp, per_unit, opts["max_bytes"])
     made_with = settings(inp, opts, per_unit, max_file_mb)
     check_resume(out, made_with)
-    os.makedirs(out, exist_ok=True)
-    # left out while listing the input (FIFOs, symlink loops, ...): no unit holds them, the manifest does
-    update_manifest(out, {}, settings=made_with, input=made_with["input"], input_skipped_by_reason=dict(listing))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is {describe(out)}: give a folder (it is created when missing)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        # left out while listing the input (FIFOs, symlink loops, ...): no unit holds them, the manifest does
+        update_manifest(out, {}, settings=made_with, input=made_with["input"], input_skipped_by_reason=dict(listing))
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e}): give a writable folder") from None
     done = read_manifest(out).get("shards", {})
     todo = [(f"faces-{u:06d}.tar", unit) for u, unit in enumerate(units) if not _done(out, f"faces-{u:06d}.tar", done)]
     reused = len(units) - len(todo)

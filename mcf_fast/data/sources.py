@@ -343,11 +343,12 @@ def open_data(cfg, seed: int = 0, option: str = "--data.path", need: int = 1):
 
 
 def open_source(path: str, *, seed: int = 0, img_size: int = 8, synthetic_size: int = 1, cache_mb: int = 0,
-                require_validated: bool = False, max_bytes: int = MAX_FILE_MB << 20):
-    """The keyword form of `open_data` that scan and older callers use (no DataConfig needed)."""
+                require_validated: bool = False, max_bytes: int = MAX_FILE_MB << 20, option: str = "--data.path"):
+    """The keyword form of `open_data` that scan and older callers use (no DataConfig needed; `option`
+    is what the caller's errors call the path)."""
     cfg = SimpleNamespace(path=path, img_size=img_size, synthetic_size=synthetic_size, synthetic_cache_mb=cache_mb,
                           require_validated=require_validated, loader="torch", max_file_mb=max(1, max_bytes >> 20))
-    return open_data(cfg, seed)
+    return open_data(cfg, seed, option)
 
 
 def field_note(field: str) -> str:

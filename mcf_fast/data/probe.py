@@ -46,26 +46,34 @@ def count_images(root: str, limit: int) -> tuple[int, bool, Counter]:
     stack = [root]
     while stack:
         try:
-            with os.scandir(stack.pop()) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            it = os.scandir(stack.pop())
         except OSError:
             exact = False
             continue
-        for e in entries:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                elif e.is_symlink() and e.is_dir():
+        with it:  # unsorted: the count does not depend on order, and a huge folder is never listed whole
+            for e in _entries(it):
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.is_symlink() and e.is_dir():
+                        exact = False
+                    elif is_image_name(e.name) and e.is_file():  # follows a file symlink; a FIFO is no file
+                        found += 1
+                        if found >= limit:
+                            return found, False, others
+                    else:
+                        others[os.path.splitext(e.name)[1].lower() or "(no extension)"] += 1
+                except OSError:
                     exact = False
-                elif is_image_name(e.name) and e.is_file():  # follows a file symlink; a FIFO is no file
-                    found += 1
-                    if found >= limit:
-                        return found, False, others
-                else:
-                    others[os.path.splitext(e.name)[1].lower() or "(no extension)"] += 1
-            except OSError:
-                exact = False
     return found, exact, others
+
+
+def _entries(it):
+    """A scandir iterator that ends, instead of raising, when the folder vanishes mid-listing."""
+    try:
+        yield from it
+    except OSError:
+        return
 
 
 def list_entries(path: str, limit: int | None = None) -> list[str]:

@@ -175,13 +175,16 @@ setup(
         "braceexpand>=0.1.7",
         "scipy>=1.10",
         "matplotlib>=3.6",
+        # prepare's default face detector when MTCNN's weights are absent (LBP cascade): about 16 MB of
+        # wheels (scikit-image 13.7, networkx 2.1, imageio 0.3, tifffile 0.2), 56 MB installed
+        "scikit-image>=0.21",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=1.40"],
         "xformers": ["xformers>=0.0.28"],
-        "faces": ["opencv-python-headless>=4.8", "simplejpeg>=1.7", "scikit-image>=0.21"],
+        "faces": ["opencv-python-headless>=4.8", "simplejpeg>=1.7"],
         "dev": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80", "ruff>=0.4",
-                "timm>=1.0", "scikit-image>=0.21", "opencv-python-headless>=4.8", "simplejpeg>=1.7",
+                "timm>=1.0", "opencv-python-headless>=4.8", "simplejpeg>=1.7",
                 "lmdb>=1.4", "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["mcf-pretrain=mcf_fast.pretrain:main", "mcf-eval=mcf_fast.eval.__main__:main"]},

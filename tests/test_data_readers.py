@@ -184,8 +184,11 @@ def test_remote_and_missing_paths_are_refused_clearly(tmp_path):
         open_source("pipe:curl -s http://x/a.tar", seed=0, img_size=8, synthetic_size=1, cache_mb=0)
     with pytest.raises(ValueError, match="none of its"):
         open_source(str(tmp_path / "z-{0..3}.tar"), seed=0, img_size=8, synthetic_size=1, cache_mb=0)
-    with pytest.raises(ValueError, match="not a folder"):
+    with pytest.raises(ValueError, match="does not exist"):
         open_source(str(tmp_path / "nothing.bin"), seed=0, img_size=8, synthetic_size=1, cache_mb=0)
+    (tmp_path / "photo.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a regular file, not a data source"):
+        open_source(str(tmp_path / "photo.bin"), seed=0, img_size=8, synthetic_size=1, cache_mb=0)
 
 
 def test_manifest_marks_validation_and_a_rewritten_shard_loses_it(bad_shards):

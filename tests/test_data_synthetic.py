@@ -126,3 +126,11 @@ def test_cli_rejects_bad_arguments(tmp_path):
         main(["--out", str(tmp_path), "--num", "3", "--size", "8", "--format", "wds"])
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--num", "3", "--size", "64", "--format", "lapa", "--train-fraction", "1.5"])
+
+
+def test_the_command_shows_progress(tmp_path, capsys):
+    """`python -m mcf_fast.data.synthetic` counts the faces it writes on stderr and ends with a summary."""
+    assert main(["--out", str(tmp_path / "wds"), "--num", "7", "--size", "32", "--format", "wds"]) == 0
+    out, err = capsys.readouterr()
+    assert "7/7" in err and "face" in err
+    assert out.startswith("wrote 7 faces in 1 shard(s)")

@@ -1,5 +1,6 @@
-"""Data path: synthetic faces, readers (shards, folders, list files), torch and DALI loaders,
-face-crop preparation and scanning. See docs/ARCHITECTURE.md ("Data") for the contract.
+"""Data path: synthetic faces, readers (shards, folders, list files, LMDB), torch and DALI loaders,
+face-crop preparation and scanning. See docs/ARCHITECTURE.md ("Data") for the contract and
+docs/data.md for the user's view. Which reader a `--data.path` gets is the registry in `sources.py`.
 
 Importing this package imports numpy only; torch, DALI and the decoders load on first use.
 """

@@ -1,7 +1,8 @@
 """`DataConfig`: every knob of the data path, embedded by the engine as its `data` section.
 
 Each field carries its help text in `metadata["help"]` so the engine's CLI (`--data.path X`) can show
-it; `validate()` raises ValueError naming the bad field and the fix.
+it; the kinds of source, and which fields each reads, come from the registry in `sources.py` when
+the text is read. `validate()` raises ValueError naming the bad field and the fix.
 """
 from __future__ import annotations
 
@@ -14,64 +15,91 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class _Help(dict):
+    """A field's metadata whose "help" is completed from the data source registry when it is read, so
+    --help names the kinds registered at that moment (`sources.SOURCES`), a kind added later included."""
+
+    def __init__(self, name: str, text: str):
+        super().__init__(help=text)
+        self.name, self.text = name, text
+
+    def _live(self) -> str:
+        from . import sources  # lazy: importing the config must stay cheap
+        if self.name == "path":
+            kinds = "; ".join(f"{e.name}: {e.recognised}" for e in sources.SOURCES)
+            return f"{self.text} {kinds}."
+        if self.name == "loader":
+            return f"{self.text} DALI reads: {sources.dali_readable()}."
+        return self.text + sources.field_note(self.name)
+
+    def __getitem__(self, key):
+        return self._live() if key == "help" else super().__getitem__(key)
+
+    def get(self, key, default=None):
+        return self._live() if key == "help" else super().get(key, default)
+
+
+def _f(default, name: str, text: str):
+    return field(default=default, metadata=_Help(name, text))
+
+
 @dataclass
 class DataConfig:
-    path: str = field(default="", metadata={"help": (
-        "Where the pre-training images are: '' = in-memory synthetic faces (the demo); a folder of "
-        "images (any depth); a webdataset shard pattern like 'faces-{000000..000099}.tar' (or one "
-        ".tar, or a folder holding *.tar); a list file (*.txt, one image path or shard per line); "
-        "or an LMDB database (folder with data.mdb, or *.lmdb).")})
-    loader: str = field(default="auto", metadata={"help": (
+    path: str = _f("", "path", (
+        "Where the pre-training images are ('' = in-memory synthetic faces, the demo). Each kind of "
+        "source is recognised in this order:"))
+    loader: str = _f("auto", "loader", (
         "'torch' (DataLoader workers), 'dali' (NVIDIA DALI: GPU decode when CUDA is present, CPU "
         "otherwise; needs validated shards) or 'auto' (DALI when importable, the device is CUDA and "
-        "the data is validated shards; else torch, which is the faster one on a CPU device).")})
-    img_size: int = field(default=224, metadata={"help": "Side S of the square training images [N,3,S,S]."})
-    workers: int = field(default=2, metadata={"help": (
+        "the data is validated shards; else torch, which is the faster one on a CPU device, and "
+        "nothing is said about DALI there)."))
+    img_size: int = _f(224, "img_size", "Side S of the square training images [N,3,S,S].")
+    workers: int = _f(2, "workers", (
         "Torch loader: DataLoader worker processes (0 = decode in the main process). "
-        "DALI: CPU threads of the pipeline.")})
-    synthetic_size: int = field(default=2048, metadata={"help": (
-        "Synthetic mode (path ''): number of distinct faces in one epoch.")})
-    synthetic_cache_mb: int = field(default=256, metadata={"help": (
-        "Synthetic mode: keep drawn faces in memory up to this many MiB (0 = redraw every time).")})
-    hflip: bool = field(default=True, metadata={"help": (
-        "Random horizontal flip (p=0.5), decided per (seed, epoch, sample) so resume is exact.")})
-    random_resized_crop: bool = field(default=False, metadata={"help": (
-        "RandomResizedCrop instead of plain resize (the paper leaves it off).")})
-    rrc_scale: tuple[float, float] = field(default=(0.2, 1.0), metadata={"help": (
-        "Area fraction range of RandomResizedCrop.")})
-    rrc_ratio: tuple[float, float] = field(default=(3 / 4, 4 / 3), metadata={"help": (
-        "Aspect-ratio range of RandomResizedCrop.")})
-    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN, metadata={"help": (
-        "Per-channel mean (on 0..1 pixels) subtracted before dividing by std.")})
-    std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata={"help": (
-        "Per-channel standard deviation used for normalisation.")})
-    decoder: str = field(default="auto", metadata={"help": (
+        "DALI: CPU threads of the pipeline."))
+    synthetic_size: int = _f(2048, "synthetic_size", (
+        "Synthetic mode (path ''): number of distinct faces in one epoch."))
+    synthetic_cache_mb: int = _f(256, "synthetic_cache_mb", (
+        "Synthetic mode: keep drawn faces in memory up to this many MiB (0 = redraw every time)."))
+    hflip: bool = _f(True, "hflip", (
+        "Random horizontal flip (p=0.5), decided per (seed, epoch, sample) so resume is exact."))
+    random_resized_crop: bool = _f(False, "random_resized_crop", (
+        "RandomResizedCrop instead of plain resize (the paper leaves it off)."))
+    rrc_scale: tuple[float, float] = _f((0.2, 1.0), "rrc_scale", (
+        "Area fraction range of RandomResizedCrop."))
+    rrc_ratio: tuple[float, float] = _f((3 / 4, 4 / 3), "rrc_ratio", (
+        "Aspect-ratio range of RandomResizedCrop."))
+    mean: tuple[float, float, float] = _f(IMAGENET_MEAN, "mean", (
+        "Per-channel mean (on 0..1 pixels) subtracted before dividing by std."))
+    std: tuple[float, float, float] = _f(IMAGENET_STD, "std", (
+        "Per-channel standard deviation used for normalisation."))
+    decoder: str = _f("auto", "decoder", (
         "Torch loader JPEG decoder: auto (fastest installed: simplejpeg > cv2 > pillow), "
-        "simplejpeg, pillow, torchvision or cv2. Non-JPEG images always go through pillow.")})
-    dtype: str = field(default="float32", metadata={"help": (
-        "dtype of the delivered images: float32, bfloat16 or float16.")})
-    prefetch: int = field(default=2, metadata={"help": (
-        "Batches each worker (torch) or the pipeline (DALI) prepares ahead.")})
-    pin_memory: bool = field(default=True, metadata={"help": (
-        "Pin host batches before copying to a CUDA device (ignored on CPU).")})
-    require_validated: bool = field(default=False, metadata={"help": (
+        "simplejpeg, pillow, torchvision or cv2. Non-JPEG images always go through pillow."))
+    dtype: str = _f("float32", "dtype", (
+        "dtype of the delivered images: float32, bfloat16 or float16."))
+    prefetch: int = _f(2, "prefetch", (
+        "Batches each worker (torch) or the pipeline (DALI) prepares ahead."))
+    pin_memory: bool = _f(True, "pin_memory", (
+        "Pin host batches before copying to a CUDA device (ignored on CPU)."))
+    require_validated: bool = _f(False, "require_validated", (
         "Shards: require the index files written by `prepare` or `scan --write-index` (bad samples "
         "already left out). If False the torch loader indexes unvalidated tars itself (slower "
-        "start-up, logged) and skips bad samples as it meets them; DALI always requires them.")})
-    shuffle_window: int = field(default=1 << 20, metadata={"help": (
+        "start-up, logged) and skips bad samples as it meets them; DALI always requires them."))
+    shuffle_window: int = _f(1 << 20, "shuffle_window", (
         "Shuffle quality vs locality: shards (in a per-epoch random order) are grouped until a group "
-        "holds this many samples, and samples are permuted within each group.")})
-    min_image_size: int = field(default=8, metadata={"help": (
-        "Images whose shorter side is below this many pixels are skipped (and counted).")})
-    max_retries: int = field(default=16, metadata={"help": (
+        "holds this many samples, and samples are permuted within each group."))
+    min_image_size: int = _f(8, "min_image_size", (
+        "Images whose shorter side is below this many pixels are skipped (and counted)."))
+    max_retries: int = _f(16, "max_retries", (
         "A bad sample is replaced by another sample of the epoch (deterministically); give up on "
-        "a batch slot after this many bad replacements in a row.")})
-    max_file_mb: int = field(default=64, metadata={"help": (
+        "a batch slot after this many bad replacements in a row."))
+    max_file_mb: int = _f(64, "max_file_mb", (
         "Image files, tar members and LMDB values above this many MiB are skipped unread (too_large): "
-        "a hostile header claiming 60 GiB must not be allocated.")})
-    max_pixels: int = field(default=89_478_485, metadata={"help": (
+        "a hostile header claiming 60 GiB must not be allocated."))
+    max_pixels: int = _f(89_478_485, "max_pixels", (
         "Images whose header claims more pixels (width x height) are skipped undecoded (too_large): "
-        "decompression bombs. Default: Pillow's MAX_IMAGE_PIXELS (about 9459 x 9459).")})
+        "decompression bombs. Default: Pillow's MAX_IMAGE_PIXELS (about 9459 x 9459)."))
 
     def validate(self) -> DataConfig:
         """Check every field; raise ValueError naming the field, the bad value and the fix."""

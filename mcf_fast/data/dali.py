@@ -13,14 +13,16 @@ by the benchmark) but shuffles with its own buffer, which cannot resume mid-epoc
 Bad data: one undecodable image makes `pipe.run()` raise for the whole batch, so this backend only
 reads validated shards (index files + manifest from `prepare` / `scan --write-index`, which leave bad
 samples out and record their counts, reported by `stats()`); unvalidated shards are refused with the
-command to run.
+command to run. Which kinds of source DALI reads is each registry entry's `dali` flag (`sources.py`).
+`data.loader=auto` picks DALI only on a CUDA device and, on a CPU or for synthetic faces, says nothing
+about it (the torch loader is the right choice there, not a fallback).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import sampling
-from .sources import ShardSource
+from .sources import SOURCES, dali_readable
 
 
 def _dali():
@@ -28,25 +30,48 @@ def _dali():
     return nvidia.dali
 
 
+def _on_cuda(device) -> bool:
+    return str(device).split(":")[0] == "cuda"
+
+
+def _reads(source) -> bool:
+    """Whether the registry entry that built `source` says DALI can read its kind."""
+    kind = getattr(source, "kind", None)
+    return kind in SOURCES and SOURCES.get(kind).dali
+
+
 def unavailable_reason(cfg, source, device, auto: bool = False) -> str | None:
-    """None when DALI can serve this data, else why not (said once, in the error or the log). With
-    `auto`, also None only where DALI is the faster choice: on a CUDA device (GPU decode)."""
+    """None when DALI can serve this data, else why not. With `auto`, also None only where DALI is
+    the faster choice: on a CUDA device (GPU decode)."""
+    if not _reads(source):
+        kind = getattr(source, "kind", "?")
+        what = SOURCES.get(kind).summary if kind in SOURCES else kind
+        return (f"DALI reads {dali_readable()} only; this data is {what}; pack images into shards with "
+                "`python -m mcf_fast.data.prepare` or use data.loader=torch")
+    if auto and not _on_cuda(device):
+        return ("the training device is the CPU, where DALI's CPU pipeline costs 2.2 ms per 224-px image "
+                "against the torch loader's 1.0 (docs/notes/issue-5.md); data.loader=dali forces it")
     try:
         _dali()
     except ImportError as e:
         return f"nvidia-dali is not installed ({e}); pip install nvidia-dali-cuda130"
-    if not isinstance(source, ShardSource):
-        return ("DALI reads validated webdataset shards only; this data is "
-                f"{'synthetic (drawn in Python)' if source.kind == 'synthetic' else 'image files / LMDB, not shards'}"
-                "; pack it with `python -m mcf_fast.data.prepare` or use data.loader=torch")
-    if auto and str(device).split(":")[0] != "cuda":
-        return ("the training device is the CPU, where DALI's CPU pipeline costs 2.2 ms per 224-px image "
-                "against the torch loader's 1.0 (docs/notes/issue-5.md); data.loader=dali forces it")
-    if not source.all_validated:
-        bad = [s for s, v in zip(source.shards, source.validated) if not v][:3]
+    if not getattr(source, "all_validated", False):
+        bad = [s for s, v in zip(getattr(source, "shards", []), getattr(source, "validated", [])) if not v][:3]
         return (f"shards are not validated (e.g. {bad}); one undecodable JPEG kills a DALI batch, so run "
                 "`python -m mcf_fast.data.scan --write-index SHARDS` (or build them with prepare)")
     return None
+
+
+def choose_backend(cfg, source, device) -> tuple[str, str | None]:
+    """(backend, a note for the log) for data.loader auto or dali; a forced dali that cannot run raises.
+    `auto` speaks only where the note can help: a CUDA device reading a kind DALI reads. On a CPU, or
+    for synthetic faces, the torch loader is the right choice and nothing is said."""
+    why = unavailable_reason(cfg, source, device, auto=cfg.loader == "auto")
+    if why is None:
+        return "dali", None
+    if cfg.loader == "dali":
+        raise ValueError(f"data.loader=dali cannot run: {why}")
+    return "torch", why if _on_cuda(device) and _reads(source) else None
 
 
 class DaliBackend:

@@ -44,6 +44,10 @@ from .faces import FACE_HALF_H, draw_face, face_params
 from .index import index_written_shard, update_manifest
 
 LAPA_POINTS = 106
+
+
+def _quiet() -> None:
+    """The default `tick` of the writers: called once per face written (the CLI's progress bar)."""
 FARL_ALIGN = {104: 7, 105: 10, 54: 13, 84: 15, 90: 17}  # LaPa index -> AFLW-19 index (see the docstring)
 
 
@@ -65,7 +69,7 @@ def face_outline(seed: int, index: int, size: int, n: int) -> np.ndarray:
     return np.stack([cx + c * x - s * y, cy + s * x + c * y], 1)
 
 
-def write_wds(out: str, num: int, size: int, seed: int, shard_size: int = 1000) -> str:
+def write_wds(out: str, num: int, size: int, seed: int, shard_size: int = 1000, tick=_quiet) -> str:
     import webdataset as wds
     os.makedirs(out, exist_ok=True)
     pattern = os.path.join(out, "faces-%06d.tar")
@@ -76,13 +80,14 @@ def write_wds(out: str, num: int, size: int, seed: int, shard_size: int = 1000) 
                     "bbox": f.bbox.round(3).tolist(), "visible": f.visible.tolist()}
             sink.write({"__key__": f"{seed:04d}_{i:08d}", "jpg": encode_jpeg(f.image, f.quality),
                         "json": json.dumps(meta).encode()})
+            tick()
     shards = sorted(n for n in os.listdir(out) if n.startswith("faces-") and n.endswith(".tar"))
     entries = {n: index_written_shard(os.path.join(out, n), "synthetic") for n in shards}
     update_manifest(out, entries)
     return f"wrote {num} faces in {len(shards)} shard(s) to {out} (indexed, manifest.json)"
 
 
-def write_aflw19(out: str, num: int, size: int, seed: int, train_fraction: float = 0.8) -> str:
+def write_aflw19(out: str, num: int, size: int, seed: int, train_fraction: float = 0.8, tick=_quiet) -> str:
     import scipy.io
     img_dir = os.path.join(out, "data", "flickr", "synth")
     os.makedirs(img_dir, exist_ok=True)
@@ -94,6 +99,7 @@ def write_aflw19(out: str, num: int, size: int, seed: int, train_fraction: float
         bbox[i] = f.bbox
         data[i, :19], data[i, 19:] = f.landmarks[:, 0], f.landmarks[:, 1]
         names[i, 0] = f"synth/{i:06d}.jpg"
+        tick()
     ra = np.random.default_rng([seed, 0xA1F1]).permutation(num) + 1
     scipy.io.savemat(os.path.join(out, "AFLWinfo_release.mat"), {
         "bbox": bbox, "data": data, "mask_new": np.ones((num, 19)), "nameList": names,
@@ -113,7 +119,7 @@ def lapa_split(num: int, train_fraction: float) -> list[str]:
     return ["train"] * t + ["val"] * v + ["test"] * (rest - v)
 
 
-def write_lapa(out: str, num: int, size: int, seed: int, train_fraction: float = 0.8) -> str:
+def write_lapa(out: str, num: int, size: int, seed: int, train_fraction: float = 0.8, tick=_quiet) -> str:
     splits = lapa_split(num, train_fraction)
     for sp in ("train", "val", "test"):
         for sub in ("images", "labels", "landmarks"):
@@ -128,6 +134,7 @@ def write_lapa(out: str, num: int, size: int, seed: int, train_fraction: float =
         pts[list(FARL_ALIGN)] = f.landmarks[list(FARL_ALIGN.values())]
         with open(os.path.join(d, "landmarks", stem + ".txt"), "w") as fh:
             fh.write(f"{LAPA_POINTS}\n" + "".join(f"{x:.3f} {y:.3f}\n" for x, y in pts))
+        tick()
     counts = {sp: splits.count(sp) for sp in ("train", "val", "test")}
     with open(os.path.join(out, "split.json"), "w") as fh:
         json.dump({**counts, "num_faces": num, "seed": seed, "train_fraction": train_fraction}, fh, indent=1)

@@ -26,7 +26,8 @@ from .decode import IMAGE_EXTS
 from .files import MAX_FILE_MB
 
 __all__ = ["MANIFEST", "image_member", "index_tar", "index_written_shard", "read_index", "read_manifest",
-           "split_key", "tar_members", "update_manifest", "walk_tar", "write_index"]
+           "shard_entry", "split_key", "tar_members", "update_manifest", "validated_entry", "walk_tar",
+           "write_index"]
 
 MANIFEST = "manifest.json"
 
@@ -207,6 +208,28 @@ def read_manifest(folder: str) -> dict:
     if bad:
         raise ValueError(f"{p}: malformed manifest entries {bad} (need int samples/size and int counts); {fix}")
     return man
+
+
+def shard_entry(path: str, manifests: dict) -> dict | None:
+    """The entry of shard `path` in the manifest.json beside it, or None; `manifests` caches each
+    folder's manifest (read and checked once per folder)."""
+    d = os.path.dirname(os.path.abspath(path))
+    if d not in manifests:
+        manifests[d] = read_manifest(d)
+    return manifests[d].get("shards", {}).get(os.path.basename(path))
+
+
+def validated_entry(path: str, manifests: dict) -> dict | None:
+    """The manifest entry of `path` when the shard is validated: listed, its index beside it, and its
+    size still the recorded one (a rewritten shard is not validated any more); else None."""
+    entry = shard_entry(path, manifests)
+    if entry is None or not os.path.exists(path + ".idx"):
+        return None
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    return entry if entry.get("size") == size else None
 
 
 def update_manifest(folder: str, entries: dict, **extra) -> dict:

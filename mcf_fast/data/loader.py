@@ -264,23 +264,18 @@ class PretrainLoader:
 def build_pretrain_loader(cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size: int = 1,
                           seed: int = 0, device="cpu", drop_last: bool = True) -> PretrainLoader:
     """The pre-training loader for `cfg` (see the module docstring and docs/ARCHITECTURE.md)."""
-    from .sources import open_source
+    from .sources import open_data
     cfg.validate()
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need "
                          "batch_size >= 1 and 0 <= rank < world_size")
-    source = open_source(cfg.path, seed=seed, img_size=cfg.img_size, synthetic_size=cfg.synthetic_size,
-                         cache_mb=cfg.synthetic_cache_mb, max_bytes=cfg.max_file_mb << 20,
-                         require_validated=cfg.require_validated or cfg.loader == "dali")
+    source = open_data(cfg, seed, need=batch_size * world_size if drop_last else 1)
     backend = cfg.loader
     if backend in ("auto", "dali"):
-        from . import dali as dali_mod
-        why = dali_mod.unavailable_reason(cfg, source, device, auto=backend == "auto")
-        if backend == "dali" and why:
-            raise ValueError(f"data.loader=dali cannot run: {why}")
-        if why:
-            log.info("data.loader=auto -> torch (%s)", why)
-        backend = "torch" if why else "dali"
+        from .dali import choose_backend
+        backend, note = choose_backend(cfg, source, device)
+        if note:
+            log.info("data.loader=auto -> torch (%s)", note)
     if backend == "dali":
         from .dali import DaliBackend
         dali = DaliBackend(cfg, source, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,

@@ -13,19 +13,16 @@ webdataset's TarWriter; each sample `KEY_F.jpg` + `KEY_F.json` ({"source",
 index and a manifest entry (counts in/out, skipped by reason, the detector), so it is validated.
 
 Resumable: a unit whose shard is already in the manifest (same size on disk) is not redone; a unit
-interrupted mid-way left only a `.tmp` file, which is rewritten. Multi-process over units with a
-progress bar. Inputs are read by `inputs.py` through the loader's guarded readers (skip reasons are
-`reasons.SKIP`'s); an `--out` that is, contains or lies inside an input folder is refused first.
+interrupted mid-way left only a `.tmp` file, which is rewritten. The settings are recorded in the
+manifest before the first unit, and a rerun into the same `--out` with other settings (size, margin,
+detector, ...) is refused in one line (`prepare_record.py`). Multi-process over units with a progress
+bar. Inputs are recognised by the data source registry and read by `inputs.py` through the loader's
+guarded readers (skip reasons are `reasons.SKIP`'s); an `--out` that is, contains or lies inside an
+input folder is refused first. The closing summary lists what was skipped, by reason, with examples.
 
-Detectors (`--detector`): `haar` = OpenCV's Haar cascade (opencv-python-headless < 5 ships it;
-OpenCV 5 dropped `CascadeClassifier`), `lbp` = the LBP frontal-face cascade that ships inside
-scikit-image (`skimage.data.lbp_frontal_face_cascade_filename()`), `json` = the box stored in the
-sample's JSON ("bbox" [left, right, top, bottom] or "face_box" [x, y, w, h]; synthetic shards carry
-it), `none` = the image is already a face crop (central square), `mtcnn` = the MTCNN CNN cascade
-(`mtcnn.py`; weights from the facenet-pytorch wheel), `boxes` = the boxes of `--boxes FILE`
-(`boxes.py`: LAION-Face's released detections, or a JSON/JSONL/parquet table; no detector runs).
-`auto` = mtcnn where its weights are installed, else haar, else lbp (recall and precision of each on
-labelled photos that ship in packages: `python benchmarks/bench_detect.py`).
+Detectors (`--detector`, `detectors.py`): mtcnn, lbp, haar, boxes, json, none; `auto` = mtcnn where its
+weights are installed, else lbp (scikit-image, part of the base install). A detector that cannot run
+here is one line naming the `pip install` that brings it, before anything is written.
 """
 from __future__ import annotations
 
@@ -40,103 +37,15 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 
+from . import detectors
 from .decode import MAX_PIXELS, decode_rgb, resolve_decoder
+from .detectors import Detector, haar_available  # noqa: F401 (benchmarks/bench_detect.py imports them here)
 from .files import MAX_FILE_MB
-from .index import MANIFEST, index_written_shard, read_manifest, update_manifest
-from .inputs import check_apart, plan_units, unit_inputs
+from .index import index_written_shard, read_manifest, update_manifest
+from .inputs import Skips, check_apart, plan_units, unit_inputs
+from .prepare_record import check_resume, settings, summary
+from .probe import describe
 from .reasons import BadSample
-
-DETECT_MAX_SIDE = 640  # detectors run on a copy at most this big (speed); boxes are scaled back
-
-
-def haar_available() -> bool:
-    try:
-        import cv2
-    except ImportError:
-        return False
-    path = os.path.join(getattr(getattr(cv2, "data", None), "haarcascades", ""), "haarcascade_frontalface_default.xml")
-    return hasattr(cv2, "CascadeClassifier") and os.path.exists(path)
-
-
-DETECTORS = ("auto", "mtcnn", "haar", "lbp", "boxes", "json", "none")
-
-
-def resolve_detector(name: str, boxes: str = "") -> str:
-    from . import mtcnn
-    if boxes and name not in ("auto", "boxes"):
-        raise ValueError(f"--boxes gives the faces: drop --detector {name} (or use --detector boxes)")
-    if boxes or name == "boxes":
-        if not boxes:
-            raise ValueError("--detector boxes needs --boxes FILE (.pth, .json, .jsonl or .parquet of face boxes)")
-        return "boxes"
-    if name == "auto":
-        return "mtcnn" if mtcnn.available() else "haar" if haar_available() else "lbp"
-    if name == "haar" and not haar_available():
-        raise ValueError("--detector haar needs OpenCV's CascadeClassifier and its XML files "
-                         "(opencv-python-headless<5); use --detector mtcnn or lbp (ships with scikit-image)")
-    if name == "mtcnn":
-        mtcnn.find_weights()  # raises with the install hint
-    if name not in DETECTORS:
-        raise ValueError(f"--detector {name!r}: choose one of {', '.join(DETECTORS)}")
-    return name
-
-
-class Detector:
-    """Face boxes [(x, y, w, h)] in image pixels, largest first."""
-
-    def __init__(self, kind: str, min_face: int, boxes=None):
-        self.kind, self.min_face, self.boxes = kind, min_face, boxes  # boxes: a boxes.GivenBoxes
-        self._impl = None
-
-    def _load(self):
-        if self.kind == "mtcnn":
-            from .mtcnn import MTCNN
-            self._impl = MTCNN()
-        elif self.kind == "haar":
-            import cv2
-            self._impl = cv2.CascadeClassifier(
-                os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
-        elif self.kind == "lbp":
-            from skimage.data import lbp_frontal_face_cascade_filename
-            from skimage.feature import Cascade
-            self._impl = Cascade(lbp_frontal_face_cascade_filename())
-
-    def __call__(self, img: np.ndarray, meta: dict | None, key: str = "") -> list:
-        h, w = img.shape[:2]
-        if self.kind == "boxes":
-            return self.boxes(key, meta, img.shape)
-        if self.kind == "none":
-            s = min(h, w)
-            return [((w - s) // 2, (h - s) // 2, s, s)]
-        if self.kind == "json":
-            meta = meta or {}
-            if "face_box" in meta:
-                return [tuple(float(v) for v in meta["face_box"])]
-            if "bbox" in meta:
-                l, r, t, b = (float(v) for v in meta["bbox"])
-                return [(l, t, r - l, b - t)]
-            return []
-        if self._impl is None:
-            self._load()
-        f = min(1.0, DETECT_MAX_SIDE / max(h, w))
-        small = img
-        if f < 1:
-            from .augment import _resize
-            small = _resize(img, max(1, round(w * f)), max(1, round(h * f)))
-        m = max(12, int(self.min_face * f * 0.8))
-        if self.kind == "haar":
-            import cv2
-            gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-            found = [tuple(map(int, b)) for b in self._impl.detectMultiScale(gray, 1.1, 5, minSize=(m, m))]
-        elif self.kind == "mtcnn":
-            found = [b[:4] for b in self._impl(small, min_face=m)]
-        else:
-            hs, ws = small.shape[:2]
-            dets = self._impl.detect_multi_scale(img=small, scale_factor=1.2, step_ratio=1, min_size=(m, m),
-                                                 max_size=(max(hs, ws), max(hs, ws)))
-            found = [(d["c"], d["r"], d["width"], d["height"]) for d in dets]
-        boxes = [(x / f, y / f, bw / f, bh / f) for x, y, bw, bh in found]
-        return sorted(boxes, key=lambda b: -b[2] * b[3])
 
 
 def square_crop(img: np.ndarray, box, margin: float, size: int) -> np.ndarray:
@@ -179,32 +88,58 @@ def _given_boxes(opts: dict):
 
 def process_unit(unit, out_path: str, opts: dict) -> dict:
     """Crop the faces of one unit into out_path (atomic rename); returns its manifest entry."""
+    tmp = out_path + ".tmp"
+    try:
+        n_in, n_out, skips, converted = _crop_unit(unit, tmp, opts)
+    except BaseException:
+        if os.path.exists(tmp):  # a crash or Ctrl-C mid-unit leaves no half-written shard behind
+            os.remove(tmp)
+        raise
+    entry = {"inputs": n_in, "faces": n_out, "detector": opts["detector"], "converted_by_reason": dict(converted),
+             "skipped_examples": skips.examples}
+    entry.update(_unit_source(unit, opts["input"]))
+    if n_out == 0:  # no faces: no shard file (an empty tar would read as bad data), only the record
+        os.remove(tmp)
+        for p in (out_path, out_path + ".idx"):
+            if os.path.exists(p):
+                os.remove(p)
+        return {"samples": 0, "size": 0, "empty": True, "skipped_by_reason": dict(skips.counts),
+                "validated_by": "prepare", **entry}
+    os.replace(tmp, out_path)
+    return {**index_written_shard(out_path, "prepare", dict(skips.counts)), **entry}
+
+
+def _unit_source(unit, inp: str) -> dict:
+    """Where a unit came from: its input shard, or the --input folder / list and its first and last file."""
+    kind, spec = unit
+    if kind == "shard":
+        return {"input": os.path.abspath(spec)}
+    return {"input": os.path.abspath(inp), "first": spec[0], "last": spec[-1]}
+
+
+def _crop_unit(unit, tmp: str, opts: dict):
     import webdataset as wds
     det = Detector(opts["detector"], opts["min_face"], _given_boxes(opts))
     decoder = resolve_decoder("auto")
-    stats, converted, n_in, n_out = Counter(), Counter(), 0, 0
-    tmp = out_path + ".tmp"
+    skips, converted, n_in, n_out = Skips(), Counter(), 0, 0
     with open(tmp, "wb") as fh:
         sink = wds.TarWriter(fh)
         try:
-            for key, data, meta in unit_inputs(unit, stats, opts["max_bytes"]):
+            for key, data, meta, name in unit_inputs(unit, skips, opts["max_bytes"]):
                 n_in += 1
-                if data is None:  # why is already counted in stats
+                if data is None:  # why is already in skips
                     continue
                 try:
                     img, note = decode_rgb(data, decoder, 8, opts["max_pixels"])
                 except BadSample as e:
-                    stats[e.reason] += 1
+                    skips.add(e.reason, name)
                     continue
                 if note:
                     converted[note] += 1
                 boxes = det(img, meta, key)
-                if not boxes:
-                    stats["no_face"] += 1
-                    continue
                 kept = [b for b in boxes if max(b[2], b[3]) >= opts["min_face"]][:opts["max_faces"]]
                 if not kept:
-                    stats["face_too_small"] += 1
+                    skips.add("face_too_small" if boxes else "no_face", name)
                     continue
                 for k, box in enumerate(kept):
                     crop = square_crop(img, box, opts["margin"], opts["size"])
@@ -214,72 +149,75 @@ def process_unit(unit, out_path: str, opts: dict) -> dict:
                                 "json": json.dumps(info).encode()})
                     n_out += 1
         except (tarfile.TarError, OSError) as e:
-            stats["corrupt_shard"] += 1
+            skips.add("corrupt_shard", str(unit[1]))
             print(f"prepare: {unit[1]} is unreadable past some point ({e}); kept what was read", file=sys.stderr)
         sink.close()
-    unit_name = unit[1] if unit[0] == "shard" else f"{len(unit[1])} files from {unit[1][0]}"
-    if n_out == 0:  # no faces: no shard file (an empty tar would read as bad data), only the record
-        os.remove(tmp)
-        for p in (out_path, out_path + ".idx"):
-            if os.path.exists(p):
-                os.remove(p)
-        return {"samples": 0, "size": 0, "empty": True, "skipped_by_reason": dict(stats), "inputs": n_in,
-                "faces": 0, "detector": opts["detector"], "validated_by": "prepare", "input": unit_name,
-                "converted_by_reason": dict(converted)}
-    os.replace(tmp, out_path)
-    entry = index_written_shard(out_path, "prepare", dict(stats))
-    entry.update({"inputs": n_in, "faces": n_out, "detector": opts["detector"],
-                  "input": unit_name, "converted_by_reason": dict(converted)})
-    return entry
+    return n_in, n_out, skips, converted
 
 
 def prepare(inp: str, out: str, *, size=256, workers=1, margin=0.3, min_face=48, max_faces=1, quality=95,
             detector="auto", per_unit=1000, progress=False, boxes="", box_format="xyxy", min_score=0.0,
             max_file_mb=MAX_FILE_MB, max_pixels=MAX_PIXELS) -> dict:
+    """Crop the faces of `inp` into validated shards in `out` (see the module docstring); returns the
+    manifest, with `reused_units` and `new_units` added. Every check runs before anything is written."""
     check_apart(inp, out)  # first: nothing may be written into (or over) the input
-    opts = dict(max_bytes=max_file_mb << 20, max_pixels=max_pixels,
+    opts = dict(max_bytes=max_file_mb << 20, max_pixels=max_pixels, input=inp,
                 size=size, margin=margin, min_face=min_face, max_faces=max_faces, quality=quality,
-                detector=resolve_detector(detector, boxes), boxes=boxes, box_format=box_format, min_score=min_score)
+                detector=detectors.resolve(detector, boxes), boxes=boxes, box_format=box_format, min_score=min_score)
     if boxes:  # read (and check) the box file once before any work, so a bad one fails at once
         _given_boxes(opts)
-    os.makedirs(out, exist_ok=True)
     units, listing = plan_units(inp, per_unit, opts["max_bytes"])
-    # left out while listing the input (FIFOs, symlink loops, ...): no unit holds them, the manifest does
-    update_manifest(out, {}, input_skipped_by_reason=dict(listing))
+    made_with = settings(inp, opts, per_unit, max_file_mb)
+    check_resume(out, made_with)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is {describe(out)}: give a folder (it is created when missing)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        # left out while listing the input (FIFOs, symlink loops, ...): no unit holds them, the manifest does
+        update_manifest(out, {}, settings=made_with, input=made_with["input"], input_skipped_by_reason=dict(listing))
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e}): give a writable folder") from None
     done = read_manifest(out).get("shards", {})
-    todo, reused = [], 0
-    for u, unit in enumerate(units):
-        name = f"faces-{u:06d}.tar"
-        p = os.path.join(out, name)
-        if name in done and (done[name].get("empty") or (os.path.exists(p) and os.path.getsize(p) == done[name]["size"]
-                                                        and os.path.exists(p + ".idx"))):
-            reused += 1
-        else:
-            todo.append((name, unit))
+    todo = [(f"faces-{u:06d}.tar", unit) for u, unit in enumerate(units) if not _done(out, f"faces-{u:06d}.tar", done)]
+    reused = len(units) - len(todo)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(units), initial=reused, unit="shard", file=sys.stderr)
-    if workers <= 1:  # in-process: no pool start-up (tests, small jobs)
-        for name, unit in todo:
-            update_manifest(out, {name: process_unit(unit, os.path.join(out, name), opts)})
-            if bar is not None:
-                bar.update(1)
-    else:
-        with ProcessPoolExecutor(workers) as ex:
-            futs = {ex.submit(process_unit, unit, os.path.join(out, name), opts): name for name, unit in todo}
-            for fut in as_completed(futs):
-                update_manifest(out, {futs[fut]: fut.result()})  # per shard: an interrupted run resumes here
-                if bar is not None:
-                    bar.update(1)
+    for name, entry in _run_units(todo, out, opts, workers):
+        update_manifest(out, {name: entry})  # per shard: an interrupted run resumes here
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
-    man = update_manifest(out, {}, detector=opts["detector"], size=size, margin=margin, min_face=min_face)
+    man = read_manifest(out)
     man["reused_units"], man["new_units"] = reused, len(todo)
     return man
 
 
-def main(argv=None) -> int:
+def _done(out: str, name: str, done: dict) -> bool:
+    """A unit is done when its record is there and, unless it found no face, its shard and index too."""
+    if name not in done:
+        return False
+    p = os.path.join(out, name)
+    return bool(done[name].get("empty")) or (os.path.exists(p) and os.path.getsize(p) == done[name]["size"]
+                                             and os.path.exists(p + ".idx"))
+
+
+def _run_units(todo: list, out: str, opts: dict, workers: int):
+    """Yield (shard name, manifest entry) as units finish: in-process for one worker (no pool start-up),
+    else over a process pool."""
+    if workers <= 1:
+        for name, unit in todo:
+            yield name, process_unit(unit, os.path.join(out, name), opts)
+        return
+    with ProcessPoolExecutor(workers) as ex:
+        futs = {ex.submit(process_unit, unit, os.path.join(out, name), opts): name for name, unit in todo}
+        for fut in as_completed(futs):
+            yield futs[fut], fut.result()
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mcf_fast.data.prepare", description=__doc__.split("\n")[0])
     ap.add_argument("--input", required=True, help="folder, list file, or shard pattern of raw images")
     ap.add_argument("--out", required=True, help="output folder for faces-NNNNNN.tar (+ .idx, manifest.json)")
@@ -289,7 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-face", type=int, default=48, help="drop faces smaller than this (px, input scale)")
     ap.add_argument("--max-faces", type=int, default=1, help="faces kept per image (largest first)")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality of the crops")
-    ap.add_argument("--detector", default="auto", help=" | ".join(DETECTORS) + " (see module doc)")
+    ap.add_argument("--detector", default="auto", metavar="{" + ",".join(detectors.choices()) + "}",
+                    help=detectors.help_text() + " (default: auto)")
     ap.add_argument("--boxes", default="", help="face boxes per sample (LAION-Face's sample2detect_N.pth, or "
                                                 ".json/.jsonl/.parquet): crop these, run no detector")
     ap.add_argument("--box-format", default="xyxy", choices=("xyxy", "xywh"), help="how --boxes writes a box")
@@ -298,11 +237,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-file-mb", type=int, default=MAX_FILE_MB, help="skip (too_large) bigger inputs unread")
     ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip (too_large) images whose header "
                                                                          "claims more pixels, undecoded")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = _parser()
     a = ap.parse_args(argv)
     if a.size < 16 or not 0 <= a.margin <= 2 or a.max_faces < 1 or not 1 <= a.quality <= 100:
         ap.error("need --size >= 16, 0 <= --margin <= 2, --max-faces >= 1, 1 <= --quality <= 100")
-    if a.max_file_mb < 1 or a.max_pixels < 64:
-        ap.error("need --max-file-mb >= 1 and --max-pixels >= 64")
+    if a.max_file_mb < 1 or a.max_pixels < 64 or a.per_unit < 1:
+        ap.error("need --max-file-mb >= 1, --max-pixels >= 64 and --per-unit >= 1")
     try:
         man = prepare(a.input, a.out, size=a.size, workers=a.workers, margin=a.margin, min_face=a.min_face,
                       max_faces=a.max_faces, quality=a.quality, detector=a.detector, per_unit=a.per_unit,
@@ -311,12 +255,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"prepare: {e}", file=sys.stderr)
         return 2
-    n_in = sum(e.get("inputs", 0) for e in man["shards"].values())
-    print(f"{n_in} images in, {man['samples']} face crops out, in {len(man['shards'])} shard(s) "
-          f"({man['reused_units']} already done); skipped: {man['skipped_by_reason'] or 'none'}"
-          + (f"; left out of the input listing: {man['input_skipped_by_reason']}"
-             if man.get("input_skipped_by_reason") else ""))
-    print(f"manifest: {os.path.join(a.out, MANIFEST)}")
+    print("\n".join(summary(man, a.input, a.out)))
     return 0
 
 

@@ -1,242 +1,361 @@
-"""Where samples come from: synthetic faces, image folders / list files, webdataset tar shards
-(and LMDB, in `lmdb_source`).
+"""Kinds of data source, declared once: `SOURCES`, the registry every part of the code asks.
 
-Every source is random-access by global sample id (0 .. num_samples-1) and exposes `counts` (samples
-per shard or pseudo-shard) for `sampling.EpochOrder`, plus `index_stats` (problems found while
-indexing or walking: missing/empty shards, FIFOs, symlink loops). `read(i)` returns (payload, key)
-where the payload is encoded bytes, or a decoded uint8 array for synthetic faces; it raises
-`reasons.BadSample` naming why a sample is unusable ("missing_image", "unreadable_file",
-"not_regular_file", "too_large", ...: one vocabulary, `reasons.SKIP`). Nothing is read without a
-size check first: a member or file above `max_bytes` (data.max_file_mb) is never read.
+An entry is a `DataSource` subclass that owns everything about its kind:
+  name        the registry key (`shards`, `folder`, `list`, `lmdb`, `synthetic`)
+  summary     one line: what the data is
+  recognised  how a `--data.path` names it (for --help and for the error about a path nobody knows)
+  fields      the DataConfig fields it reads beyond `path` (shown in those fields' --help)
+  dali        whether the DALI loader can read it (it then also offers `all_validated`)
+  recognises(path)              cheap: a stat, a folder glob or a list file's first line
+  precheck(cfg, need, option)   before anything is built or written: the path is the right kind of
+                                file (never a FIFO or a device), holds images, and at least `need`
+                                samples (one training step: batch x ranks); one-line ValueError
+  build(cfg, seed)              the reader (`readers.py`): kind, num_samples, counts, index_stats,
+                                read(i) -> (encoded bytes or uint8 HWC array, key)
+`precheck` takes `need` because one step's size comes from the optimizer and the world size, not
+from DataConfig, and `option` because prepare calls the same path `--input`. Paths are matched
+against the entries in registration order; the first that recognises a path owns it.
 
-Tar shards are read through DALI-format index files (`SHARD.idx`, "v1.2 N" then per sample
-"ext offset size name ..." with offset = the member's data offset), the same files DALI's webdataset
-reader uses, so no tar is walked at start-up and reads are one pread each. `prepare` and
-`scan --write-index` write them, leaving bad samples out, and record the shard in `manifest.json`
-next to it (that is what "validated" means). Without an index the torch loader walks the tar headers
-itself (seeks over data, counted and logged) unless `require_validated` is set.
+Adding a source is one class and one `SOURCES.register(MySource)` line (tests/test_data_sources.py
+trains from a toy one); the pre-flight checks (`check_data`), `open_data`, DALI's availability check
+and DataConfig's --help all ask the registry. Imports nothing heavy (numpy at most): the pre-flight
+checks run before torch is loaded.
 """
 from __future__ import annotations
 
-import glob
-import logging
+import importlib.util
 import os
-from collections import Counter, OrderedDict
+import re
+from types import SimpleNamespace
 
-import numpy as np
+from mcf_fast.registry import Registry
 
 from .decode import IMAGE_EXTS
-from .files import MAX_FILE_MB, pread_member, read_regular, walk_images
-from .index import MANIFEST, index_tar, read_index, read_manifest
+from .files import MAX_FILE_MB, walk_images
+from .index import index_tar, validated_entry
 from .lmdb_source import LmdbSource, is_lmdb
-from .reasons import BadSample
-from .sampling import pseudo_counts
+from .probe import LIST_EXTS, count_images, describe, first_list_entry, is_regular, list_entries, others_text
+from .readers import FileListSource, ShardSource, SyntheticSource, expand_shards
 
-log = logging.getLogger(__name__)
+__all__ = ["SOURCES", "DataSource", "FileListSource", "ShardSource", "SyntheticSource", "check_data",
+           "expand_shards", "find_source", "open_data", "open_source", "paths_hint"]
 
-
-class SyntheticSource:
-    """Face i drawn from (seed, i) at the training size; drawn faces are cached up to a byte budget."""
-
-    kind = "synthetic"
-
-    def __init__(self, num: int, size: int, seed: int, cache_mb: int = 256):
-        self.num_samples, self.size, self.seed = int(num), int(size), int(seed)
-        self.counts = pseudo_counts(self.num_samples)
-        self.index_stats: Counter = Counter()
-        self._cache: dict[int, np.ndarray] = {}
-        self._cache_max = (cache_mb << 20) // (3 * size * size)
-
-    def read(self, i: int):
-        img = self._cache.get(i)
-        if img is None:
-            from .faces import draw_face
-            img = draw_face(self.seed, i, self.size).image
-            if len(self._cache) < self._cache_max:
-                self._cache[i] = img
-        return img, f"synthetic/{i:08d}"
+SOURCES: Registry = Registry("data source", "--data.path")
+_DECODE_FIELDS = ("max_file_mb", "max_pixels", "min_image_size", "decoder")
 
 
-class FileListSource:
-    """Image files: a folder walked recursively (sorted, any depth) or a list file of paths. Only
-    regular files of at most `max_bytes` are read (see `files`); what the walk left out is counted."""
+def fail(option: str, path, msg: str):
+    raise ValueError(f"{option} {path!r}: {msg}")
 
-    kind = "files"
 
-    def __init__(self, paths: list[str], max_bytes: int = MAX_FILE_MB << 20, index_stats: Counter | None = None):
-        self.paths = paths
-        self.num_samples = len(paths)
-        self.counts = pseudo_counts(self.num_samples)
-        self.index_stats: Counter = Counter(index_stats or {})
-        self.max_bytes = max_bytes
+def too_few(option: str, path, have: int, need: int, what: str = "images"):
+    """The one line for data that cannot fill one training step."""
+    fail(option, path, f"holds {have} {what}, fewer than one training step takes ({need} = --optim.batch_size "
+                       "x ranks): use more data or a smaller --optim.batch_size")
+
+
+class DataSource:
+    """Base of the registry entries (see the module docstring); the defaults suit a kind DALI cannot read."""
+
+    name = ""
+    summary = ""
+    recognised = ""
+    fields: tuple[str, ...] = ()
+    dali = False
 
     @classmethod
-    def from_folder(cls, root: str, max_bytes: int = MAX_FILE_MB << 20) -> FileListSource:
-        paths, stats = walk_images(root)
-        if stats:
-            log.warning("%s: left out while walking it: %s", root, dict(stats))
-        if len(paths) > 1_000_000:
-            log.warning("%s holds %d images: walking it took a while and repeats at every start; "
-                        "pack it into shards with `python -m mcf_fast.data.prepare`", root, len(paths))
-        return cls(paths, max_bytes, stats)
+    def recognises(cls, path: str) -> bool:
+        return False
 
-    def read(self, i: int):
-        p = self.paths[i]
-        return read_regular(p, self.max_bytes), p
+    @classmethod
+    def precheck(cls, cfg, need: int, option: str = "--data.path") -> None:
+        """One-line ValueError when the data cannot serve one step of `need` samples."""
+
+    @classmethod
+    def build(cls, cfg, seed: int):
+        raise NotImplementedError(f"data source {cls.name!r} has no builder")
 
 
-class ShardSource:
-    """Webdataset tar shards read through DALI-format index files (see the module docstring)."""
+@SOURCES.register
+class Lmdb(DataSource):
+    name = "lmdb"
+    summary = "an LMDB database of encoded images (the folder2lmdb layout of MoCo/MAE forks)"
+    recognised = "an LMDB database (a folder holding data.mdb, or a *.lmdb path)"
+    fields = _DECODE_FIELDS
 
-    kind = "shards"
+    @classmethod
+    def recognises(cls, path):
+        return bool(path) and is_lmdb(path)
 
-    def __init__(self, shards: list[str], *, require_validated: bool = False, max_bytes: int = MAX_FILE_MB << 20):
-        self.shards, self.max_bytes = shards, max_bytes
-        self.index_stats: Counter = Counter()
-        self.index_converted: Counter = Counter()  # conversions scan saw (DALI converts them itself)
-        self.validated = [False] * len(shards)
-        manifests: dict[str, dict] = {}
-        counts = []
-        for k, s in enumerate(shards):
-            d = os.path.dirname(os.path.abspath(s))
-            if d not in manifests:
-                manifests[d] = read_manifest(d)
-            entry = manifests[d].get("shards", {}).get(os.path.basename(s))
-            if not os.path.exists(s):
-                counts.append(0)
-                if entry is not None and entry.get("empty"):  # prepare found no face in that unit
-                    self.validated[k] = True
-                    continue
-                self.index_stats["missing_shard"] += 1
-                log.warning("shard %s does not exist: skipped (counted as missing_shard)", s)
-                continue
-            idx = s + ".idx"
-            if entry is not None and os.path.exists(idx) and entry.get("size") == os.path.getsize(s):
-                self.validated[k] = True
-                counts.append(int(entry["samples"]))
-                if entry.get("validated_by") == "scan":  # bad samples inside these shards, left out
-                    # (prepare's counts describe its raw input, e.g. no_face: not this data's problems)
-                    for reason, n in entry.get("skipped_by_reason", {}).items():
-                        self.index_stats[reason] += n
-                self.index_converted.update(entry.get("converted_by_reason", {}))
-            elif require_validated:
-                raise ValueError(
-                    f"shard {s} is not validated (no {idx} and matching entry in {os.path.join(d, MANIFEST)}); "
-                    "run `python -m mcf_fast.data.scan --write-index SHARDS` (or build shards with "
-                    "`python -m mcf_fast.data.prepare`), or set data.require_validated=false")
-            else:
-                counts.append(-1)  # filled lazily below
-        self._index: OrderedDict[int, list] = OrderedDict()
-        for k, c in enumerate(counts):
-            if c < 0:  # unvalidated: walk the tar headers once, now (counts are needed up front)
-                entries, stats = index_tar(shards[k], max_bytes)
-                self.index_stats.update(stats)
-                self._index[k] = entries
-                counts[k] = len(entries)
-        if self._index:
-            log.warning("%d of %d shards are not validated: indexed their tars at start-up; run "
-                        "`python -m mcf_fast.data.scan --write-index` once to skip this",
-                        len(self._index), len(shards))
-        self.counts = np.asarray(counts, dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
-        self.num_samples = int(self.counts.sum())
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self._pid = os.getpid()
-
-    @property
-    def all_validated(self) -> bool:
-        return all(v or not os.path.exists(s) for v, s in zip(self.validated, self.shards))
-
-    def _entries(self, k: int) -> list:
-        e = self._index.get(k)
-        if e is None:
-            e = read_index(self.shards[k] + ".idx")
-            self._index[k] = e
-            while len(self._index) > 64:  # bounded memory on 20M-sample sets
-                self._index.popitem(last=False)
-        return e
-
-    def locate(self, i: int) -> tuple[int, int]:
-        k = int(np.searchsorted(self.starts, i, side="right") - 1)
-        while self.counts[k] == 0:  # empty shards share their start with the next one
-            k += 1
-        return k, int(i - self.starts[k])
-
-    def entry(self, i: int):
-        """(shard path, key, image offset, image size) of sample i, or size -1 when it has no image."""
-        k, j = self.locate(i)
-        key, off, size = self._entries(k)[j]
-        return self.shards[k], key, off, size
-
-    def read(self, i: int):
-        if os.getpid() != self._pid:  # forked into a DataLoader worker: do not share file offsets
-            self._fds, self._pid = OrderedDict(), os.getpid()
-        k, j = self.locate(i)
-        key, off, size = self._entries(k)[j]
-        if size < 0:
-            raise BadSample("missing_image", f"{self.shards[k]}: sample {key} has no image member")
-        fd = self._fds.get(k)
-        if fd is None:
-            try:  # O_NONBLOCK: a shard swapped for a FIFO after indexing must not block a worker
-                fd = os.open(self.shards[k], os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-            except OSError as e:
-                raise BadSample("unreadable_file", f"{self.shards[k]}: {e}") from None
-            self._fds[k] = fd
-            while len(self._fds) > 32:
-                os.close(self._fds.popitem(last=False)[1])
-        return pread_member(fd, off, size, self.max_bytes, self.shards[k], key), key
-
-    def close(self):
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def expand_shards(spec: str) -> list[str]:
-    """Brace pattern ('faces-{000000..000099}.tar', via braceexpand), a single .tar, a folder of
-    .tar files, or '::'-joined patterns."""
-    import braceexpand
-    out = []
-    for part in spec.split("::"):
-        if os.path.isdir(part):
-            out += sorted(glob.glob(os.path.join(part, "*.tar")))
-        else:
-            out += list(braceexpand.braceexpand(part))
-    return out
-
-
-def open_source(path: str, *, seed: int, img_size: int, synthetic_size: int, cache_mb: int,
-                require_validated: bool = False, max_bytes: int = MAX_FILE_MB << 20):
-    """Pick the source for `data.path` (see DataConfig.path); files/members above `max_bytes` are skipped."""
-    if path == "":
-        return SyntheticSource(synthetic_size, img_size, seed, cache_mb)
-    if path.startswith("pipe:") or "://" in path:
-        raise ValueError(f"data.path={path!r}: remote/pipe shards need sequential streaming, which "
-                         "breaks exact mid-epoch resume; copy the shards to a local or mounted path")
-    if is_lmdb(path):
-        return LmdbSource(path, max_bytes)
-    if os.path.isdir(path):
-        if glob.glob(os.path.join(path, "*.tar")):
-            return ShardSource(expand_shards(path), require_validated=require_validated, max_bytes=max_bytes)
-        src = FileListSource.from_folder(path, max_bytes)
-        if src.num_samples == 0:
-            raise ValueError(f"data.path={path!r}: folder holds no images ({', '.join(IMAGE_EXTS)}) and no .tar shards")
-        return src
-    if path.endswith((".txt", ".lst", ".list")) and os.path.isfile(path):
-        base = os.path.dirname(os.path.abspath(path))
+    @classmethod
+    def precheck(cls, cfg, need, option="--data.path"):
+        path = cfg.path
+        what = describe(path)
+        if what == "missing":
+            fail(option, path, f"does not exist (an LMDB database was expected): {paths_hint()}")
+        if what not in ("a folder", "a regular file"):
+            fail(option, path, f"is {what}, not an LMDB database")
+        if importlib.util.find_spec("lmdb") is None:
+            fail(option, path, "is an LMDB database, which needs the lmdb package: pip install lmdb")
+        import lmdb
         try:
-            with open(path, encoding="utf-8") as f:
-                lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-        except UnicodeDecodeError as e:
-            raise ValueError(f"data.path={path!r}: a list file must be UTF-8 text, one path per line ({e})") from None
-        lines = [ln if os.path.isabs(ln) else os.path.join(base, ln) for ln in lines]
-        if lines and all(ln.endswith(".tar") for ln in lines):
-            return ShardSource(lines, require_validated=require_validated, max_bytes=max_bytes)
-        return FileListSource(lines, max_bytes)
-    if ".tar" in path:
-        shards = expand_shards(path)
-        if not any(os.path.exists(s) for s in shards):
-            raise ValueError(f"data.path={path!r}: none of its {len(shards)} shard(s) exist (first: {shards[0]})")
-        return ShardSource(shards, require_validated=require_validated, max_bytes=max_bytes)
-    raise ValueError(f"data.path={path!r} is not a folder, a .tar shard pattern or a list file (.txt); "
-                     "use '' for synthetic faces")
+            env = lmdb.open(path, subdir=what == "a folder", readonly=True, lock=False)
+            try:
+                with env.begin() as txn:  # the meta keys are not samples; __len__ may say fewer
+                    n = env.stat()["entries"] - sum(txn.get(k) is not None for k in (b"__len__", b"__keys__"))
+            finally:
+                env.close()
+        except lmdb.Error as e:
+            fail(option, path, f"is not a readable LMDB database ({e})")
+        if n < need:
+            too_few(option, path, n, need, "entries")
+
+    @classmethod
+    def build(cls, cfg, seed):
+        return LmdbSource(cfg.path, cfg.max_file_mb << 20)
+
+
+@SOURCES.register
+class Shards(DataSource):
+    name = "shards"
+    summary = "webdataset tar shards (img2dataset's layout), read through DALI-format index files"
+    recognised = ("webdataset shards (one .tar, a brace pattern like faces-{000000..000099}.tar, a folder "
+                  "holding *.tar, or a list file of .tar paths)")
+    fields = ("require_validated",) + _DECODE_FIELDS
+    dali = True
+
+    @classmethod
+    def recognises(cls, path):
+        if not path:
+            return False
+        if os.path.isdir(path):  # stops at the first .tar: a folder of 20M images is not listed whole
+            try:
+                with os.scandir(path) as it:
+                    return any(e.name.endswith(".tar") for e in it)
+            except OSError:
+                return False
+        first = first_list_entry(path)
+        return first.endswith(".tar") if first is not None else ".tar" in path
+
+    @classmethod
+    def paths(cls, path: str, option: str) -> list[str]:
+        if path.endswith(LIST_EXTS) and is_regular(path):
+            shards = list_entries(path)
+            other = next((s for s in shards if not s.endswith(".tar")), None)
+            if other is not None:
+                fail(option, path, f"lists .tar shards and other paths ({other!r}): list shards only, or "
+                                   "image files only")
+            return shards
+        return expand_shards(path)
+
+    @classmethod
+    def precheck(cls, cfg, need, option="--data.path"):
+        path = cfg.path
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", path)
+        folder = os.path.dirname(path) or "."
+        if m and not os.path.isdir(folder):
+            fail(option, path, f"folder {folder!r} does not exist: {paths_hint()}")
+        shards = cls.paths(path, option)
+        present = [s for s in shards if os.path.lexists(s)]
+        if not present:
+            where = f" (none of its {len(shards)} shards; the first is {shards[0]!r})" if len(shards) > 1 else ""
+            fail(option, path, f"does not exist{where}: {paths_hint()}")
+        usable = [s for s in present if is_regular(s)]
+        if not usable:
+            which = "" if present[0] == path else f"{present[0]!r} "
+            fail(option, path, f"{which}is {describe(present[0])}, not a tar shard")
+        cls._enough(cfg, usable, need, option)
+
+    @classmethod
+    def _enough(cls, cfg, shards, need, option):
+        """Count samples with an image: validated shards from their manifest, others by walking tar
+        headers, stopping once one step's worth is found."""
+        strict = cfg.require_validated or cfg.loader == "dali"  # then every shard must be validated
+        total, unvalidated, manifests = 0, [], {}
+        for s in shards:
+            entry = validated_entry(s, manifests)
+            if entry is None:
+                unvalidated.append(s)
+            else:
+                total += entry["samples"]
+            if total >= need and not strict:
+                break
+        if unvalidated and strict:
+            fail(option, cfg.path, f"{len(unvalidated)} of its {len(shards)} shards are not validated (e.g. "
+                                   f"{unvalidated[0]!r}): run `python -m mcf_fast.data.scan --write-index "
+                                   "SHARDS` once, or build them with `python -m mcf_fast.data.prepare`")
+        for s in unvalidated:
+            if total >= need:
+                break
+            total += sum(1 for _, _, size in index_tar(s, cfg.max_file_mb << 20)[0] if size >= 0)
+        if total == 0:
+            fail(option, cfg.path, f"its {len(shards)} shard(s) hold no images ({', '.join(IMAGE_EXTS)} members)")
+        if total < need:
+            too_few(option, cfg.path, total, need)
+
+    @classmethod
+    def build(cls, cfg, seed):
+        return ShardSource(cls.paths(cfg.path, "--data.path"), max_bytes=cfg.max_file_mb << 20,
+                           require_validated=cfg.require_validated or cfg.loader == "dali")
+
+
+@SOURCES.register
+class ImageList(DataSource):
+    name = "list"
+    summary = "image files named in a list file"
+    recognised = "a list file (*.txt, *.lst, *.list) of image paths, one per line"
+    fields = _DECODE_FIELDS
+    PROBE = 8  # listed files looked at: if none of them exists the paths are surely wrong
+
+    @classmethod
+    def recognises(cls, path):
+        return path.endswith(LIST_EXTS)
+
+    @classmethod
+    def precheck(cls, cfg, need, option="--data.path"):
+        path = cfg.path
+        what = describe(path)
+        if what != "a regular file":
+            fail(option, path, f"{'does not exist' if what == 'missing' else 'is ' + what}: a list file "
+                               f"is a UTF-8 text file of image paths, one per line")
+        try:
+            entries = list_entries(path, max(need, cls.PROBE))
+        except (OSError, ValueError) as e:
+            fail(option, path, str(e))
+        if not entries:
+            fail(option, path, "lists no files (blank lines and # comments are skipped)")
+        if not any(os.path.exists(p) for p in entries[:cls.PROBE]):
+            fail(option, path, f"none of the first {min(len(entries), cls.PROBE)} listed files exist (e.g. "
+                               f"{entries[0]!r}; relative paths are read from the list file's folder)")
+        if len(entries) < need:
+            too_few(option, path, len(entries), need, "paths")
+
+    @classmethod
+    def build(cls, cfg, seed):
+        return FileListSource.from_list(cfg.path, cfg.max_file_mb << 20)
+
+
+@SOURCES.register
+class ImageFolder(DataSource):
+    name = "folder"
+    summary = "image files in a folder, any depth"
+    recognised = "a folder of images (any depth)"
+    fields = _DECODE_FIELDS
+
+    @classmethod
+    def recognises(cls, path):
+        return bool(path) and os.path.isdir(path)
+
+    @classmethod
+    def precheck(cls, cfg, need, option="--data.path"):
+        n, exact, others = count_images(cfg.path, need)
+        if n < need and not exact:  # symlinked folders or unlistable ones: the loader's walk decides
+            n = len(walk_images(cfg.path)[0])
+        if n == 0:
+            fail(option, cfg.path, f"is a folder with no images ({', '.join(IMAGE_EXTS)}) and no .tar "
+                                   f"shards{others_text(others)}")
+        if n < need:
+            too_few(option, cfg.path, n, need)
+
+    @classmethod
+    def build(cls, cfg, seed):
+        src = FileListSource.from_folder(cfg.path, cfg.max_file_mb << 20)
+        if src.num_samples == 0:  # the folder changed since its precheck
+            fail("--data.path", cfg.path, f"is a folder with no images ({', '.join(IMAGE_EXTS)})")
+        return src
+
+
+@SOURCES.register
+class Synthetic(DataSource):
+    name = "synthetic"
+    summary = "synthetic faces drawn in memory from (seed, index) (the demo)"
+    recognised = "'' for synthetic faces drawn in memory"
+    fields = ("synthetic_size", "synthetic_cache_mb")
+
+    @classmethod
+    def recognises(cls, path):
+        return path == ""
+
+    @classmethod
+    def precheck(cls, cfg, need, option="--data.path"):
+        if need > cfg.synthetic_size:
+            fail("--data.synthetic_size", cfg.synthetic_size,
+                 f"one training step takes {need} images (--optim.batch_size x ranks): raise "
+                 "--data.synthetic_size or lower --optim.batch_size")
+
+    @classmethod
+    def build(cls, cfg, seed):
+        return SyntheticSource(cfg.synthetic_size, cfg.img_size, seed, cfg.synthetic_cache_mb)
+
+
+# ----------------------------------------------------------------------------------- asking the registry
+def paths_hint() -> str:
+    """What a `--data.path` may be, from every registered kind."""
+    names = [e.recognised for e in SOURCES if e.recognised]
+    return "give " + "; ".join(names[:-1]) + ("; or " if len(names) > 1 else "") + names[-1]
+
+
+def find_source(path, option: str = "--data.path") -> type[DataSource]:
+    """The entry that owns `path` (the first, in registration order, that recognises it)."""
+    if not isinstance(path, str):
+        fail(option, path, f"must be a string: {paths_hint()}")
+    if path.startswith("pipe:") or "://" in path:
+        fail(option, path, "remote/pipe shards need sequential streaming, which breaks exact mid-epoch "
+                           "resume; copy the shards to a local or mounted path")
+    for entry in SOURCES:
+        if entry.recognises(path):
+            return entry
+    what = describe(path)
+    fail(option, path, f"{'does not exist' if what == 'missing' else 'is ' + what + ', not a data source'}: "
+                       f"{paths_hint()}")
+
+
+def check_data(cfg, need: int = 1, option: str = "--data.path") -> type[DataSource]:
+    """Every check of the data settings that needs no build: the owning entry's precheck for one step
+    of `need` samples, and the DALI loader's needs. Returns the entry; raises a one-line ValueError."""
+    entry = find_source(cfg.path, option)
+    if cfg.loader == "dali":
+        if not entry.dali:
+            readable = ", ".join(e.name for e in SOURCES if e.dali)
+            fail("--data.loader", "dali", f"DALI reads {readable} only, and {option} {cfg.path!r} is "
+                                          f"{entry.summary}: use --data.loader torch (or auto), or give shards")
+        if not dali_installed():
+            fail("--data.loader", "dali", "NVIDIA DALI is not installed: pip install nvidia-dali-cuda130 "
+                                          "(the [dali] extra), or use --data.loader torch")
+    entry.precheck(cfg, need, option)
+    return entry
+
+
+def dali_installed() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no `nvidia` namespace package at all
+        return False
+
+
+def open_data(cfg, seed: int = 0, option: str = "--data.path", need: int = 1):
+    """The reader for `cfg.path`, checked first (`check_data` for `need` samples); its `kind` names the
+    entry that built it."""
+    entry = check_data(cfg, need, option)
+    src = entry.build(cfg, seed)
+    src.kind = entry.name
+    return src
+
+
+def open_source(path: str, *, seed: int = 0, img_size: int = 8, synthetic_size: int = 1, cache_mb: int = 0,
+                require_validated: bool = False, max_bytes: int = MAX_FILE_MB << 20, option: str = "--data.path"):
+    """The keyword form of `open_data` that scan and older callers use (no DataConfig needed; `option`
+    is what the caller's errors call the path)."""
+    cfg = SimpleNamespace(path=path, img_size=img_size, synthetic_size=synthetic_size, synthetic_cache_mb=cache_mb,
+                          require_validated=require_validated, loader="torch", max_file_mb=max(1, max_bytes >> 20))
+    return open_data(cfg, seed, option)
+
+
+def field_note(field: str) -> str:
+    """' [sources: a, b]' for a DataConfig field only some kinds read ('' for the others)."""
+    users = [e.name for e in SOURCES if field in e.fields]
+    return f" [read by the {', '.join(users)} source{'s' if len(users) > 1 else ''}]" if users else ""
+
+
+def dali_readable() -> str:
+    return ", ".join(e.name for e in SOURCES if e.dali) or "none"

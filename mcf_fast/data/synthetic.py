@@ -5,6 +5,8 @@ The faces are drawn by `mcf_fast.data.faces` (conventions and labels documented 
 names are re-exported here because callers have long imported them from `mcf_fast.data.synthetic`.
 
     python -m mcf_fast.data.synthetic --out DIR --num N --size S --format wds|aflw19|lapa [--seed K]
+
+A progress bar (faces written) goes to stderr; the last line on stdout says what was written where.
 """
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ def main(argv=None) -> int:
     from . import formats
     writer = {"wds": formats.write_wds, "aflw19": formats.write_aflw19, "lapa": formats.write_lapa}[a.format]
     kw = {"shard_size": a.shard_size} if a.format == "wds" else {"train_fraction": a.train_fraction}
-    summary = writer(a.out, a.num, a.size, a.seed, **kw)
+    from tqdm import tqdm
+    with tqdm(total=a.num, unit="face", desc=f"synthetic {a.format}", file=sys.stderr) as bar:
+        summary = writer(a.out, a.num, a.size, a.seed, tick=lambda: bar.update(1), **kw)
     print(summary)
     return 0
 

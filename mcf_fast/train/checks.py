@@ -19,6 +19,8 @@ import re
 import struct
 import zipfile
 
+from mcf_fast.data.sources import check_data
+
 SEED_MAX = 2**63 - 2  # the teacher's seed is seed + 1, and both must fit an int64
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 # How known layouts wrap a ViT's keys (model/checkpoints.py reads the same layouts when loading).
@@ -125,22 +127,6 @@ def _check_file(key: str, path: str, what: str) -> None:
         _bad(key, path, f"is a folder: give the file of {what}")
 
 
-def _check_data_path(path: str) -> None:
-    if not path:
-        return
-    hint = ("give an image folder, a webdataset shard pattern like /data/faces-{000000..000099}.tar, a .txt list, "
-            "or an LMDB database (a folder with data.mdb, or a .lmdb file); '' = synthetic faces")
-    probe = path
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", path)
-    if m:  # a brace pattern: its folder must exist, and its first shard
-        probe = path[:m.start()] + m.group(1) + path[m.end():]
-        folder = os.path.dirname(path) or "."
-        if not os.path.isdir(folder):
-            _bad("data.path", path, f"folder {folder!r} does not exist: {hint}")
-    if not os.path.exists(probe):
-        _bad("data.path", path, f"does not exist{' (its first shard ' + repr(probe) + ')' if m else ''}: {hint}")
-
-
 def _world_size() -> int:
     try:
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
@@ -166,17 +152,11 @@ def check_inputs(cfg) -> None:
         _check_file("model.decoder_init", m.decoder_init, "an MAE pre-training checkpoint")
     if getattr(m, "init", ""):
         _check_file("model.init", m.init, "a checkpoint to start from")
-    _check_data_path(d.path)
-    if d.loader == "dali" and not d.path:
-        _bad("data.loader", d.loader, "DALI reads validated shards, not synthetic faces: use --data.loader torch "
-             "(or auto), or give --data.path shards")
     world = _world_size()
     if o.batch_size * world < 2:
         _bad("optim.batch_size", o.batch_size, "the projector's BatchNorm needs at least 2 images per step "
              "(over all ranks): use --optim.batch_size 2 or more")
-    if not d.path and o.batch_size * world > d.synthetic_size:
-        _bad("optim.batch_size", o.batch_size, f"one step needs {o.batch_size * world} images but "
-             f"--data.synthetic_size is {d.synthetic_size}: lower the batch or raise --data.synthetic_size")
+    check_data(d, need=o.batch_size * world)  # the data source's own checks (mcf_fast/data/sources.py)
     L = (m.img_size // m.patch_size) ** 2
     if kind == "pixel" and int(L * (1 - m.mask_ratio)) >= L:
         _bad("model.mask_ratio", m.mask_ratio, "removes no patch, and the pixel teacher's loss is taken on "

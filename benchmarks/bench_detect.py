@@ -1,6 +1,6 @@
 """Face detectors of `prepare` on labelled real photos that ship in packages: recall, precision, time.
 
-`python benchmarks/bench_detect.py [--composites 40] [--out DIR]`
+`python -m benchmarks.bench_detect [--composites 40] [--out DIR]`
 
 The set (nothing downloaded):
 - three portraits with hand-drawn face boxes: scikit-image's `astronaut` and `camera`, matplotlib's
@@ -14,15 +14,19 @@ how much forehead and chin they take); each label matches at most once.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 
-import numpy as np
+if __name__ == "__main__" and not __package__:  # run as a file: the package's imports need `python -m`
+    sys.stderr.write("error: run it as a module from the repository root: python -m benchmarks.bench_detect\n")
+    raise SystemExit(2)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from .cli import Parser  # noqa: E402
 
 PORTRAITS = {"astronaut": [(180, 60, 90, 115)], "camera": [(190, 105, 60, 85)],
              "grace_hopper": [(160, 110, 200, 225)]}
@@ -109,7 +113,7 @@ def evaluate(kind: str, data: list, min_face: int = 40) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(__doc__, "python -m benchmarks.bench_detect")
     ap.add_argument("--composites", type=int, default=40)
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)

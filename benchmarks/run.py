@@ -96,6 +96,11 @@ def parse(argv=None):
         refuse(PROG, "--budget-s and --threads must be >= 0")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         refuse(PROG, f"--out {a.out} is a file: give a folder")
+    parent = os.path.abspath(a.out)
+    while not os.path.exists(parent):  # the folder it would be created in must be writable
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        refuse(PROG, f"--out {a.out}: {parent} is not writable; give a folder you can write to")
     if a.compare:
         _check_compare(a.compare)
     a.only = tuple(tuple(c.split(":", 1)) for c in a.step_configs.split(",") if c)

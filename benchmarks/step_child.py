@@ -214,7 +214,7 @@ def _alternate(eng, ref, warmup, reps) -> dict:
     return phases
 
 
-def measure(spec: dict) -> dict:
+def measure_config(spec: dict) -> dict:
     """One (preset, precision) configuration; see the module docstring. `spec`: preset, precision,
     device, deadline (time.time() by which to be done), max_batch, batch (fixed, or 0 = choose),
     reps, warmup, profile, peak_flops, threads."""
@@ -283,7 +283,7 @@ def main(spec: dict, result_path: str) -> None:
     """The child process's entry: measure `spec`, write the result (or the error, as a FAILED reason) as JSON."""
     t0 = time.perf_counter()
     try:
-        res = measure(spec)
+        res = measure_config(spec)
     except Exception as e:  # noqa: BLE001 - the parent reports it as this configuration's FAILED row
         res = {"preset": spec["preset"], "precision": spec["precision"], "failed": True,
                "skipped": f"FAILED: {type(e).__name__}: {e}", "traceback": traceback.format_exc()}
@@ -293,4 +293,4 @@ def main(spec: dict, result_path: str) -> None:
     os.replace(result_path + ".tmp", result_path)
 
 
-__all__ = ["TimedTrainStep", "ReferenceStep", "check_losses", "flops_of", "teacher_flops", "measure", "main"]
+__all__ = ["TimedTrainStep", "ReferenceStep", "check_losses", "flops_of", "teacher_flops", "measure_config", "main"]

@@ -10,7 +10,8 @@ a temporary folder that is removed afterwards, also on error):
 - synthetic faces: `draw_face` at 128 px on one core (no baseline: a rate).
 Before timing, the torch and DALI loaders are checked to deliver the same ids in the same order, pixels
 within the resize filters' difference. A loader is timed per batch (`next(loader)`) by the harness after
-its workers are warm; raw decode per pass over all images.
+its workers are warm, a sample being the mean over several consecutive batches; raw decode per pass
+over all images.
 """
 from __future__ import annotations
 
@@ -72,11 +73,14 @@ def check_providers(pattern, procs=2, batch=8) -> float:
     return err
 
 
-def _batches(make, steps, warmup, budget) -> list[float]:
-    """ms per delivered batch of the loader `make()` returns (workers warm), closed afterwards."""
+def _batches(make, steps, reps, budget) -> list[float]:
+    """ms per delivered batch of the loader `make()` returns, each sample the mean over `steps` consecutive
+    batches after a warm-up pass: a loader's rate is what its workers sustain, not how fast a batch that
+    was prefetched during the previous call is handed over. The loader is closed afterwards."""
     it = make()
     try:
-        return H.measure({"next": lambda: next(it)}, warmup=warmup, reps=steps, budget=budget)["next"]
+        ms = H.measure({"pass": lambda: [next(it) for _ in range(steps)]}, warmup=1, reps=reps, budget=budget)["pass"]
+        return [m / steps for m in ms]
     finally:
         getattr(it, "close", lambda: None)()
 
@@ -109,7 +113,7 @@ def _synthetic_ms(n=100, size=128) -> list[float]:
 
 def run(device, quick: bool, budget: Budget) -> list[dict]:
     """images/s of the torch loader (baseline), raw decode, DALI (if installed), and synthetic faces."""
-    num, batch, steps, reps, procs = (128, 16, 8, 2, 2) if quick else (1024, 64, 24, 3, 2)
+    num, batch, steps, reps, procs = (128, 16, 4, 3, 2) if quick else (1024, 64, 8, 5, 2)
     shape = f"batch {batch}, {procs} procs"
     have_dali = version("nvidia.dali") is not None
     from mcf_fast.data.decode import available_decoders
@@ -124,11 +128,11 @@ def run(device, quick: bool, budget: Budget) -> list[dict]:
         data = jpegs(pattern)
         if have_dali:
             check_providers(pattern, procs)
-        timers = {"torch loader": lambda: _batches(lambda: loader(pattern, "torch", procs, batch), steps, 3, budget),
+        timers = {"torch loader": lambda: _batches(lambda: loader(pattern, "torch", procs, batch), steps, reps, budget),
                   names[1][0]: lambda: [m * batch / len(data) for m in _raw_decode(data, dec, procs, reps, budget)],
-                  "dali_cpu (mcf_fast order)": lambda: _batches(lambda: loader(pattern, "dali", procs, batch), steps, 3,
-                                                                budget),
-                  "dali_reader (DALI's own)": lambda: _batches(lambda: _dali_reader(pattern, procs, batch), steps, 3,
+                  "dali_cpu (mcf_fast order)": lambda: _batches(lambda: loader(pattern, "dali", procs, batch), steps,
+                                                                reps, budget),
+                  "dali_reader (DALI's own)": lambda: _batches(lambda: _dali_reader(pattern, procs, batch), steps, reps,
                                                                budget)}
         for name, is_base in names:
             try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .rows import KEY, reason
+from .rows import GROUP, KEY, reason
 
 Column = tuple[str, str, Callable]  # (header, "l" or "r", cell(item) -> str)
 
@@ -141,6 +141,20 @@ def to_markdown(report: dict) -> str:
     return "\n".join(out)
 
 
+def headline_table(report: dict) -> str:
+    """Every measured provider with a ratio against its baseline, one line each, with the baseline's time
+    beside it: the table documents quote from a committed report (regenerated, never typed)."""
+    base = {tuple(r[k] for k in GROUP): r for r in report["rows"] if r["is_baseline"] and r["median_ms"]}
+    pairs = [(r, base[tuple(r[k] for k in GROUP)]) for r in report["rows"]
+             if not r["is_baseline"] and r["speedup"] and tuple(r[k] for k in GROUP) in base]
+    cols = [("what", "l", lambda p: f"{p[0]['suite']}: {p[0]['what']}"), ("shape", "l", lambda p: p[0]["shape"]),
+            ("dtype", "l", lambda p: p[0]["dtype"]), ("baseline", "l", lambda p: p[1]["provider"]),
+            ("baseline ms", "r", lambda p: ms(p[1]["median_ms"])), ("provider", "l", lambda p: p[0]["provider"]),
+            ("ms", "r", lambda p: ms(p[0]["median_ms"])), ("speed-up", "r", lambda p: fmt(p[0]["speedup"], "{:.2f}x")),
+            ("memory", "r", lambda p: fmt(p[0]["mem_ratio"], "{:.2f}x"))]
+    return md_table(cols, pairs)
+
+
 def compare(new: dict, old: dict) -> str:
     """Markdown table of the median change for rows present in both reports (matched on KEY)."""
     old_rows = {tuple(r[k] for k in KEY): r for r in old.get("rows", [])}
@@ -155,4 +169,4 @@ def compare(new: dict, old: dict) -> str:
 
 
 __all__ = ["md_table", "fmt", "ms", "ROW_COLUMNS", "STEP_COLUMNS", "rows_table", "step_table", "machine_line",
-           "budget_line", "to_markdown", "compare"]
+           "budget_line", "to_markdown", "headline_table", "compare"]

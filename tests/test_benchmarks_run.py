@@ -48,6 +48,12 @@ def test_bad_arguments_are_one_line_exit_2_before_any_work(capsys, tmp_path):
     assert not os.path.exists(out)
 
 
+def test_an_unwritable_out_is_refused_before_measuring(capsys, tmp_path, monkeypatch):
+    """--out inside a folder this user cannot write to: one line naming that folder, before any work."""
+    monkeypatch.setattr(RUN.os, "access", lambda path, mode: path != str(tmp_path))
+    assert f"{tmp_path} is not writable" in _refused(capsys, ["--out", str(tmp_path / "new" / "bench")])
+
+
 def test_running_the_file_names_the_module_command():
     """`python benchmarks/run.py ARGS` stops at once (exit 2) with the command that works."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick"], capture_output=True,

@@ -203,15 +203,21 @@ def choose_batch(engine_model, cfg, device, spec, left_s, steps_per_provider, ou
     return fits[0], f"largest of {ladder} whose predicted cost fits the budget (batch-2 probe step {2 * probe:.2f} s)"
 
 
-def _alternate(eng, ref, warmup, reps) -> dict:
-    """Phases of each timed step, engine and reference alternating: load from other processes hits both alike."""
-    phases = {"engine": [], "reference": []}
+def _alternate(eng, ref, warmup, reps, left) -> tuple[dict, float]:
+    """Phases of each timed step, engine and reference alternating (load from other processes hits both
+    alike), and the last round's seconds. After the first timed round, a round that would not fit in
+    `left()` is not started: fewer samples, and the configuration is still reported."""
+    phases, round_s = {"engine": [], "reference": []}, 0.0
     for i in range(warmup + reps):
+        if i > warmup and left() < 1.5 * round_s:
+            break
+        t = time.perf_counter()
         for name, step in (("engine", eng), ("reference", ref)):
             r = step()
             if i >= warmup:
                 phases[name].append(r)
-    return phases
+        round_s = time.perf_counter() - t
+    return phases, round_s
 
 
 def measure_config(spec: dict) -> dict:
@@ -232,8 +238,12 @@ def measure_config(spec: dict) -> dict:
     out["flops_per_image_engine"] = f1
     steps_per_provider = spec["warmup"] + spec["reps"] + 1
     floor_s = 2 * steps_per_provider * 2 * f1 / spec["peak_flops"]  # both providers at batch 2, at the matmul peak
+    if left() <= 0:
+        out["skipped"] = (f"not measured: its share of the budget was spent starting the process and building the "
+                          f"models ({spec['share_s']:.0f} s); give a larger --budget-s or run --suite step alone")
+        return out
     if floor_s > left():
-        out["skipped"] = (f"not measured: {max(left(), 0):.0f} s of the budget were left for this configuration; its "
+        out["skipped"] = (f"not measured: {left():.0f} s of the budget were left for this configuration; its "
                           f"{2 * steps_per_provider} steps need at least {floor_s:.1f} s even at batch 2 and the measured "
                           f"{prec} matmul peak; give a larger --budget-s or run --suite step alone")
         return out
@@ -250,16 +260,19 @@ def measure_config(spec: dict) -> dict:
     out["flops_reference"] = flops_of(ref_model, cfg, device, prec, batch, "reference")
     eng = TimedTrainStep(engine_model, cfg, loader(cfg, batch, device), device, prec)
     ref = ReferenceStep(ref_model, cfg, loader(cfg, batch, device), device, prec)
-    out["phases"] = _alternate(eng, ref, spec["warmup"], spec["reps"])
+    out["phases"], round_s = _alternate(eng, ref, spec["warmup"], spec["reps"], left)
     out["memory"] = {}
     for name, step, model, opt in (("engine", eng, engine_model, eng.optimizer),
                                    ("reference", ref, ref_model, ref.optimizer)):
         model.zero_grad(set_to_none=True)
-        out["memory"][name] = {"state_bytes": H.state_bytes(model, opt), "step_bytes": H.peak_bytes(step, device)}
+        fits = left() > 1.5 * round_s  # one more step of each provider: the peak (else reported as not measured)
+        out["memory"][name] = {"state_bytes": H.state_bytes(model, opt),
+                               "step_bytes": H.peak_bytes(step, device) if fits else None}
     # The MFU denominator again, here and now: the run keeps the best of all its measurements, so
     # a burst of load from other processes during one measurement cannot inflate the MFU.
-    out["matmul_peak"] = matmul_peak(AC[prec] or torch.float32, device, budget_s=min(4.0, max(left() / 4, 0.5)))
-    if spec.get("profile") and left() > 2 * sum(p["total"] for p in out["phases"]["engine"][-1:]) / 1e3:
+    if left() > 2.0:
+        out["matmul_peak"] = matmul_peak(AC[prec] or torch.float32, device, budget_s=min(4.0, left() / 4))
+    if spec.get("profile") and left() > round_s:
         out["profile"] = profile_table(eng, device)
     return out
 

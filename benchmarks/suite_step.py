@@ -99,7 +99,8 @@ def run(device: torch.device, quick: bool, budget: Budget, *, batch: int = 0, th
                 res = dict(base, skipped=budget.skip(f"step {preset} {prec}", f"{max(part.left(), 0):.0f} s of the budget "
                                                      f"left for it, under the {CHILD_MIN_S:.0f} s a configuration needs"))
             else:
-                spec = dict(preset=preset, precision=prec, device=str(device), deadline=time.time() + part.left() - GRACE_S,
+                spec = dict(preset=preset, precision=prec, device=str(device), share_s=part.left(),
+                            deadline=time.time() + part.left() - GRACE_S,
                             max_batch=max_b, batch=batch or (4 if quick else 0), reps=reps, warmup=warm, profile=prof,
                             peak_flops=pk[prec]["flops"], threads=threads)
                 res = launcher(spec, tmp, part.left())

@@ -101,3 +101,21 @@ def test_step_configurations_that_cannot_start_are_skipped_with_the_reason(monke
     demo = [r for r in res["rows"] if r["extra"].get("preset") == "demo"]
     assert demo and all("a configuration needs" in r["note"] for r in demo)
     assert [s.split(" (")[0] for s in b.skipped] == ["step demo fp32", "step demo bf16"]
+
+
+def test_step_rounds_stop_when_the_deadline_nears():
+    """The step child alternates engine and reference steps and stops starting rounds once one would not
+    fit before its deadline, keeping the rounds already timed (at least one)."""
+    from benchmarks.step_child import _alternate
+    order = []
+
+    def step(name):
+        def call():
+            order.append(name)
+            return {"total": 1.0}
+        return call
+    phases, _ = _alternate(step("e"), step("r"), warmup=1, reps=5, left=lambda: 1e9)
+    assert order == ["e", "r"] * 6 and len(phases["engine"]) == len(phases["reference"]) == 5
+    order.clear()
+    phases, _ = _alternate(step("e"), step("r"), warmup=1, reps=5, left=lambda: -1.0)
+    assert order == ["e", "r"] * 2 and len(phases["engine"]) == 1

@@ -179,7 +179,9 @@ def main(argv=None, start: float | None = None) -> int:
                    other_processes_cpu=None if share is None else round(share, 3))
     if res.get("peaks"):
         machine["matmul_peak"] = res["peaks"]
-    rep = {"suites": a.suites, "device": a.device, "quick": a.quick, "machine": machine, "rows": res["rows"],
+    argv = sys.argv[1:] if argv is None else argv
+    rep = {"command": " ".join([PROG, *argv]), "suites": a.suites, "device": a.device, "quick": a.quick,
+           "machine": machine, "rows": res["rows"],
            "goals": res["goals"], "step_notes": res["step_notes"], "method": METHOD, "baselines": res["baselines"],
            "budget": {"budget_s": budget_s, "measure_s": time.monotonic() - start, "skipped": budget.skipped}}
     write(a.out, rep, res["profile"])

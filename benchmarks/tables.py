@@ -114,6 +114,8 @@ def to_markdown(report: dict) -> str:
     rows = report["rows"]
     out = [f"# mcf_fast benchmark report ({', '.join(report['suites'])}, {report['device']}"
            f"{', quick' if report['quick'] else ''})", "", machine_line(report["machine"]), ""]
+    if report.get("command"):
+        out[2:2] = [f"`{report['command']}`", ""]
     if report.get("budget"):
         out += [budget_line(report["budget"]), ""]
     step = [r for r in rows if r["suite"] == "step"]

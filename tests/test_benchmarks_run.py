@@ -17,7 +17,7 @@ from benchmarks.cli import first_paragraph
 from benchmarks.rows import reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINTS = ("run", "device_check", "bench_mae_step", "memory_ckpt", "bench_detect", "eval_chain")
+ENTRY_POINTS = ("run", "device_check", "bench_mae_step", "memory_ckpt", "bench_detect", "eval_chain", "quote")
 
 
 def _refused(capsys, argv, fn=RUN.parse) -> str:
@@ -125,5 +125,6 @@ def test_quick_run_writes_every_artefact(tmp_path, capsys):
     assert not any(r["suite"] == "projection" for r in rows)  # the demo preset is not the paper-size model
     assert rep["budget"]["skipped"] == []
     md = (out / "report.md").read_text()
-    assert "None" not in md.splitlines()[2] and "not measured:" not in md
+    assert "None" not in next(ln for ln in md.splitlines() if ln.startswith("Machine:")) and "not measured:" not in md
+    assert md.splitlines()[2] == f"`python -m benchmarks.run --suite all --device cpu --quick --budget-s 3000 --out {out}`"
     assert stdout.rstrip().splitlines()[-1].startswith("Times: median") and "| engine |" in stdout

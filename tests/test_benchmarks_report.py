@@ -139,3 +139,17 @@ def test_budget_line_names_what_was_skipped():
     assert line.startswith("Budget: 120 s (--budget-s); measuring took 101 s.")
     assert "Not measured for lack of budget (1): step demo bf16 (12 s left)." in line
     assert "Not measured" not in T.budget_line({"budget_s": 120, "measure_s": 3, "skipped": []})
+
+
+def test_documents_quote_their_committed_reports():
+    """Every headline block in docs/performance.md is exactly what its committed report.json generates,
+    and a quote names the report, its command, the machine and its load."""
+    from benchmarks import quote
+    doc = os.path.join(quote.ROOT, "docs", "performance.md")
+    assert quote.stale(doc) == []
+    text = open(doc).read()
+    paths = [m.group("path") for m in quote.BLOCK.finditer(text)]
+    assert paths and all(os.path.exists(os.path.join(quote.ROOT, p)) for p in paths)
+    q = quote.quote(paths[0])
+    assert q.startswith(f"From `{paths[0]}` (`python -m benchmarks.run") and "load average" in q
+    assert quote.refresh(text.replace(q, "stale numbers\n")) == text

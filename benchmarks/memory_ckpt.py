@@ -42,7 +42,7 @@ def one(name: str, batch: int) -> dict:
         m.zero_grad(set_to_none=True)
         out = m(imgs, mk.ids_keep[0], mk.ids_restore[0], mk.mask[0], mk.ids_keep[1])
         out.loss.backward()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     res = {"state_mib": state_bytes(m) / 2**20, "step_mib": (peak_bytes(step) or 0) / 2**20}
     m.zero_grad(set_to_none=True)
     res.update(ms=measure({"step": step}, warmup=0, reps=1)["step"][0], loss=losses[-1])

@@ -110,9 +110,10 @@ def parse(argv=None):
         if any(c not in known for c in a.only):
             refuse(PROG, f"--step-configs {a.step_configs!r}: give PRESET:PRECISION pairs from "
                          f"{', '.join(sorted(f'{p}:{q}' for p, q in known))}")
-    import torch
-    if a.device == "cuda" and not torch.cuda.is_available():
-        refuse(PROG, "--device cuda but torch sees no CUDA device: use --device cpu")
+    if a.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            refuse(PROG, "--device cuda but torch sees no CUDA device: use --device cpu")
     return a
 
 
@@ -193,4 +194,8 @@ def main(argv=None, start: float | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(start=T0))
+    try:
+        sys.exit(main(start=T0))
+    except KeyboardInterrupt:  # the suites' temporary folders are already removed; the children died with us
+        sys.stderr.write(f"{PROG}: interrupted; no report written\n")
+        sys.exit(130)

@@ -223,7 +223,7 @@ def _alternate(eng, ref, warmup, reps, left) -> tuple[dict, float]:
 def measure_config(spec: dict) -> dict:
     """One (preset, precision) configuration; see the module docstring. `spec`: preset, precision,
     device, deadline (time.time() by which to be done), max_batch, batch (fixed, or 0 = choose),
-    reps, warmup, profile, peak_flops, threads."""
+    reps, warmup, profile, peak_flops, threads, share_s (its share of the budget, for the reasons)."""
     left = lambda: spec["deadline"] - time.time()  # noqa: E731 - the import time of this process counts
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

@@ -1,28 +1,37 @@
-"""What share of a whole MAE training step masking and the decoder un-shuffle are, and what patch_mae
-changes in that step, on this machine.
+"""What share of a whole MAE training step the masking and the decoder un-shuffle are, and what
+patch_mae changes in that step, on this machine.
 
-    python benchmarks/bench_mae_step.py [--batch 16] [--reps 3] [--depth 12] [--json out.json]
+    python -m benchmarks.bench_mae_step [--batch 16] [--reps 3] [--depth 12] [--threads N] [--json out.json]
 
-The model is MAE's ViT-B/16 with its 8-block 512-d decoder and norm_pix loss, re-stated here from
-facebookresearch/mae's semantics with mcf_fast's ViT blocks (same shapes and FLOPs; not MAE's code).
-A step is forward + backward + torch.optim.AdamW (MAE's optimizer). Before timing, the patched and
-unpatched models are checked to give the same loss for the same seed. Steps alternate between the
-two so that load from other processes hits both alike.
+The model is MAE's ViT-B/16 with its 8-block 512-d decoder and norm_pix loss, laid out as MAE names
+it (so `patch_mae` recognises it) with mcf_fast's ViT blocks (same shapes and FLOPs; not MAE's code);
+its masking and un-shuffle are the project's statements of MAE's formulation
+(`mcf_fast.model.reference.mae_masking`, `mcf_fast.kernels.scatter_to_full_ref`). A step is forward
++ backward + torch.optim.AdamW (MAE's optimizer). Before timing, the patched and unpatched models are
+checked to give the same loss for the same seed; the harness then alternates their steps so that load
+from other processes hits both alike.
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import statistics
 import sys
-import time
 
-import mcf_fast.kernels as K
-import torch
-from torch import nn
+if __name__ == "__main__" and not __package__:  # run as a file: the package's imports need `python -m`
+    sys.stderr.write("error: run it as a module from the repository root: python -m benchmarks.bench_mae_step\n")
+    raise SystemExit(2)
 
-from mcf_fast.model.vit import Block, PatchEmbed, sincos_pos_embed
+import copy  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import mcf_fast.kernels as K  # noqa: E402
+from mcf_fast.model.reference import mae_masking  # noqa: E402
+from mcf_fast.model.vit import Block, PatchEmbed, sincos_pos_embed  # noqa: E402
+
+from .cli import Parser  # noqa: E402
+from .harness import measure  # noqa: E402
 
 
 class MAEViT(nn.Module):
@@ -32,18 +41,16 @@ class MAEViT(nn.Module):
         super().__init__()
         self.p = p
         self.patch_embed = PatchEmbed(img, p, 3, dim)
-        L = (img // p) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim).normal_(std=0.02))
         self.pos_embed = nn.Parameter(sincos_pos_embed(dim, img // p).unsqueeze(0), requires_grad=False)
-        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.decoder_embed = nn.Linear(dim, dec_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim).normal_(std=0.02))
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(dec_dim, img // p).unsqueeze(0), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList([Block(dec_dim, dec_heads) for _ in range(dec_depth)])
+        self.decoder_blocks = nn.Sequential(*[Block(dec_dim, dec_heads) for _ in range(dec_depth)])
         self.decoder_norm = nn.LayerNorm(dec_dim)
         self.decoder_pred = nn.Linear(dec_dim, p * p * 3)
-        assert self.pos_embed.shape[1] == 1 + L
 
     def patchify(self, imgs):
         N, C, H, W = imgs.shape
@@ -52,33 +59,16 @@ class MAEViT(nn.Module):
         return x.reshape(N, h * h, self.p * self.p * C)
 
     def random_masking(self, x, mask_ratio):
-        N, L, D = x.shape
-        keep = int(L * (1 - mask_ratio))
-        ids_shuffle = torch.argsort(torch.rand(N, L, device=x.device), dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        x_masked = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).repeat(1, 1, D))
-        mask = torch.ones([N, L], device=x.device)
-        mask[:, :keep] = 0
-        return x_masked, torch.gather(mask, 1, ids_restore), ids_restore
+        return mae_masking(x, mask_ratio, torch.rand(x.shape[0], x.shape[1], device=x.device))
 
     def forward_encoder(self, imgs, mask_ratio):
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio)
+        x, mask, ids_restore = self.random_masking(self.patch_embed(imgs) + self.pos_embed[:, 1:, :], mask_ratio)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat((cls, x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x), mask, ids_restore
+        return self.norm(self.blocks(torch.cat((cls, x), dim=1))), mask, ids_restore
 
     def forward_decoder(self, x, ids_restore):
-        x = self.decoder_embed(x)
-        N, T, D = x.shape
-        mt = self.mask_token.repeat(N, ids_restore.shape[1] + 1 - T, 1)
-        x_ = torch.gather(torch.cat([x[:, 1:, :], mt], dim=1), 1, ids_restore.unsqueeze(-1).repeat(1, 1, D))
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+        x = K.scatter_to_full_ref(self.decoder_embed(x), ids_restore, self.mask_token, self.decoder_pos_embed[0])
+        return self.decoder_pred(self.decoder_norm(self.decoder_blocks(x)))[:, 1:, :]
 
     def forward(self, imgs, mask_ratio=0.75):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
@@ -89,32 +79,28 @@ class MAEViT(nn.Module):
         return loss, pred, mask
 
 
-def _ops_ms(model, x_tokens, dec_tokens, reps):
-    """fwd+bwd ms of MAE's masking + un-shuffle (as the unpatched model runs them) at the step's shapes."""
+def ops_ms(model: MAEViT, batch: int, reps: int) -> float:
+    """Median fwd+bwd ms of the unpatched model's masking + un-shuffle alone, at the step's shapes."""
+    x = torch.randn(batch, 196, 768, requires_grad=True)
+    tokens = torch.randn(batch, 50, 512, requires_grad=True)
+
     def run():
-        xm, mask, restore = model.random_masking(x_tokens, 0.75)
-        N, T, D = dec_tokens.shape
-        mt = model.mask_token.repeat(N, restore.shape[1] + 1 - T, 1)
-        x_ = torch.gather(torch.cat([dec_tokens[:, 1:], mt], 1), 1, restore.unsqueeze(-1).repeat(1, 1, D))
-        out = torch.cat([dec_tokens[:, :1], x_], 1) + model.decoder_pos_embed
+        xm, _, restore = model.random_masking(x, 0.75)
+        out = K.scatter_to_full_ref(tokens, restore, model.mask_token, model.decoder_pos_embed[0])
         (xm.sum() + out.sum()).backward()
-    run()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return statistics.median(measure({"ops": run}, warmup=1, reps=reps)["ops"])
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> dict:
+    ap = Parser(__doc__, "python -m benchmarks.bench_mae_step")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--depth", type=int, default=12, help="encoder blocks (12 = ViT-B)")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--json", default="")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--json", default="", help="also write the results here")
     a = ap.parse_args(argv)
+    if a.batch < 1 or a.reps < 1 or a.depth < 1 or a.threads < 0:
+        ap.error("--batch, --reps and --depth must be >= 1, --threads >= 0")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -129,24 +115,18 @@ def main(argv=None):
     if losses[0] != losses[1]:
         sys.exit(f"patched loss {losses[1]} != MAE's {losses[0]}: not timing a model that computes something else")
     opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (base, patched)}
-    times = {"mae": [], "patched": []}
-    for i in range(a.reps + 1):  # first round is a warm-up
-        for name, m in (("mae", base), ("patched", patched)):
-            t0 = time.perf_counter()
-            loss = m(imgs)[0]
-            loss.backward()
-            opts[id(m)].step()
-            opts[id(m)].zero_grad(set_to_none=True)
-            if i:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    step = {k: statistics.median(v) for k, v in times.items()}
-    x_tok = torch.randn(a.batch, 196, 768, requires_grad=True)
-    d_tok = torch.randn(a.batch, 50, 512, requires_grad=True)
-    ops = _ops_ms(base, x_tok, d_tok, max(a.reps, 5))
-    res = dict(batch=a.batch, depth=a.depth, threads=torch.get_num_threads(), step_ms=step, step_samples_ms=times,
-               mae_mask_unshuffle_ms=ops, share_of_mae_step=ops / step["mae"],
-               patched_vs_mae_step=step["mae"] / step["patched"], loss=losses[0])
-    print(f"MAE ViT-B batch {a.batch}: step {step['mae']:.0f} ms (MAE), {step['patched']:.0f} ms (patched), "
+
+    def step(m):
+        m(imgs)[0].backward()
+        opts[id(m)].step()
+        opts[id(m)].zero_grad(set_to_none=True)
+    times = measure({"mae": lambda: step(base), "patched": lambda: step(patched)}, warmup=1, reps=a.reps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ops = ops_ms(base, a.batch, max(a.reps, 5))
+    res = dict(batch=a.batch, depth=a.depth, threads=torch.get_num_threads(), step_ms=med, step_samples_ms=times,
+               mae_mask_unshuffle_ms=ops, share_of_mae_step=ops / med["mae"],
+               patched_vs_mae_step=med["mae"] / med["patched"], loss=losses[0])
+    print(f"MAE ViT-B batch {a.batch}: step {med['mae']:.0f} ms (MAE), {med['patched']:.0f} ms (patched), "
           f"ratio {res['patched_vs_mae_step']:.3f}; MAE's masking + un-shuffle fwd+bwd {ops:.1f} ms = "
           f"{res['share_of_mae_step']:.2%} of its step")
     if a.json:

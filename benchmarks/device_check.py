@@ -1,36 +1,42 @@
 """One prepared command that proves every GPU path of mcf_fast on a bare, offline H100/H200 machine.
 
-    python benchmarks/device_check.py --prep                       # here, with a registry: gpu_wheels/
-    python benchmarks/device_check.py --out DIR [--budget-s 480]   # there (docs/gpu/README.md)
-    python benchmarks/device_check.py --out DIR --dry-run          # the plan and time boxes, nothing run
+    python -m benchmarks.device_check --prep                       # here, with a registry: gpu_wheels/
+    python -m benchmarks.device_check --out DIR [--budget-s 480]   # there (docs/gpu/README.md)
+    python -m benchmarks.device_check --out DIR --dry-run          # the plan and time boxes, nothing run
 
 In order, each step time-boxed and its result written to DIR/report.{md,json} as it finishes: the
 carried wheels installed offline; README's install building mcf_fast._C with CUDA for sm_90; every
-GPU-marked test; benchmarks/run.py's kernels and masks suites and its step suite (vit-s, vit-b-paper,
+GPU-marked test; benchmarks.run's kernels and masks suites and its step suite (vit-s, vit-b-paper,
 bf16); a short vit-b-paper pre-training run (images/s, MFU, memory, data wait); the gather/scatter
 kernels' share of the copy bandwidth. Without a CUDA device every GPU step is reported
 'skipped: no CUDA device' and the exit status is 0. DIR holds at most 4 files (report.md,
 report.json, logs.txt, artifacts.tar.gz), within what the device tool brings back.
 Exit status: 0 when no step failed or timed out, 1 otherwise, 2 for bad arguments.
 """
-import argparse
-import os
 import sys
-import tarfile
-import tempfile
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-from device_kit import prep  # noqa: E402
-from device_kit import report as RP  # noqa: E402
-from device_kit.items import STEPS  # noqa: E402
-from device_kit.runner import Context, plan_deadlines, run_steps  # noqa: E402
+if __name__ == "__main__" and not __package__:  # run as a file: the package's imports need `python -m`
+    sys.stderr.write("error: run it as a module from the repository root: python -m benchmarks.device_check "
+                     + " ".join(sys.argv[1:]) + "\n")
+    raise SystemExit(2)
+
+import os  # noqa: E402
+import tarfile  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from .cli import Parser  # noqa: E402
+from .device_kit import prep  # noqa: E402
+from .device_kit import report as RP  # noqa: E402
+from .device_kit.items import STEPS  # noqa: E402
+from .device_kit.runner import Context, plan_deadlines, run_steps  # noqa: E402
+from .machine import ROOT  # noqa: E402
+
+PROG = "python -m benchmarks.device_check"
 
 
 def _args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(__doc__, PROG)
     ap.add_argument("--out", default="", help="report folder (created; must be empty or hold an earlier report)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of all steps (default 480)")
     ap.add_argument("--work", default="", help="scratch folder for builds, runs, logs (default: a new /tmp folder)")
@@ -89,7 +95,7 @@ def main(argv=None) -> int:
     ctx = Context(root=ROOT, out=a.out, work=work, env=env, log_path=log, cuda=torch.cuda.is_available() or a.no_skip,
                   python=sys.executable)
     t0 = time.monotonic()
-    rep = {"command": " ".join(["python benchmarks/device_check.py", *(argv if argv is not None else sys.argv[1:])]),
+    rep = {"command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]),
            "budget_s": a.budget_s, "machine": RP.machine(), "finished": False, "wall_s": 0.0, "steps": []}
 
     def flush():

@@ -1,28 +1,31 @@
 """The offline downstream chain: synthetic AFLW-19 + LaPa -> fine-tune a pre-trained encoder and the
 same architecture from scratch -> one table.
 
-    python benchmarks/eval_chain.py --encoder RUN/encoder.safetensors --out DIR [--steps 300 --num 800 ...]
+    python -m benchmarks.eval_chain --encoder RUN/encoder.safetensors --out DIR [--steps 300 --num 800 ...]
 
 Both runs of a task share everything but the encoder weights: data, seed (so the head starts from the
 same weights and sees the same batches), steps, schedule, input size. The scratch encoder takes its
 architecture from the pre-trained encoder's encoder.json. Without --encoder the demo pre-training's
-export (/work/runs/demo/encoder.safetensors) is used if present; `--tiny-encoder` instead writes an
-untrained tiny encoder, which only checks that the chain runs (its "pre-trained" row means nothing).
-Writes DIR/chain.json and DIR/chain.md and prints the table.
+export (runs/demo/encoder.safetensors, where `python -m mcf_fast.pretrain` writes it) is used if
+present; `--tiny-encoder` instead writes an untrained tiny encoder, which only checks that the chain
+runs (its "pre-trained" row means nothing). Writes DIR/chain.json and DIR/chain.md and prints the table.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-DEMO_ENCODER = "/work/runs/demo/encoder.safetensors"
+if __name__ == "__main__" and not __package__:  # run as a file: the package's imports need `python -m`
+    sys.stderr.write("error: run it as a module from the repository root: python -m benchmarks.eval_chain\n")
+    raise SystemExit(2)
+
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+from .cli import Parser  # noqa: E402
+
+DEMO_ENCODER = os.path.join("runs", "demo", "encoder.safetensors")
 HEADLINE = {"alignment": ("nme_diag", "lower"), "parsing": ("f1_mean", "higher")}
 EXTRA = {"alignment": ("nme_box", "nme_inter_ocular", "auc_box_7", "fr_box_7"), "parsing": ()}
 
@@ -40,9 +43,9 @@ def make_data(root: str, fmt: str, num: int, size: int, seed: int, generator: st
         except ImportError:
             use_project = False
     if use_project:
-        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        subprocess.run([sys.executable, "-m", "mcf_fast.data.synthetic", "--out", path, "--num", str(num),
-                        "--size", str(size), "--format", fmt, "--seed", str(seed)], check=True, env=env)
+        from mcf_fast.data.synthetic import main as synthetic
+        if synthetic(["--out", path, "--num", str(num), "--size", str(size), "--format", fmt, "--seed", str(seed)]):
+            raise SystemExit(f"writing the synthetic {fmt} set to {path} failed (see above)")
     else:
         from mcf_fast.eval import toydata
         if fmt == "aflw19":
@@ -65,7 +68,7 @@ def tiny_encoder(out: str, img_size: int) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(__doc__, "python -m benchmarks.eval_chain")
     ap.add_argument("--encoder", default="", help=f"pre-trained encoder.safetensors (default: {DEMO_ENCODER})")
     ap.add_argument("--tiny-encoder", action="store_true", help="smoke test: an untrained tiny encoder")
     ap.add_argument("--out", required=True)
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--protocol", choices=("simple", "farl"), default="simple",
-                    help="simple = square-crop / resize-whole with the light head (issue 8's table); farl = FaRL's")
+                    help="simple = square-crop / resize-whole with the light head; farl = FaRL's")
     ap.add_argument("--lr", type=float, default=0.0, help="head lr (0 = the protocol's)")
     ap.add_argument("--head-width", type=int, default=0, help="head channels (0 = the protocol's)")
     ap.add_argument("--freeze-backbone", action="store_true")

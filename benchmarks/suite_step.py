@@ -1,369 +1,213 @@
-"""The `step` suite: the engine's full training step vs the reference step, per (preset, precision).
+"""The `step` suite: the engine's training step vs the reference step (mcf_fast.model.reference with MAE's
+loop), per (preset, precision), each configuration measured in a child process (`step_child`).
 
-Engine step: `mcf_fast.train.step.TrainStep`, the object `mcf_fast.train.loop.train` calls once per
-optimizer step (accum 1, no clipping here), with the loop's `MetricsWindow.add` after it: next batch,
-`random_masks(views=2)`, `ema_update` (foreach), forward under autocast, backward, foreach grad norm
-and finiteness flag, fused AdamW with the device-side skip (`found_inf`), `zero_grad`. Nothing of it
-is restated here; the step reports its phase boundaries through its `mark` hook.
-Reference step: `mcf_fast.model.reference` as the public reference code runs it (MAE's engine):
-noise from `torch.rand`, `ref_ema` (Python loop), `ref_losses` (argsort masking, expanded gathers,
-all patches embedded, teacher's real pass under autograd, full logits), `loss.item()` each step,
-MAE's per-parameter grad-norm loop, `torch.optim.AdamW` with its defaults (foreach=None,
-fused=None: the single-tensor for-loop on CPU, foreach on CUDA), `zero_grad()`.
-Both: same model (same seed), ViT-B/16 random teacher at 224 for the 224 presets (the paper's
-teacher size), same batch, same precision, the same synthetic-face loader (workers=0) as data.
-
-Each configuration runs in a child process (`--child SPEC.json OUT.json`) holding one engine and one
-reference copy of the model: the losses are checked equal for the same masks first, FLOPs are
-counted under FakeTensorMode (no compute), then engine and reference steps alternate (so machine
-load hits both alike), then each provider's peak memory is measured on one more step.
+The suite measures the MFU denominators first (square-matmul peaks, here and now), then gives each
+configuration its share of the budget: a child gets a wall-clock deadline, chooses the largest batch
+whose predicted cost fits it, and is stopped at that deadline (its row then says so). The children's
+files live in a temporary folder that is removed afterwards, also on error or Ctrl-C. H100 projections
+are made for the paper-size preset only and labelled as a model.
 """
 from __future__ import annotations
 
-import copy
 import json
-import math
+import multiprocessing as mp
 import os
-import subprocess
-import sys
+import statistics
+import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness as H  # noqa: E402
+from . import harness as H
+from .budget import Budget
+from .machine import matmul_peak
+from .rows import add_ratios, row, unmeasured
+from .tables import fmt
 
-AC = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ----------------------------------------------------------------------------- FLOP counting
-def _sdpa_cpu_mapping():
-    """FlopCounterMode counts the CUDA SDPA kernels but not the CPU flash kernel: add it (same formulas)."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
-    aten = torch.ops.aten
-
-    def fwd(q, k, v, *a, out_shape=None, **kw):
-        return sdpa_flop_count(q, k, v)
-
-    def bwd(g, q, k, v, *a, out_shape=None, **kw):
-        return sdpa_backward_flop_count(g, q, k, v)
-    m = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        m[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
-        m[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
-    return m
+H100_BF16_DENSE = 989e12  # FLOP/s, the datasheet's dense bf16 tensor-core peak (SXM)
+PROJ_MFU = 0.40
+PROJ_PRESET = "vit-b-paper"  # projections only for the paper-size model: a demo-size rate says nothing about it
+CHILD_MIN_S = 20.0  # below this, a configuration is not started: a child imports torch and builds two models
+GRACE_S = 10.0      # the child aims to end this long before it is stopped
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROVIDERS = (("engine", False), ("reference", True))
+BASELINES = ("step: the baseline is mcf_fast.model.reference.ref_losses / ref_ema with MAE's loop (see the step notes).")
 
 
-def count_flops(fn, params) -> dict:
-    """FLOPs of `fn()` (forward + backward) counted on fake tensors: {'total', 'by_op'}."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        with FlopCounterMode(display=False, custom_mapping=_sdpa_cpu_mapping()) as fc:
-            fn()
-    for p in params:  # the fake backward attached fake .grad tensors to the real parameters
-        p.grad = None
-    return {"total": fc.get_total_flops(), "by_op": {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}}
+def plan(device: torch.device, quick: bool) -> list[tuple]:
+    """(preset, precision, share of the step budget, max batch, reps, warm-up, profile) per configuration."""
+    if quick:
+        return [("demo", "fp32", 1, 4, 2, 1, True), ("demo", "bf16", 1, 4, 2, 1, False)]
+    if device.type == "cuda":
+        return [(p, pr, 1, b, 10, 3, p == "vit-s" and pr == "bf16") for p, b in (("demo", 32), ("vit-s", 64),
+                                                                                 ("vit-b-paper", 64))
+                for pr in ("bf16", "fp32")]
+    # CPU: vit-s is the goal configuration; batch capped at 16 (the preset's 64 cannot fit 15 minutes).
+    return [("demo", "fp32", 1, 32, 5, 1, False), ("demo", "bf16", 1, 32, 5, 1, False),
+            ("vit-s", "bf16", 3, 16, 3, 1, True), ("vit-s", "fp32", 3, 16, 3, 1, True),
+            ("vit-b-paper", "fp32", 1, 16, 3, 1, False), ("vit-b-paper", "bf16", 1, 16, 3, 1, False)]
 
 
-# ----------------------------------------------------------------------------- the two steps
-class PhaseTimer:
-    """Marks phase boundaries: perf_counter on CPU (ops are synchronous), CUDA events on GPU."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.marks = []
-        self.mark("start")
-
-    def mark(self, name):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append((name, e))
-        else:
-            self.marks.append((name, time.perf_counter()))
-
-    def result(self) -> dict:
-        if self.cuda:
-            self.marks[-1][1].synchronize()
-        out = {}
-        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
-            out[name] = out.get(name, 0.0) + (a.elapsed_time(b) if self.cuda else (b - a) * 1e3)
-        return {"data": out["data"], "forward": out["forward"], "backward": out["backward"],
-                "optimizer_ema": out["ema"] + out["optimizer"], "total": sum(out.values())}
+def known_configs() -> set[tuple[str, str]]:
+    """Every (preset, precision) any plan measures: what --step-configs accepts."""
+    return {(p[0], p[1]) for q in (False, True) for d in ("cpu", "cuda") for p in plan(torch.device(d), q)}
 
 
-def _autocast(device, precision):  # the reference step and the checks (the engine's is the Runtime's)
-    dt = AC[precision]
-    return torch.autocast(device.type, dtype=dt) if dt is not None else torch.autocast(device.type, enabled=False)
-
-
-class TimedTrainStep:
-    """The loop's own step object (`mcf_fast.train.step.TrainStep`) and window fold, timed by phase."""
-
-    def __init__(self, model, cfg, loader, device, precision):
-        from mcf_fast.train.optim import build_optimizer
-        from mcf_fast.train.runtime import Runtime
-        from mcf_fast.train.step import TrainStep
-        from mcf_fast.train.window import MetricsWindow
-        cfg = copy.deepcopy(cfg)
-        cfg.optim.accum_steps, cfg.optim.clip_grad, cfg.run.seed = 1, 0.0, 0
-        self.cfg, self.device = cfg, device
-        o = cfg.optim
-        self.optimizer = build_optimizer(model, 1.5e-4, o.weight_decay, (o.beta1, o.beta2), device)
-        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None  # as loop.wire
-        self.step = TrainStep(model, self.optimizer, cfg, Runtime(device, precision, 0, 1, 0), scaler)
-        self.window = MetricsWindow(device)
-        self.batches, self.step_i = iter(loader), 0
-
-    def __call__(self) -> dict:
-        from mcf_fast.train.optim import ema_momentum
-        o, T = self.cfg.optim, PhaseTimer(self.device)
-        m = ema_momentum(self.step_i, 1000, o.momentum, o.momentum_schedule)
-        self.window.add(self.step(self.batches, self.step_i, 1.5e-4, m, mark=T.mark))
-        T.mark("optimizer")  # the window fold counts with the optimizer phase
-        self.step_i += 1
-        return T.result()
-
-
-class ReferenceStep:
-    """MAE's train_one_epoch around mcf_fast.model.reference (see the module docstring)."""
-
-    def __init__(self, model, cfg, loader, device, precision):
-        from mcf_fast.train.optim import param_groups
-        self.model, self.cfg, self.device, self.precision = model, cfg, device, precision
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1.5e-4,
-                                           betas=(cfg.optim.beta1, cfg.optim.beta2))
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.it = iter(loader)
-        self.L = model.encoder.num_patches
-
-    def __call__(self) -> dict:
-        from mcf_fast.model.reference import ref_ema, ref_losses
-        T = PhaseTimer(self.device)
-        imgs = next(self.it).images
-        N = imgs.shape[0]
-        noise1 = torch.rand(N, self.L, device=self.device)
-        noise2 = torch.rand(N, self.L, device=self.device)
-        T.mark("data")
-        ref_ema(self.model, self.cfg.optim.momentum)
-        T.mark("ema")
-        with _autocast(self.device, self.precision):
-            loss = ref_losses(self.model, imgs, self.cfg.model.mask_ratio, noise1, noise2)[0]
-        loss_value = loss.item()  # MAE logs (and checks) the loss on the host every step
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"reference loss is {loss_value}")
-        T.mark("forward")
-        loss.backward()
-        T.mark("backward")
-        # MAE's NativeScalerWithGradNormCount without clipping: get_grad_norm_ (one norm per tensor)
-        torch.norm(torch.stack([torch.norm(p.grad.detach(), 2.0) for p in self.params if p.grad is not None]), 2.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        T.mark("optimizer")
-        return T.result()
-
-
-# ----------------------------------------------------------------------------- the child process
-def _config(preset):
-    from mcf_fast.train.config import from_preset
-    cfg = from_preset(preset)
-    if cfg.model.teacher.startswith("checkpoint:"):
-        cfg.model.teacher = "random"  # the paper's teacher size (ViT-B/16 at 224), weights need no download
-    cfg.data.workers = 0
-    cfg.data.path = ""
-    return cfg
-
-
-def _loader(cfg, batch, device):
-    from mcf_fast.data import build_pretrain_loader
-    return build_pretrain_loader(cfg.data, batch_size=batch, rank=0, world_size=1, seed=0, device=device)
-
-
-def check_losses(model, cfg, device, precision, batch) -> dict:
-    """Engine and reference losses for the same images and masks (reference fed `noise_for` them)."""
-    from mcf_fast.masking import random_masks
-    from mcf_fast.model.reference import noise_for, ref_losses
-    b = next(iter(_loader(cfg, batch, device)))
-    L = model.encoder.num_patches
-    mk = random_masks(batch, L, cfg.model.mask_ratio, views=2, seed=0, step=0, sample_ids=b.sample_ids, device=device)
-    n1, n2 = noise_for(mk.ids_keep[0], L), noise_for(mk.ids_keep[1], L)
-    with torch.no_grad():
-        with _autocast(device, precision):
-            eng = model(b.images, mk.ids_keep[0], mk.ids_restore[0], mk.mask[0], mk.ids_keep[1]).loss.float()
-            ref = ref_losses(model, b.images, cfg.model.mask_ratio, n1, n2)[0].float()
-        if precision == "fp32":
-            H.check_close("engine loss (fp32)", eng, ref, rtol=1e-4, atol=1e-6)
-            return {"engine_loss": float(eng), "reference_loss": float(ref), "rule": "rtol 1e-4"}
-        ref32 = ref_losses(model, b.images, cfg.model.mask_ratio, n1, n2)[0].float()
-    # three-way: the engine's low-precision error may be at most twice the reference's own (+ 0.1% slack)
-    allowed = 2 * abs(float(ref) - float(ref32)) + 1e-3 * abs(float(ref32))
-    if not abs(float(eng) - float(ref32)) <= allowed:
-        raise H.ProviderMismatch(f"engine loss {float(eng):.6g} vs fp32 reference {float(ref32):.6g}: off by more "
-                                 f"than {allowed:.3g} (2x the reference's own {precision} error + 0.1%)")
-    return {"engine_loss": float(eng), "reference_loss": float(ref), "reference_loss_fp32": float(ref32),
-            "rule": "three-way: |eng - ref32| <= 2 |ref_lowp - ref32| + 1e-3 |ref32|"}
-
-
-def _flops_of(model, cfg, device, precision, batch, which) -> dict:
-    from mcf_fast.masking import random_masks
-    from mcf_fast.model.reference import ref_losses
-    L, S = model.encoder.num_patches, cfg.model.img_size
-    mk = random_masks(batch, L, cfg.model.mask_ratio, views=2, seed=0, step=0, device=device)
-
-    def run():
-        imgs = torch.randn(batch, 3, S, S, device=device)
-        with _autocast(device, precision):
-            if which == "engine":
-                loss = model(imgs, mk.ids_keep[0], mk.ids_restore[0], mk.mask[0], mk.ids_keep[1]).loss
-            else:
-                loss = ref_losses(model, imgs, cfg.model.mask_ratio, torch.rand(batch, L, device=device),
-                                  torch.rand(batch, L, device=device))[0]
-        loss.float().backward()
-    return count_flops(run, model.parameters())
-
-
-def _teacher_flops(model, cfg, device, precision, batch) -> float | None:
-    """FLOPs of the perceptual loss alone (teacher on pred with input-grad backward + real pass)."""
-    if model.perceptual is None:
-        return None
-    S = cfg.model.img_size
-
-    def run():
-        pred = torch.randn(batch, 3, S, S, device=device, requires_grad=True)
-        with _autocast(device, precision):
-            loss = model.perceptual(pred, torch.randn(batch, 3, S, S, device=device), model._teacher_vit())
-        loss.float().backward()
-    return count_flops(run, model.parameters())["total"]
-
-
-def _choose_batch(engine_model, cfg, device, spec, left_s, steps_per_provider, out) -> tuple[int, str]:
-    """(batch, why): the largest batch whose predicted cost fits what is left of the budget, from a
-    batch-2 probe of the engine step; (0, '') with out['skipped'] set when none fits."""
-    prec = spec["precision"]
-    eng2 = TimedTrainStep(engine_model, cfg, _loader(cfg, 2, device), device, prec)
-    t0 = time.perf_counter()
-    probe = eng2()["total"] / 1e3 / 2  # batch 2, first call (lazy init included): an upper bound per image
-    if probe * 2 < 0.1 * spec["budget_s"]:  # cheap: a second call (no lazy init) gives a truer rate
-        probe = eng2()["total"] / 1e3 / 2
-    del eng2  # its optimizer state must not sit in the memory baseline
-    engine_model.zero_grad(set_to_none=True)
-    out["probe_s"] = probe
-    left = left_s - (time.perf_counter() - t0) - 10
-    # cost ~ both providers' steps + check (~3 forwards) + profile step, reference ~1.2x the engine
-    ladder = [b for b in (64, 32, 16, 8, 4, 2) if b <= spec["max_batch"]]
-    fits = [b for b in ladder if (2.2 * steps_per_provider + 2) * probe * b <= left]
-    if not fits:
-        out["skipped"] = (f"not measured: one {prec} step at batch 2 took {2 * probe:.1f} s here; "
-                          f"{2 * steps_per_provider + 2} steps exceed this configuration's budget of {max(left, 0):.0f} s")
-        return 0, ""
-    return fits[0], (f"largest of {ladder} whose predicted cost fits the {spec['budget_s']:.0f} s budget "
-                     f"(batch-2 probe step {2 * probe:.2f} s)")
-
-
-def child(spec: dict) -> dict:
-    """One (preset, precision) configuration; see the module docstring. `spec`: preset, precision,
-    device, budget_s, max_batch, batch (fixed or 0 = choose), reps, warmup, profile."""
-    from mcf_fast.train.loop import build_model
-    t0 = time.perf_counter()
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    cfg, prec = _config(spec["preset"]), spec["precision"]
-    out = {"spec": spec, "preset": spec["preset"], "precision": prec}
-    engine_model = build_model(cfg.model, 0).to(device).train()
-    # BatchNorm in the heads needs >= 2 samples in training mode: batch 2 is the smallest step.
-    fixed = spec.get("batch") or 0
-    f_fixed = _flops_of(engine_model, cfg, device, prec, fixed, "engine") if fixed else None
-    f1 = (f_fixed["total"] / fixed) if fixed else _flops_of(engine_model, cfg, device, prec, 2, "engine")["total"] / 2
-    out["flops_per_image_engine"] = f1
-    peak = spec["peak_flops"]
-    steps_per_provider = spec["warmup"] + spec["reps"] + 1
-    # Lower bound on the cost at batch 2: both providers at 100% of the measured matmul peak.
-    floor_s = 2 * steps_per_provider * 2 * f1 / peak
-    left = spec["budget_s"] - (time.perf_counter() - t0)
-    if floor_s > left:
-        out["skipped"] = (f"not measured: the run's --budget-s was used up before this configuration ({max(left, 0):.0f} s "
-                          f"left for it; its {2 * steps_per_provider} steps need at least {floor_s:.1f} s even at batch 2 "
-                          f"and the measured {prec} matmul peak); give a larger --budget-s or run --suite step alone")
-        return out
-    batch, why = spec.get("batch") or 0, "fixed (--step-batch or --quick)"
-    if not batch:
-        batch, why = _choose_batch(engine_model, cfg, device, spec, spec["budget_s"] - (time.perf_counter() - t0),
-                                   steps_per_provider, out)
-        if not batch:
-            return out
-    out.update(batch=batch, batch_reason=why)
-    out["check"] = check_losses(engine_model, cfg, device, prec, batch)
-    out["flops_engine"] = f_fixed or _flops_of(engine_model, cfg, device, prec, batch, "engine")
-    out["flops_teacher"] = _teacher_flops(engine_model, cfg, device, prec, batch)
-    ref_model = build_model(cfg.model, 0).to(device).train()
-    out["flops_reference"] = _flops_of(ref_model, cfg, device, prec, batch, "reference")
-    eng = TimedTrainStep(engine_model, cfg, _loader(cfg, batch, device), device, prec)
-    ref = ReferenceStep(ref_model, cfg, _loader(cfg, batch, device), device, prec)
-    phases = {"engine": [], "reference": []}
-    for i in range(spec["warmup"] + spec["reps"]):  # alternate: load from other processes hits both alike
-        for name, step in (("engine", eng), ("reference", ref)):
-            r = step()
-            if i >= spec["warmup"]:
-                phases[name].append(r)
-    out["phases"] = phases
-    mem = {}
-    for name, step, model, opt in (("engine", eng, engine_model, eng.optimizer),
-                                   ("reference", ref, ref_model, ref.optimizer)):
-        model.zero_grad(set_to_none=True)
-        mem[name] = {"state_bytes": H.state_bytes(model, opt), "step_bytes": H.peak_bytes(step, device)}
-    out["memory"] = mem
-    # The MFU denominator again, here and now: the run keeps the best of all its measurements, so
-    # a burst of load from other processes during one measurement cannot inflate the MFU.
-    out["matmul_peak"] = H.matmul_peak(AC[prec] or torch.float32, device, budget_s=4.0)
-    if spec.get("profile"):
-        out["profile"] = profile_table(eng, device)
-    out["wall_s"] = time.perf_counter() - t0
-    return out
-
-
-def profile_table(step, device, rows=30) -> str:
-    """torch.profiler's top operators (by self time) over one engine step."""
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        step()
-    keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()
-    for key in keys + ("self_cpu_time_total",):  # the device key was renamed across torch versions
-        try:
-            return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
-        except (AttributeError, KeyError, ValueError):
-            continue
-    return "(profiler table unavailable)"
-
-
-def run_child(spec: dict, tmpdir: str, timeout_s: float) -> dict:
-    """Run `child(spec)` in a fresh interpreter; a crash or time-out becomes a 'skipped' reason."""
-    os.makedirs(tmpdir, exist_ok=True)
+def launch(spec: dict, tmpdir: str, timeout_s: float) -> dict:
+    """Run `step_child.main(spec)` in a fresh (spawned) process; stopped at `timeout_s`. A crash, a kill or
+    a time-out becomes the configuration's 'skipped' reason."""
+    from . import step_child
     tag = f"{spec['preset']}_{spec['precision']}"
-    sp, op = os.path.join(tmpdir, f"spec_{tag}.json"), os.path.join(tmpdir, f"result_{tag}.json")
-    with open(sp, "w") as f:
-        json.dump(spec, f)
-    if os.path.exists(op):
-        os.remove(op)
-    try:
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", sp, op], capture_output=True,
-                           text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"preset": spec["preset"], "precision": spec["precision"],
-                "skipped": f"not measured: the configuration ran past its {timeout_s:.0f} s limit"}
-    if p.returncode != 0 or not os.path.exists(op):
-        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-        return {"preset": spec["preset"], "precision": spec["precision"], "failed": True,
-                "skipped": "FAILED: " + " / ".join(tail)}
-    with open(op) as f:
+    path = os.path.join(tmpdir, f"result_{tag}.json")
+    # daemon: a Ctrl-C or crash of this process takes the child with it
+    p = mp.get_context("spawn").Process(target=step_child.main, args=(spec, path), name=f"step {tag}", daemon=True)
+    p.start()
+    p.join(timeout_s)
+    base = {"preset": spec["preset"], "precision": spec["precision"]}
+    if p.is_alive():
+        p.kill()
+        p.join()
+        return dict(base, skipped=f"not measured: stopped at the end of its {timeout_s:.0f} s share of the budget")
+    if not os.path.exists(path):
+        how = f"was killed by signal {-p.exitcode}" if (p.exitcode or 0) < 0 else f"exited with status {p.exitcode}"
+        return dict(base, failed=True, skipped=f"FAILED: the child process {how} before writing its result")
+    with open(path) as f:
         return json.load(f)
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--child":
-    with open(sys.argv[2]) as f:
-        _spec = json.load(f)
-    _res = child(_spec)
-    with open(sys.argv[3], "w") as f:
-        json.dump(_res, f)
+def peaks(device: torch.device, quick: bool, budget: Budget) -> dict:
+    """The MFU denominators, measured now, on this machine, under this load (a small part of the budget)."""
+    names = ("fp32", "bf16") + (("fp16",) if device.type == "cuda" else ())
+    each = min(3.0 if quick else 8.0, max(budget.left(), 0) * 0.05)
+    return {n: matmul_peak(DTYPES[n], device, budget_s=each) for n in names} if each >= 0.5 else {}
+
+
+def run(device: torch.device, quick: bool, budget: Budget, *, batch: int = 0, threads: int = 0, only=(),
+        launcher=launch) -> dict:
+    """{'rows', 'goals', 'notes', 'peaks'} of the step suite; `only`: the (preset, precision) pairs to keep."""
+    todo = [p for p in plan(device, quick) if not only or (p[0], p[1]) in only]
+    pk = peaks(device, quick, budget)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mcf_bench_step_") as tmp:
+        for i, (preset, prec, share, max_b, reps, warm, prof) in enumerate(todo):
+            part = budget.share(share, sum(p[2] for p in todo[i:]))
+            base = {"preset": preset, "precision": prec}
+            if prec not in pk:
+                why = f"no {prec} on {device.type}" if pk else "the budget left no time to measure the matmul peaks"
+                res = dict(base, skipped=budget.skip(f"step {preset} {prec}", why) if not pk else f"not measured: {why}")
+            elif part.left() < CHILD_MIN_S:
+                res = dict(base, skipped=budget.skip(f"step {preset} {prec}", f"{max(part.left(), 0):.0f} s of the budget "
+                                                     f"left for it, under the {CHILD_MIN_S:.0f} s a configuration needs"))
+            else:
+                spec = dict(preset=preset, precision=prec, device=str(device), share_s=part.left(),
+                            deadline=time.time() + part.left() - GRACE_S,
+                            max_batch=max_b, batch=batch or (4 if quick else 0), reps=reps, warmup=warm, profile=prof,
+                            peak_flops=pk[prec]["flops"], threads=threads)
+                res = launcher(spec, tmp, part.left())
+                if res.get("skipped") and not res.get("failed"):  # the child's reasons are all the budget's
+                    budget.skip(f"step {preset} {prec}", res["skipped"].removeprefix("not measured: "))
+            results.append(res)
+            mp_ = res.get("matmul_peak")
+            if mp_ and prec in pk and mp_["flops"] > pk[prec]["flops"]:
+                pk[prec].update(flops=mp_["flops"], tflops=mp_["tflops"], best_from=f"step child {preset} {prec}")
+    rows = [r for res in results for r in _rows(res, pk)]  # after every measurement of the peak (see above)
+    if quick:
+        for preset in ("vit-s", "vit-b-paper"):
+            rows += unmeasured("step", f"train step {preset}", "-", "bf16", PROVIDERS, preset=preset,
+                               note="not measured: --quick measures the demo preset only")
+    add_ratios(rows)
+    proj = projections(results)
+    return {"rows": rows + proj, "goals": goals(rows), "notes": notes(results, rows, proj), "peaks": pk,
+            "profile": [f"== {r['preset']} {r['precision']} batch {r['batch']}: engine step, torch.profiler top "
+                        f"operators ==\n{r['profile']}" for r in results if r.get("profile")]}
+
+
+def _rows(res: dict, peaks: dict) -> list[dict]:
+    preset, prec = res["preset"], res["precision"]
+    what = f"train step {preset}"
+    if "skipped" in res:
+        return unmeasured("step", what, "-", prec, PROVIDERS, note=res["skipped"], preset=preset)
+    N, rows = res["batch"], []
+    for prov, is_base in PROVIDERS:
+        ph = res["phases"][prov]
+        st = H.summarize([p["total"] for p in ph])
+        med = {k: statistics.median(p[k] for p in ph) for k in ("data", "forward", "backward", "optimizer_ema")}
+        flops = res["flops_engine" if prov == "engine" else "flops_reference"]["total"]
+        mem = res["memory"][prov]
+        step_b = mem["step_bytes"]
+        achieved = flops / (st["median_ms"] / 1e3)
+        rows.append(row("step", what, f"batch {N}", prec, prov, is_baseline=is_base, stats=st,
+                        peak_bytes=None if step_b is None else mem["state_bytes"] + step_b, preset=preset, batch=N,
+                        phases_ms=med, images_per_s=N / (st["median_ms"] / 1e3), gflop_per_step=flops / 1e9,
+                        achieved_tflops=achieved / 1e12, mfu=achieved / peaks[prec]["flops"] if prec in peaks else None,
+                        state_mib=mem["state_bytes"] / 2**20, step_mib=(step_b or 0) / 2**20))
+    return rows
+
+
+def projections(results) -> list[dict]:
+    """H100 rows for the paper-size preset only, from its counted FLOPs at PROJ_MFU of the bf16 peak:
+    a model, labelled as one (fp32 and bf16 count the same FLOPs, so one row)."""
+    for r in results:
+        f = r.get("flops_per_image_engine")
+        if f and r["preset"] == PROJ_PRESET:
+            ips = PROJ_MFU * H100_BF16_DENSE / f
+            return [row("projection", f"H100 {r['preset']} bf16 (model)", "per GPU", "bf16", "engine (model)",
+                        note=f"model, not measured: {f / 1e9:.1f} counted GFLOP per image (fwd+bwd) at "
+                             f"{PROJ_MFU:.0%} of 989 TFLOP/s", images_per_s=ips, hours_per_epoch=20e6 / ips / 3600)]
+    return []
+
+
+def goals(rows) -> list[dict]:
+    """The CPU goals at vit-s, bf16, equal batch."""
+    get = {(r["extra"].get("preset"), r["dtype"], r["provider"]): r for r in rows if r["suite"] == "step"}
+    e, b = get.get(("vit-s", "bf16", "engine")), get.get(("vit-s", "bf16", "reference"))
+    targets = [("engine images/s vs reference (vit-s, bf16, equal batch)", ">= 1.5x", "speedup", lambda v: v >= 1.5,
+                "{:.2f}x"),
+               ("engine peak memory vs reference", "<= 0.6x", "mem_ratio", lambda v: v <= 0.6, "{:.2f}x"),
+               ("engine MFU vs measured bf16 matmul peak", ">= 40%", "mfu", lambda v: v >= 0.4, "{:.1%}")]
+    out = []
+    for name, target, key, ok, spec in targets:
+        v = None if e is None else (e["extra"].get(key) if key == "mfu" else e.get(key))
+        if v is None:
+            out.append({"goal": name, "target": target, "measured": (e or b or {}).get("note") or "not measured",
+                        "met": "not evaluated"})
+        else:
+            out.append({"goal": name, "target": target, "measured": spec.format(v), "met": "yes" if ok(v) else "NO"})
+    f = get.get(("vit-s", "fp32", "engine"))
+    if f is not None and f.get("speedup"):
+        out.append({"goal": "(for reference) same at vit-s fp32", "target": "-", "measured":
+                    f"speed-up {f['speedup']:.2f}x, memory {fmt(f['mem_ratio'], '{:.2f}x')}, MFU "
+                    f"{fmt(f['extra'].get('mfu'), '{:.1%}')}", "met": "-"})
+    return out
+
+
+def notes(results, rows, proj) -> str:
+    """The step section's text: what each provider is, then one line per measured configuration."""
+    lines = []
+    for res in results:
+        if "check" in res:
+            c, ft = res["check"], res.get("flops_teacher")
+            share = f"; the teacher's passes are {ft / res['flops_engine']['total']:.0%} of its FLOPs" if ft else ""
+            lines.append(f"- {res['preset']} {res['precision']}: batch {res['batch']} ({res['batch_reason']}); loss check "
+                         f"passed (engine {c['engine_loss']:.6g}, reference {c['reference_loss']:.6g}; {c['rule']})"
+                         f"{share}; child wall {res.get('wall_s', 0):.0f} s.")
+    over = sorted({f"{r['extra']['preset']} {r['dtype']}" for r in rows if (r["extra"].get("mfu") or 0) > 1})
+    if over:
+        lines.append(f"- MFU above 100% ({', '.join(over)}): that precision's square-matmul peak is no ceiling for "
+                     "this step here (e.g. bf16 emulated on a CPU without AMX/AVX512-BF16, while part of an autocast "
+                     "step runs in fp32 or in small, faster kernels); read the fp32 rows' MFU instead.")
+    if not proj:
+        lines.append(f"- No H100 projection: projections are made for the paper-size model ({PROJ_PRESET}) only, "
+                     "and this run did not count its FLOPs.")
+    return ("Step suite: engine = mcf_fast.train.step.TrainStep, the step loop.train runs (fused AdamW, foreach EMA "
+            "and grad norm, device-side skip); reference = mcf_fast.model.reference with MAE's loop (torch.rand "
+            "noise, Python-loop EMA, loss.item() per step, per-tensor grad-norm loop, torch.optim.AdamW defaults: "
+            "foreach=None, fused=None, i.e. the single-tensor for-loop on CPU and foreach on CUDA). Teacher: "
+            "random ViT-B/16 at 224 for vit-s / vit-b-paper (the paper's size). Data: the synthetic-face loader, "
+            "workers=0, same for both; 'data' includes the masks (engine) or noise (reference). FLOPs: "
+            "torch.utils.flop_counter on fake tensors, the CPU flash-attention op added with torch's SDPA formulas. "
+            "MFU = counted FLOPs of that provider's step / median step time / the matmul peak measured in this run.\n"
+            + "\n".join(lines))
+
+
+__all__ = ["BASELINES", "plan", "known_configs", "launch", "peaks", "run", "projections", "goals", "notes"]

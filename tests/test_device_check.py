@@ -1,30 +1,23 @@
-"""benchmarks/device_check.py: without CUDA it runs to the end, reports every GPU step as skipped and
+"""python -m benchmarks.device_check: without CUDA it runs to the end, reports every GPU step as skipped and
 exits 0; its parsers read what pytest and the pre-training loop write; bad arguments are refused."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from benchmarks import device_check
+from benchmarks.device_kit import items, runner
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.py")
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from device_kit import items, runner  # noqa: E402
-
-
-def _run(*args, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, check=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA report")
 def test_cpu_run_skips_every_gpu_step_and_writes_the_report(tmp_path):
     """No CUDA: exit 0, every step 'skipped: no CUDA device', report.md/json and logs in --out."""
     out = tmp_path / "gpu"
-    r = _run("--out", str(out), "--work", str(tmp_path / "work"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert device_check.main(["--out", str(out), "--work", str(tmp_path / "work")]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["finished"] and [s["step"] for s in rep["steps"]] == [s.name for s in items.STEPS]
     assert all(s["status"] == "skipped" and s["summary"] == runner.NO_CUDA for s in rep["steps"]), rep["steps"]
@@ -37,10 +30,12 @@ def test_cpu_run_skips_every_gpu_step_and_writes_the_report(tmp_path):
 @pytest.mark.parametrize("args,msg", [(("--out", "x", "--only", "gpu_test"), "unknown step"),
                                       ((), "--out DIR is required"),
                                       (("--out", "x", "--budget-s", "5"), "--budget-s 5")])
-def test_bad_arguments_are_refused(args, msg):
-    """An unknown step, a missing --out or an impossible budget: exit 2 with the problem named."""
-    r = _run(*args, timeout=120)
-    assert r.returncode == 2 and msg in r.stderr, r.stderr
+def test_bad_arguments_are_refused(args, msg, capsys):
+    """An unknown step, a missing --out or an impossible budget: one line, exit 2, the problem named."""
+    with pytest.raises(SystemExit) as e:
+        device_check.main(list(args))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_later_step_failure_keeps_earlier_results(tmp_path):

@@ -4,8 +4,6 @@ MAE's recipe and a small MAE-shaped model are re-stated in tests/mae_tiny.py; wh
 pickling and wrappers is in tests/test_kernels_patch.py.
 """
 import copy
-import os
-import sys
 
 import mcf_fast.kernels as K
 import pytest
@@ -90,8 +88,7 @@ def test_patch_mae_refuses_other_models():
 
 def test_patch_mae_on_a_vit_mae_with_norm_pix():
     """An MAE with real ViT blocks and norm_pix loss (benchmarks/bench_mae_step.py's, small): patched = MAE, bit for bit."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    from bench_mae_step import MAEViT
+    from benchmarks.bench_mae_step import MAEViT
     K.set_backend("cpu")
     model = MAEViT(depth=2, dim=64, heads=4, dec_depth=1, dec_dim=32, dec_heads=4, img=32, p=8)
     patched = K.patch_mae(copy.deepcopy(model))

@@ -92,7 +92,7 @@ def gpu_tests(ctx: Context, deadline: float) -> dict:
 def _bench(ctx, name, suite, extra, deadline) -> dict:
     out_dir = os.path.join(ctx.work, name)
     budget = max(20.0, deadline - time.monotonic() - 25)
-    rc, out = run_cmd(ctx, name, [ctx.python, "benchmarks/run.py", "--suite", suite, "--device", "cuda", "--out",
+    rc, out = run_cmd(ctx, name, [ctx.python, "-m", "benchmarks.run", "--suite", suite, "--device", "cuda", "--out",
                                   out_dir, "--budget-s", f"{budget:.0f}", *extra], deadline)
     rep = os.path.join(out_dir, "report.json")
     if not os.path.exists(rep):
@@ -116,7 +116,7 @@ def bench_step(ctx: Context, deadline: float) -> dict:
 
 
 def _probe(ctx, name, what, deadline) -> dict | None:
-    rc, out = run_cmd(ctx, name, [ctx.python, "benchmarks/device_kit/probes.py", what], deadline)
+    rc, out = run_cmd(ctx, name, [ctx.python, "-m", "benchmarks.device_kit.probes", what], deadline)
     line = next((ln for ln in out.splitlines() if ln.startswith("PROBE_JSON ")), None)
     return json.loads(line[len("PROBE_JSON "):]) if rc == 0 and line else None
 
@@ -186,8 +186,9 @@ STEPS = [
     Step("build", "pip install -e . offline: mcf_fast._C with CUDA for sm_90, ptxas report, imports", 200, 60, build),
     Step("gpu_tests", "pytest -m gpu: Triton gather/scatter/InfoNCE vs references, CUDA masks == CPU", 150, 60,
          gpu_tests),
-    Step("bench_kernels_masks", "benchmarks/run.py --device cuda --suite kernels,masks", 100, 40, bench_kernels_masks),
-    Step("bench_step", "benchmarks/run.py --suite step: engine vs reference, vit-s and vit-b-paper bf16", 140, 50,
+    Step("bench_kernels_masks", "python -m benchmarks.run --device cuda --suite kernels,masks", 100, 40,
+         bench_kernels_masks),
+    Step("bench_step", "python -m benchmarks.run --suite step: engine vs reference, vit-s and vit-b-paper bf16", 140, 50,
          bench_step),
     Step("pretrain", "python -m mcf_fast.pretrain --preset vit-b-paper, synthetic, bf16, 12 steps", 120, 45,
          pretrain),

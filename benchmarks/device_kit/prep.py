@@ -1,6 +1,6 @@
 """What the device check needs that the GPU machine lacks, made here where the registry is reachable.
 
-`python benchmarks/device_check.py --prep` fills WHEELS (gpu_wheels/, git-ignored, carried to the
+`python -m benchmarks.device_check --prep` fills WHEELS (gpu_wheels/, git-ignored, carried to the
 machine): the small pure-Python or manylinux cp312 wheels of the package's dependencies that the
 machine's image does not hold, and GIT_SHA, since the copied tree there may have no git.
 """
@@ -9,10 +9,11 @@ import subprocess
 import sys
 import zipfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WHEELS = os.path.join(ROOT, "gpu_wheels")
+from .. import machine
+
+WHEELS = os.path.join(machine.ROOT, "gpu_wheels")
 CARRY_LIMIT = 64 * 2 ** 20
-# Missing from the H200 image (/work/.library/device/KINDS.md, 2026-11-17), needed by the package
+# Missing from the H200 machine's image (checked 2026-11-17), needed by the package
 # (webdataset, braceexpand) or its face/decode path (simplejpeg). Pinned: one version of each.
 PACKAGES = ("webdataset==1.0.2", "braceexpand==0.1.7", "simplejpeg==1.8.2")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
@@ -21,28 +22,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 
 def git_sha() -> str:
     """The commit of the tree: git if it runs, else .git/HEAD read directly, else the GIT_SHA file."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10, check=False)
-        if out.returncode == 0 and out.stdout.strip():
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=20, check=False).stdout.strip()
-            return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    head = os.path.join(ROOT, ".git", "HEAD")
-    if os.path.exists(head):
-        ref = open(head).read().strip()
-        if ref.startswith("ref: "):
-            p = os.path.join(ROOT, ".git", ref[5:])
-            if os.path.exists(p):
-                return open(p).read().strip()
-        elif ref:
-            return ref
-    rec = os.path.join(WHEELS, "GIT_SHA")
-    if os.path.exists(rec):
-        return open(rec).read().strip() + " (recorded at prep)"
-    return "unknown (no git, no .git/HEAD, no gpu_wheels/GIT_SHA: run --prep)"
+    return machine.git_sha(short=False, recorded=os.path.join(WHEELS, "GIT_SHA"))
 
 
 def _requires(whl: str) -> list[str]:

@@ -1,29 +1,28 @@
 """GPU measurements the device check makes in a child process, each printed as one JSON line.
 
-    python probes.py peak       bf16 (and fp32) square-matmul peak: the MFU denominator of this run
-    python probes.py bandwidth  gather_visible / scatter_to_full bytes moved per second against a
-                                device-to-device copy measured in the same process
+    python -m benchmarks.device_kit.probes peak        bf16 (and fp32) square-matmul peak: the MFU denominator
+    python -m benchmarks.device_kit.probes bandwidth   gather_visible / scatter_to_full bytes moved per second
+                                                       against a device-to-device copy measured in the same process
 
 Bytes are counted as the kernels must move them at least once: every element read and every element
 written (the index tensors included), nothing for cache re-reads.
 """
 import json
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import harness as H  # noqa: E402
+from .. import harness as H
+from ..machine import matmul_peak
 
 
 def _ms(fn, reps=20):
     """Median milliseconds of fn over reps CUDA-event-timed calls, after 3 warm-ups."""
-    return sorted(H.measure(fn, warmup=3, reps=reps, device=torch.device("cuda")))[reps // 2]
+    return sorted(H.measure({"op": fn}, warmup=3, reps=reps, device=torch.device("cuda"))["op"])[reps // 2]
 
 
 def peak() -> dict:
-    return {name: H.matmul_peak(dt, "cuda", budget_s=6.0) for name, dt in (("bf16", torch.bfloat16),
+    return {name: matmul_peak(dt, "cuda", budget_s=6.0) for name, dt in (("bf16", torch.bfloat16),
                                                                          ("fp32", torch.float32))}
 
 
@@ -78,7 +77,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     probes = {"peak": peak, "bandwidth": bandwidth}
     if len(argv) != 1 or argv[0] not in probes:
-        print(f"usage: probes.py {'|'.join(probes)}", file=sys.stderr)
+        print(f"usage: python -m benchmarks.device_kit.probes {'|'.join(probes)}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("error: probes need a CUDA device", file=sys.stderr)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+from ..tables import md_table
 from . import prep
 
 
@@ -41,30 +42,30 @@ def machine() -> dict:
     return m
 
 
-def _cell(s) -> str:
-    return str(s).replace("|", "/").replace("\n", " ")
+# Each table is a list of (header, align, cell) columns: a new column, e.g. a predicted value beside a
+# measured one, is one more tuple here.
+MACHINE_COLUMNS = [("machine", "l", lambda kv: kv[0]), ("", "l", lambda kv: kv[1])]
+STEP_COLUMNS = [("step", "l", lambda r: r["step"]), ("what", "l", lambda r: r["what"]),
+                ("status", "l", lambda r: f"**{r['status']}**"),
+                ("seconds (box)", "r", lambda r: f"{r['seconds']:.0f} ({r['time_box_s']:.0f})"),
+                ("result", "l", lambda r: r["summary"])]
+BANDWIDTH_COLUMNS = [("op", "l", lambda k: k["op"]), ("shape", "l", lambda k: k["shape"]),
+                     ("dtype", "l", lambda k: k["dtype"]), ("bytes", "r", lambda k: f"{k['bytes']:,}"),
+                     ("ms", "r", lambda k: f"{k['ms']:.3f}"), ("GB/s", "r", lambda k: f"{k['gb_per_s']:.0f}"),
+                     ("of copy", "r", lambda k: f"{k['fraction_of_copy']:.0%}")]
 
 
 def to_markdown(rep: dict) -> str:
-    m = rep["machine"]
     lines = ["# mcf_fast device check", "",
              f"`{rep['command']}`: budget {rep['budget_s']:.0f} s, wall {rep['wall_s']:.0f} s"
              f"{' (still running)' if not rep['finished'] else ''}. Every number below was measured in this run.", "",
-             "| machine | |", "|---|---|"]
-    lines += [f"| {k} | {_cell(v)} |" for k, v in m.items()]
-    lines += ["", "| step | what | status | seconds (box) | result |", "|---|---|---|---:|---|"]
-    for r in rep["steps"]:
-        lines.append(f"| {r['step']} | {_cell(r['what'])} | **{r['status']}** | {r['seconds']:.0f} ({r['time_box_s']:.0f})"
-                     f" | {_cell(r['summary'])} |")
+             md_table(MACHINE_COLUMNS, rep["machine"].items()), "", md_table(STEP_COLUMNS, rep["steps"])]
     for r in rep["steps"]:
         if r.get("report_md"):
-            lines += ["", f"## {r['step']}: benchmarks/run.py's report", "", r["report_md"]]
+            lines += ["", f"## {r['step']}: the benchmarks' report", "", r["report_md"]]
         if r.get("kernels"):
-            lines += ["", "## bandwidth", "", "| op | shape | dtype | bytes | ms | GB/s | of copy |",
-                      "|---|---|---|---:|---:|---:|---:|"]
-            lines += [f"| {k['op']} | {k['shape']} | {k['dtype']} | {k['bytes']:,} | {k['ms']:.3f} | {k['gb_per_s']:.0f}"
-                      f" | {k['fraction_of_copy']:.0%} |" for k in r["kernels"]]
-            lines.append(f"\nDevice-to-device copy: {r['copy']['gb_per_s']:.0f} GB/s (bytes read + written).")
+            lines += ["", "## bandwidth", "", md_table(BANDWIDTH_COLUMNS, r["kernels"]),
+                      f"\nDevice-to-device copy: {r['copy']['gb_per_s']:.0f} GB/s (bytes read + written)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,75 @@
+"""Quote a committed benchmark report in a document: its headline table, generated from report.json, never typed.
+
+    python -m benchmarks.quote docs/perf/DATE-MACHINE/report.json     # print the quote of one report
+    python -m benchmarks.quote --update docs/performance.md           # refresh every quoted block in a file
+
+A quoted block in a Markdown file sits between `<!-- headline: PATH/report.json -->` and
+`<!-- /headline -->` (PATH relative to the repository root); `--update` rewrites what is between
+them from the report, and `stale(path)` (what the tests call) lists the blocks that differ from it.
+"""
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__" and not __package__:  # run as a file: the package's imports need `python -m`
+    sys.stderr.write("error: run it as a module from the repository root: python -m benchmarks.quote\n")
+    raise SystemExit(2)
+
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+
+from .cli import Parser, refuse  # noqa: E402
+from .machine import ROOT  # noqa: E402
+from .tables import headline_table  # noqa: E402
+
+PROG = "python -m benchmarks.quote"
+BLOCK = re.compile(r"(<!-- headline: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /headline -->)", re.S)
+
+
+def quote(report_path: str) -> str:
+    """Where the numbers come from (report, command, machine, load, commit, date), then the table."""
+    with open(os.path.join(ROOT, report_path)) as f:
+        rep = json.load(f)
+    m = rep["machine"]
+    other = m.get("other_processes_cpu")
+    source = (f"From `{report_path}` (`{rep.get('command', 'benchmarks.run')}`): {m['cpu']}, {m['cores']} cores, "
+              f"{m.get('gpu') or 'no GPU'}; torch {m['torch']}; git {m['git']}; {m['date']}; load average "
+              f"{m['loadavg_start']} -> {m.get('loadavg_end', '?')}, other processes "
+              f"{'?' if other is None else f'{other:.0%}'} of the CPU.")
+    return f"{source}\n\n{headline_table(rep)}\n"
+
+
+def refresh(text: str) -> str:
+    """`text` with every quoted block regenerated from its report."""
+    return BLOCK.sub(lambda mt: mt.group(1) + quote(mt.group("path")) + mt.group(4), text)
+
+
+def stale(doc_path: str) -> list[str]:
+    """The reports whose quoted block in `doc_path` differs from what they generate now."""
+    with open(doc_path) as f:
+        text = f.read()
+    return [mt.group("path") for mt in BLOCK.finditer(text) if mt.group("body") != quote(mt.group("path"))]
+
+
+def main(argv=None) -> int:
+    ap = Parser(__doc__, PROG)
+    ap.add_argument("path", help="a report.json (print its quote) or, with --update, a Markdown file")
+    ap.add_argument("--update", action="store_true", help="rewrite the quoted blocks of the Markdown file PATH")
+    a = ap.parse_args(argv)
+    if not os.path.isfile(a.path):
+        refuse(PROG, f"{a.path}: no such file")
+    if not a.update:
+        print(quote(os.path.relpath(os.path.abspath(a.path), ROOT)), end="")
+        return 0
+    with open(a.path) as f:
+        text = f.read()
+    if not BLOCK.search(text):
+        refuse(PROG, f"{a.path}: no <!-- headline: REPORT --> ... <!-- /headline --> block to update")
+    with open(a.path, "w") as f:
+        f.write(refresh(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

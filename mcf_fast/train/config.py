@@ -193,6 +193,9 @@ class RunConfig:
     keep_last: int = _f(2, "Complete checkpoints kept (the last finite one is never deleted).")
     vis_every: int = _f(0, "Steps between reconstruction grids (0 = only at the end).")
     max_nonfinite: int = _f(20, "Stop after this many consecutive non-finite steps (skipped, counted).")
+    interrupt_ckpt_after_s: float = _f(120.0, "On Ctrl-C / SIGTERM the run stops after the current step and "
+                                              "writes a checkpoint if the newest is older than this many seconds "
+                                              "(0 = always); a second signal stops at once.")
     progress: str = _f("auto", "'auto' (bar on a terminal, plain lines otherwise), 'bar', 'lines' or 'none'.")
     tensorboard: bool = _f(True, "Write TensorBoard events under OUT/tb.")
     export: bool = _f(True, "Export the online encoder (encoder.safetensors + encoder.json) at the end.")
@@ -212,6 +215,8 @@ class RunConfig:
                 bad(n, "must be >= 1")
         if self.threads < 0 or self.vis_every < 0:
             bad("threads" if self.threads < 0 else "vis_every", "must be >= 0")
+        if not self.interrupt_ckpt_after_s >= 0:
+            bad("interrupt_ckpt_after_s", "must be >= 0 seconds (0 = always checkpoint on an interrupt)")
         if self.progress not in ("auto", "bar", "lines", "none"):
             bad("progress", "must be auto, bar, lines or none")
 

@@ -79,7 +79,9 @@ class MetricsWindow:
         if "loss_pixel" in keys and "loss_perceptual" in window and "loss_pixel" not in window:
             window["loss_pixel"] = window["loss_perceptual"]  # saved before terms had names: pixel was "perceptual"
         # a saved window's sums continue (resume mid-window); a key the model no longer has is dropped
-        self.sums = {k: torch.as_tensor(window[k], device=device) if k in window else self._zero() for k in keys}
+        # copies: the sums are reset in place after each row, the saved state must not change with them
+        self.sums = {k: torch.as_tensor(window[k], device=device).clone() if k in window else self._zero()
+                     for k in keys}
         self.consec_bad = torch.as_tensor(saved.get("consec_bad", 0.0), device=device)
         self.skipped_total = torch.as_tensor(saved.get("skipped_total", 0.0), device=device)
         self.t0, self.n = time.perf_counter(), 0  # wall clock and steps of this process in the window

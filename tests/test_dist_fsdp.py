@@ -159,6 +159,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     res["vit_units"] = [isinstance(v, FSDPModule) for v in (model.encoder, model.target_encoder)]
     res["vs_plain"] = _sharded_vs_plain(rt, inputs)
     res["vs_plain_ema_teacher"] = _sharded_vs_plain(rt, inputs, teacher="ema")
+    # ---- the pictures' reconstruction runs on every rank together and equals the plain model's
+    ids_keep, ids_restore = inputs[1], inputs[2]
+    pic = shard_model(_model(), _Cfg("replicate"), rt).reconstruct(inputs[0], ids_keep, ids_restore)
+    res["reconstruct_err"] = float((pic - _model().reconstruct(inputs[0], ids_keep, ids_restore)).abs().max())
 
     # ---- bf16 parameters and compute, fp32 gradients
     model_b = shard_model(_model(), _Cfg("replicate"), Runtime(torch.device("cpu"), "bf16", rank, world, rank))
@@ -256,3 +260,10 @@ def test_encoders_are_units_that_match_the_plain_model(ranks):
         assert r["vit_units"] == [True, True]
         for key in ("vs_plain", "vs_plain_ema_teacher"):
             assert r[key][0] < 1e-6 and r[key][1] < 1e-5, (key, r[key])
+
+
+def test_pictures_reconstruct_on_the_sharded_model(ranks):
+    """MCFModel.reconstruct (the pictures) is an FSDP forward method: every rank runs it on the sharded
+    model and gets the plain model's image."""
+    for r in ranks:
+        assert r["reconstruct_err"] < 1e-5

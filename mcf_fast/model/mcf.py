@@ -146,6 +146,14 @@ class MCFModel(nn.Module):
         x, _ = run_blocks(self.decoder_blocks, x, self.grad_ckpt)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
+    @torch.no_grad()
+    def reconstruct(self, imgs: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """The decoder's image [N, 3, H, W] (float32) from the visible patches `ids_keep`: the online encoder
+        and the decoder only (no heads, so BatchNorm statistics and the EMA are untouched). Under FSDP2 it
+        is a registered forward method, so a sharded model runs it on every rank together."""
+        return unpatchify(self.decode(self.encode(self.encoder, imgs, ids_keep), ids_restore).float(),
+                          self.patch_size)
+
     # ------------------------------------------------------------------ losses
     def pixel_loss(self, imgs, pred_patches, mask):
         target = patchify(imgs, self.patch_size).float()

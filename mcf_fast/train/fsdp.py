@@ -9,7 +9,8 @@ Layout of the sharding units (each `fully_shard` call is one all-gather / reduce
     unit is gathered around each call, as its `forward` would be;
   - the projector, predictor and target projector (MoCo v3 MLPs);
   - the root (MCFModel), which owns what is left: the decoder's embed / mask token / position table /
-    norm / pixel head, gathered by the root's pre-hook on `MCFModel.forward`.
+    norm / pixel head, gathered by the root's pre-hook on `MCFModel.forward` and on
+    `MCFModel.reconstruct` (the pictures, which every rank runs together).
 
 Every parameter is sharded on dim 0 over the same 1-D mesh, so the target encoder's local shard of a
 tensor covers exactly the rows of the online encoder's local shard of the same tensor: the EMA update
@@ -93,6 +94,7 @@ def shard_model(model, cfg, rt: Runtime):
     # The root keeps its parameters gathered from forward to the end of backward (FSDP2's default
     # for the root): they are read again by backward immediately anyway.
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
+    register_fsdp_forward_method(model, "reconstruct")  # the pictures: every rank runs it together
     if rt.is_main:
         n_units = sum(1 for m in model.modules() if isinstance(m, FSDPModule))
         log.info("FSDP2: %d units over %d ranks, reshard_after_forward=%s, params %s, teacher %s",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mcf_fast.masking import random_masks
-from mcf_fast.model.mcf import patchify, unpatchify
+from mcf_fast.model.mcf import patchify
 
 log = logging.getLogger("mcf_fast")
 
@@ -46,12 +46,9 @@ def heldout_masks(n: int, num_patches: int, mask_ratio: float, device="cpu"):
     return m.ids_keep[0], m.ids_restore[0], m.mask[0]
 
 
-@torch.no_grad()
 def reconstruct(model, imgs: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-    """The decoder's image [N, 3, H, W] for the visible patches `ids_keep` (online encoder; no heads,
-    so BatchNorm statistics and the EMA are untouched)."""
-    latent = model.encode(model.encoder, imgs, ids_keep)
-    return unpatchify(model.decode(latent, ids_restore).float(), model.patch_size)
+    """The decoder's image [N, 3, H, W] for the visible patches `ids_keep` (`MCFModel.reconstruct`)."""
+    return model.reconstruct(imgs, ids_keep, ids_restore)
 
 
 def pixel_errors(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch: int, mean, std) -> dict:
@@ -136,10 +133,12 @@ def write_set(path: str, imgs: np.ndarray, chosen: list[dict], data_path: str, s
     os.replace(js + ".tmp", js)
 
 
-def picture_images(out_dir: str, data_cfg, size: int, seed: int, source=None, n: int = PICTURE_N):
+def picture_images(out_dir: str, data_cfg, size: int, seed: int, source=None, n: int = PICTURE_N,
+                   save: bool = True):
     """[k, 3, size, size] normalised CPU images for the pictures: synthetic held-out faces without
-    --data.path; with it, the run's saved set, or a set picked from `source` now and saved. None when
-    there is data but no source to pick from (the caller shows its batch instead)."""
+    --data.path; with it, the run's saved set, or a set picked from `source` now (and saved, if `save`:
+    rank 0; the other ranks of a job pick the same images). None when there is data but no source to
+    pick from (the caller shows its batch instead)."""
     if not data_cfg.path:
         return heldout_faces(seed, n, size, data_cfg.mean, data_cfg.std)
     path = os.path.join(out_dir, "images", SET_NAME + ".png")
@@ -148,16 +147,21 @@ def picture_images(out_dir: str, data_cfg, size: int, seed: int, source=None, n:
         if source is None:
             return None
         imgs, chosen = pick_images(source, data_cfg, seed, n, size)
+        if not save:
+            return _normalised(imgs, data_cfg)
         write_set(path, imgs, chosen, data_cfg.path, seed)
         log.info("pictures: %d images of %s chosen by seed %d, saved as %s", len(imgs), data_cfg.path, seed, path)
+    return _normalised(imgs, data_cfg)
+
+
+def _normalised(imgs: np.ndarray, data_cfg) -> torch.Tensor:
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
     return (x - torch.tensor(data_cfg.mean).view(1, 3, 1, 1)) / torch.tensor(data_cfg.std).view(1, 3, 1, 1)
 
 
 def heldout_snapshot(model, imgs: torch.Tensor, model_cfg, device):
     """(imgs, pred, mask) of fixed images `imgs` [k, 3, S, S] under their fixed masks, for the
-    reconstruction grid. Not for a sharded model: a rank-0-only forward through FSDP modules would
-    wait for the other ranks forever."""
+    reconstruction grid. A sharded model: every rank calls it, with the same images."""
     imgs = imgs.to(device)
     L = (model_cfg.img_size // model_cfg.patch_size) ** 2
     ids_keep, ids_restore, mask = heldout_masks(imgs.shape[0], L, model_cfg.mask_ratio, device)

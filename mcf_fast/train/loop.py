@@ -228,19 +228,17 @@ def _say(w: Wiring, e: Interrupted) -> None:
 
 
 def write_picture(w: Wiring, res: StepResult, done: int, logger: RunLogger) -> None:
-    """Rank 0: the reconstruction grid of the run's fixed images (heldout.picture_images: synthetic
-    held-out faces, or a saved set of the user's data); a sharded model, or data without a readable
-    source: this batch."""
-    if not w.rt.is_main:
-        return
-    cfg = w.cfg
-    fixed = None
-    if not w.rt.distributed:
-        imgs = picture_images(w.out, cfg.data, cfg.model.img_size, cfg.run.seed, getattr(w.loader, "source", None))
-        fixed = None if imgs is None else heldout_snapshot(w.model, imgs, cfg.model, w.rt.device)
-    imgs, pred, mask = fixed or (res.images, res.pred, res.mask)
-    visualize.write_reconstruction(w.out, imgs, pred, mask, cfg.model.patch_size, cfg.data.mean, cfg.data.std, done,
-                                   logger)
+    """The reconstruction grid of the run's fixed images (heldout.picture_images: synthetic held-out faces,
+    or a saved set of the user's data; this batch when the data has no source to pick from). All ranks
+    call it: a sharded model reconstructs on every rank together; rank 0 writes the files."""
+    cfg, main = w.cfg, w.rt.is_main
+    imgs = picture_images(w.out, cfg.data, cfg.model.img_size, cfg.run.seed, getattr(w.loader, "source", None),
+                          save=main)
+    fixed = None if imgs is None else heldout_snapshot(w.model, imgs, cfg.model, w.rt.device)
+    if main:
+        imgs, pred, mask = fixed or (res.images, res.pred, res.mask)
+        visualize.write_reconstruction(w.out, imgs, pred, mask, cfg.model.patch_size, cfg.data.mean, cfg.data.std,
+                                       done, logger)
 
 
 def log_window(w: Wiring, window: MetricsWindow, batches: TimedBatches, logger: RunLogger, done: int, lr: float,

@@ -81,7 +81,13 @@ def test_a_zero_weight_term_is_neither_computed_nor_reported(monkeypatch):
 
 
 def test_all_weights_zero_is_refused():
-    """A model whose every term has weight 0 would train nothing: refused by name."""
+    """A model whose every term has weight 0 would train nothing: refused by name, by the config check
+    (before a run folder is touched) and by the model."""
+    from mcf_fast.train.config import from_preset
+    cfg = from_preset("demo")
+    cfg.model.perceptual_weight = cfg.model.contrastive_weight = 0.0
+    with pytest.raises(ValueError, match="--model.contrastive_weight 0.0: and --model.perceptual_weight are both 0"):
+        cfg.validate()
     with pytest.raises(ValueError, match="perceptual_weight and --model.contrastive_weight are both 0"):
         MCFModel(**TINY, teacher="random", perceptual_weight=0.0, contrastive_weight=0.0)
 

@@ -109,6 +109,9 @@ class ModelConfig:
             bad("temperature", "must be > 0 (0.2 in the paper)")
         if self.perceptual_weight < 0 or self.contrastive_weight < 0:
             bad("perceptual_weight" if self.perceptual_weight < 0 else "contrastive_weight", "must be >= 0")
+        if self.perceptual_weight == 0 and self.contrastive_weight == 0:
+            bad("contrastive_weight", "and --model.perceptual_weight are both 0: the loss would be 0 and nothing "
+                                      "would train; set at least one above 0")
         if self.embed_mode not in ("gather_pixels", "embed_all"):
             bad("embed_mode", "must be 'gather_pixels' or 'embed_all'")
         if self.attention not in ("sdpa", "xformers"):

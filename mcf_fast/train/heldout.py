@@ -112,11 +112,14 @@ def read_set(path: str, size: int, n: int) -> np.ndarray | None:
     from PIL import Image
     if not os.path.isfile(path) or os.path.getsize(path) > MAX_SET_BYTES:
         return None
-    with Image.open(path) as im:
-        w, h = im.size  # header only: nothing decoded before the shape is known
-        if im.mode != "RGB" or h != size or w % size or not 1 <= w // size <= n:
-            return None
-        strip = np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size  # header only: nothing decoded before the shape is known
+            if im.mode != "RGB" or h != size or w % size or not 1 <= w // size <= n:
+                return None
+            strip = np.asarray(im)
+    except (OSError, ValueError, SyntaxError):  # damaged or not a PNG: pick the set again
+        return None
     return strip.reshape(size, w // size, size, 3).transpose(1, 0, 2, 3).copy()
 
 
@@ -146,7 +149,11 @@ def picture_images(out_dir: str, data_cfg, size: int, seed: int, source=None, n:
     if imgs is None:
         if source is None:
             return None
-        imgs, chosen = pick_images(source, data_cfg, seed, n, size)
+        try:
+            imgs, chosen = pick_images(source, data_cfg, seed, n, size)
+        except ValueError as e:  # mostly unreadable data: the loader copes, the pictures show the batch
+            log.warning("pictures: %s; showing the current batch instead", e)
+            return None
         if not save:
             return _normalised(imgs, data_cfg)
         write_set(path, imgs, chosen, data_cfg.path, seed)

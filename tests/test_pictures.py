@@ -61,6 +61,22 @@ def test_picture_set_is_saved_once_and_reused(tmp_path):
     assert torch.equal(picture_images(out, synth, 32, 5, None), heldout_faces(5, 8, 32, synth.mean, synth.std))
 
 
+def test_a_damaged_or_foreign_saved_set_is_picked_again(tmp_path):
+    """A fixed_set.png that is not a PNG, or a strip of another image size, is not trusted: the set is
+    picked again by the seed (the same images) and saved over it."""
+    cfg, src = _source(_folder(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    first = picture_images(out, cfg, 32, 0, src)
+    png = os.path.join(out, "images", "fixed_set.png")
+    for bad in (b"\x89PNG truncated", None):
+        if bad is None:
+            Image.new("RGB", (48 * 2, 48)).save(png)  # another size's strip
+        else:
+            open(png, "wb").write(bad)
+        assert torch.equal(picture_images(out, cfg, 32, 0, src), first)
+        assert np.asarray(Image.open(png)).shape == (32, 8 * 32, 3)
+
+
 def test_columns_are_labelled():
     """The picture gains a header (text in each of the four columns) above the grid, which is enlarged by
     a whole factor and otherwise unchanged."""

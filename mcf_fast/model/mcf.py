@@ -1,5 +1,5 @@
 """The MCF model: online MAE encoder on visible tokens, MAE decoder judged by a frozen teacher,
-EMA target encoder + projector, predictor, and the loss as named terms (MCF.md, steps 2-6; model/terms.py).
+EMA target encoder + projector, predictor, and the two losses (MCF.md, steps 2-6).
 
 Parameter names: the online encoder is `encoder.*` (timm names below it); the decoder keeps MAE's
 top-level names (`decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_blocks.N`,

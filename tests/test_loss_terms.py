@@ -31,6 +31,7 @@ def _inputs(n=4, seed=0):
 def _step(model, accum=1):
     from mcf_fast.train.config import from_preset
     cfg = from_preset("demo")
+    cfg.model.img_size, cfg.model.patch_size = 32, 8  # the masks' grid: the model's
     cfg.optim.accum_steps = accum
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU)
     return TrainStep(model, opt, cfg, Runtime(CPU, "fp32", 0, 1, 0))

@@ -4,8 +4,8 @@ exits 130 without a traceback, and the rerun resumes exactly; a second signal st
 ranks stop after the same step; the demo stops the same way.
 
 Run as a script, this file is the training command with one change: the loader sends signals to its own
-process when it serves a given batch (`SIGNAL_AT="RANK:BATCH:SIG[,SIG...]"`), so a signal lands at a
-known step, whatever the machine's speed.
+process when it serves a given batch (`SIGNAL_AT="RANK:BATCH:SIG[,SIG...]"`; `SIG@group` signals the whole
+process group, as a terminal's Ctrl-C does), so a signal lands at a known step, whatever the machine's speed.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class Signalling:
     def __init__(self, inner, rank: int, plan: str):
         r, at, sigs = plan.split(":")
         self.inner, self.served = inner, 0
-        self.fire = (int(r) == rank, int(at), [getattr(signal, f"SIG{s}") for s in sigs.split(",")])
+        self.fire = (int(r) == rank, int(at), [(getattr(signal, f"SIG{s.split('@')[0]}"), s.endswith("@group"))
+                                               for s in sigs.split(",")])
 
     def __iter__(self):
         return self
@@ -42,8 +43,8 @@ class Signalling:
     def __next__(self):
         mine, at, sigs = self.fire
         if mine and self.served == at:
-            for s in sigs:
-                os.kill(os.getpid(), s)
+            for s, group in sigs:
+                os.killpg(os.getpgid(0), s) if group else os.kill(os.getpid(), s)
         self.served += 1
         return next(self.inner)
 
@@ -113,20 +114,21 @@ KEYS = ("step", "loss", "loss_perceptual", "loss_contrastive", "grad_norm", "lr"
 
 # ----------------------------------------------------------------------------------- the tests
 def test_ctrl_c_checkpoints_says_where_and_the_rerun_resumes_exactly(tmp_path):
-    """A real process, SIGINT during step 3 of 6: it finishes step 3, writes checkpoint 3 (the threshold
-    is 0 s here), prints the resume line (console and train.log), exits 130 with no traceback; rerunning
-    the same command resumes at 3 and its metrics equal an uninterrupted run's (the window was mid-way)."""
+    """A real process with 2 loader workers, SIGINT to its process group (a terminal's Ctrl-C) during step 3
+    of 6: it finishes step 3, writes checkpoint 3 (the threshold is 0 s here), prints the resume line
+    (console and train.log), exits 130 with no traceback; rerunning the same command resumes at 3 and its
+    metrics equal an uninterrupted run's (the window was mid-way)."""
     out = tmp_path / "run"
-    p = subprocess.run(_cmd(out, "--run.interrupt_ckpt_after_s", "0"), env=_env("0:2:INT"), capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(_cmd(out, "--run.interrupt_ckpt_after_s", "0", "--data.workers", "2"),
+                       env=_env("0:2:INT@group"), capture_output=True, text=True, timeout=600, start_new_session=True)
     line = "interrupted at step 3; rerun the same command to resume from step 3"
     assert p.returncode == 130, p.stderr[-3000:]
     assert line in p.stderr and "Traceback" not in p.stderr + p.stdout
     assert line in (out / "train.log").read_text()
     assert _checkpoints(out) == ["step_00000003"]
     assert not (out / "summary.json").exists()
-    _train(out, "--run.interrupt_ckpt_after_s", "0")
-    _train(tmp_path / "ref")
+    _train(out, "--run.interrupt_ckpt_after_s", "0", "--data.workers", "2")
+    _train(tmp_path / "ref")  # no workers: the same batches (the loader's order does not depend on them)
     assert [{k: r[k] for k in KEYS} for r in _rows(out)] == [{k: r[k] for k in KEYS} for r in _rows(tmp_path / "ref")]
 
 

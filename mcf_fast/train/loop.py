@@ -7,6 +7,7 @@
       resume(w) -> (start, saved)                            newest checkpoint, or a fresh start
       run_steps(w, start, saved)                             per step: TrainStep, MetricsWindow.add, then
         write_picture / log_window / save_checkpoint          the cadence
+        StopVote.poll -> _stop                                Ctrl-C / SIGTERM: stop here (interrupt.py)
       _finish                                                 export + summary.json
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""FSDP2 layout on 2 CPU ranks (gloo): what is sharded, the EMA without communication, per-rank memory,
-the full-encoder gather, the teacher placement, contrastive negatives, and bf16 mixed precision.
+"""FSDP2 layout on 2 CPU ranks (gloo): what is sharded, each encoder a unit equal to the plain model, the
+EMA without communication, per-rank memory, the full-encoder gather, the teacher placement, contrastive
+negatives, the pictures' reconstruction, and bf16 mixed precision.
 
 One `torch.multiprocessing` job with 2 ranks runs every check (a process start costs more than all
 the checks together) and rank 0 writes the measurements to JSON; the tests read them.

@@ -129,8 +129,11 @@ def convert(ckpt: str, out: str | None = None, encoder_dir: str | None = None,
             print("warning: no run config.json beside the checkpoint and no --num-heads: assuming head width 64",
                   file=sys.stderr)
         vit = encoder_from_state(sd, heads, mcfg.get("mlp_ratio"))
+        data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+        norm = {k: data[k] for k in ("mean", "std") if k in data}  # the run's normalisation, for eval
         st, _ = save_encoder(vit, encoder_dir, extra={"source": "mcf_fast.convert", "checkpoint": ckpt,
-                                                      "steps": marker.get("step"), "preset": cfg.get("preset")})
+                                                      "steps": marker.get("step"), "preset": cfg.get("preset")},
+                             **norm)
         result["encoder"] = st
     return result
 

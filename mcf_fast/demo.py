@@ -163,7 +163,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.teacher_steps < 1 or a.steps < 1 or a.threads < 0 or a.seed < 0:
         p.error("--teacher-steps and --steps must be >= 1, --threads and --seed >= 0")
-    run_demo(a.out, a.seed, a.teacher_steps, a.steps, a.threads)
+    try:
+        run_demo(a.out, a.seed, a.teacher_steps, a.steps, a.threads)
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: the stage said where it stopped; rerunning resumes
+        from mcf_fast.train.interrupt import exit_status
+        return exit_status(e)
     return 0
 
 

@@ -11,6 +11,14 @@ import sys
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: the run said where it stopped; no traceback
+        from mcf_fast.train.interrupt import exit_status
+        return exit_status(e)
+
+
+def _main(argv) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:  # the embedded default: the two-stage demo (MAE teacher, then MCF against it)
         from mcf_fast.demo import run_demo

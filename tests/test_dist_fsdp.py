@@ -1,5 +1,6 @@
-"""FSDP2 layout on 2 CPU ranks (gloo): what is sharded, the EMA without communication, per-rank memory,
-the full-encoder gather, the teacher placement, contrastive negatives, and bf16 mixed precision.
+"""FSDP2 layout on 2 CPU ranks (gloo): what is sharded, each encoder a unit equal to the plain model, the
+EMA without communication, per-rank memory, the full-encoder gather, the teacher placement, contrastive
+negatives, the pictures' reconstruction, and bf16 mixed precision.
 
 One `torch.multiprocessing` job with 2 ranks runs every check (a process start costs more than all
 the checks together) and rank 0 writes the measurements to JSON; the tests read them.
@@ -38,10 +39,29 @@ def _inputs(rank: int, n: int, L: int):
     return imgs, m.ids_keep[0], m.ids_restore[0], m.mask[0], m.ids_keep[1]
 
 
-def _model(seed=0):
+def _model(seed=0, **kw):
     from mcf_fast.model.mcf import MCFModel
     torch.manual_seed(seed)
-    return MCFModel(**ARCH).train()
+    return MCFModel(**{**ARCH, **kw}).train()
+
+
+def _sharded_vs_plain(rt, inputs, **kw) -> list[float]:
+    """[loss, encoder patch-embedding gradient] relative differences between the sharded model and the
+    plain one (same init, same per-rank inputs: every collective in the model is rank-symmetric, and
+    FSDP's gradient is the mean over ranks)."""
+    import torch.distributed as dist
+
+    from mcf_fast.train.fsdp import shard_model
+    plain = _model(**kw)
+    sharded = shard_model(_model(**kw), _Cfg("replicate"), rt)
+    lp, ls = plain(*inputs, rank=rt.rank).loss, sharded(*inputs, rank=rt.rank).loss
+    lp.backward()
+    ls.backward()
+    g = plain.encoder.patch_embed.proj.weight.grad.clone()
+    dist.all_reduce(g)
+    g /= rt.world_size
+    gs = sharded.encoder.patch_embed.proj.weight.grad.full_tensor()
+    return [abs(float(lp - ls)) / abs(float(lp)), float((g - gs).abs().max() / g.abs().max())]
 
 
 def _opt_state_bytes(opt, local) -> int:
@@ -135,6 +155,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     loss_r.backward()
     res["teacher_shard_grad_ok"] = all(p.grad is not None for p in model_s.encoder.blocks.parameters())
 
+    # ---- each encoder is a unit of its own (stem included), called through its registered methods
+    from torch.distributed.fsdp import FSDPModule
+    res["vit_units"] = [isinstance(v, FSDPModule) for v in (model.encoder, model.target_encoder)]
+    res["vs_plain"] = _sharded_vs_plain(rt, inputs)
+    res["vs_plain_ema_teacher"] = _sharded_vs_plain(rt, inputs, teacher="ema")
+    # ---- the pictures' reconstruction runs on every rank together and equals the plain model's
+    ids_keep, ids_restore = inputs[1], inputs[2]
+    pic = shard_model(_model(), _Cfg("replicate"), rt).reconstruct(inputs[0], ids_keep, ids_restore)
+    res["reconstruct_err"] = float((pic - _model().reconstruct(inputs[0], ids_keep, ids_restore)).abs().max())
+
     # ---- bf16 parameters and compute, fp32 gradients
     model_b = shard_model(_model(), _Cfg("replicate"), Runtime(torch.device("cpu"), "bf16", rank, world, rank))
     seen = []
@@ -221,3 +251,20 @@ def test_bf16_policy(ranks):
         assert r["bf16_param_dtype"] == "torch.bfloat16"
         assert r["bf16_grad_dtype"] == "torch.float32"
         assert r["bf16_loss_finite"]
+
+
+def test_encoders_are_units_that_match_the_plain_model(ranks):
+    """The online and target encoders are FSDP units of their own (stem with them, nothing left in the
+    root): the sharded loss and the encoder's patch-embedding gradient equal the plain model's, with a
+    random teacher and with the 'ema' teacher (the target encoder's forward_intermediates)."""
+    for r in ranks:
+        assert r["vit_units"] == [True, True]
+        for key in ("vs_plain", "vs_plain_ema_teacher"):
+            assert r[key][0] < 1e-6 and r[key][1] < 1e-5, (key, r[key])
+
+
+def test_pictures_reconstruct_on_the_sharded_model(ranks):
+    """MCFModel.reconstruct (the pictures) is an FSDP forward method: every rank runs it on the sharded
+    model and gets the plain model's image."""
+    for r in ranks:
+        assert r["reconstruct_err"] < 1e-5

@@ -136,7 +136,12 @@ class _Steps:
 
 
 def _worker_init(_):
+    import signal
+
     import torch
+    # A terminal's Ctrl-C reaches the whole process group: the training process stops at a step boundary
+    # and shuts its workers down; a worker that died on the signal would fail that step's batch instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)  # workers are the parallelism; nested thread pools only thrash
     if augment.cv2 is not None:
         augment.cv2.setNumThreads(1)

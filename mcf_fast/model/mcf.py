@@ -12,19 +12,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import ops
-from .heads import all_gather_nograd, init_heads_, predictor, projector
+from .heads import init_heads_, predictor, projector
 from .teacher import PerceptualLoss, build_teacher_vit, parse_teacher_spec
+from .terms import ForwardState, NamedTerms, default_terms, weighted_sum
 from .vit import Block, VisionTransformer, init_vit_weights, run_blocks, sincos_pos_embed
 
 
 @dataclass
-class MCFOutput:
-    loss: torch.Tensor
-    loss_perceptual: torch.Tensor
-    loss_contrastive: torch.Tensor
+class MCFOutput(NamedTerms):
+    """One forward's result: the loss to back-propagate and its named parts."""
+    loss: torch.Tensor  # sum over terms of weights[name] * terms[name], with its graph
+    terms: dict[str, torch.Tensor]  # each term's value (0-dim float32, detached), in `model.loss_terms` order
+    weights: dict[str, float]  # each term's weight
     pred: torch.Tensor  # decoder image [N, 3, H, W] (normalised space); detached on demand by callers
 
 
@@ -42,13 +43,6 @@ def unpatchify(x: torch.Tensor, p: int, C: int = 3) -> torch.Tensor:
     h = int(L ** 0.5)
     x = x.reshape(N, h, h, p, p, C)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(N, C, h * p, h * p)
-
-
-def conv_patches(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """[N, C, H, W] -> [N, L, C*p*p] in the conv weight's (channel, row, col) order."""
-    N, C, H, W = imgs.shape
-    x = imgs.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(N, (H // p) * (W // p), C * p * p)
 
 
 def _init_patch_bias_(vit: VisionTransformer, mode: str) -> None:
@@ -117,6 +111,8 @@ class MCFModel(nn.Module):
             depth_t = len(self._teacher_vit().blocks)
             if max(teacher_layers) >= depth_t or min(teacher_layers) < 0:
                 raise ValueError(f"teacher layers {list(teacher_layers)} out of range for a {depth_t}-block teacher")
+        # name -> LossTerm: what forward computes and sums (model/terms.py); weight-0 terms are left out
+        self.loss_terms = default_terms(self)
 
     # ------------------------------------------------------------------ helpers
     def _teacher_vit(self) -> VisionTransformer:
@@ -140,20 +136,8 @@ class MCFModel(nn.Module):
 
     # ------------------------------------------------------------------ encoder on visible tokens
     def encode(self, vit: VisionTransformer, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """Patch-embed, add position, keep the visible tokens, prepend CLS, blocks, norm: [N, 1+K, D]."""
-        pos = vit.pos_embed[0]
-        if self.embed_mode == "gather_pixels":
-            # Gather the K visible pixel patches first, then embed only those: 75% less embedding work.
-            patches = ops.gather_visible(conv_patches(imgs, self.patch_size), ids_keep)
-            w = vit.patch_embed.proj.weight
-            x = F.linear(patches, w.reshape(w.shape[0], -1), vit.patch_embed.proj.bias)
-            x = x + pos[1:][ids_keep]
-            cls = (vit.cls_token + pos[:1]).expand(x.shape[0], -1, -1).to(x.dtype)
-            x = torch.cat([cls, x], 1)
-        else:
-            x = ops.gather_visible(vit.patch_embed(imgs), ids_keep, pos=pos, cls=vit.cls_token)
-        x, _ = run_blocks(vit.blocks, x, vit.grad_ckpt)
-        return vit.norm(x)
+        """`vit` (the online or the target encoder) on the visible patches `ids_keep`: [N, 1+K, D]."""
+        return vit.forward_visible(imgs, ids_keep, self.embed_mode)
 
     def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """MAE decoder: embed, mask tokens + un-shuffle + position (one fused op), blocks -> [N, L, p*p*3]."""
@@ -161,6 +145,14 @@ class MCFModel(nn.Module):
         x = ops.scatter_to_full(x, ids_restore, self.mask_token, pos=self.decoder_pos_embed[0])
         x, _ = run_blocks(self.decoder_blocks, x, self.grad_ckpt)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    @torch.no_grad()
+    def reconstruct(self, imgs: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """The decoder's image [N, 3, H, W] (float32) from the visible patches `ids_keep`: the online encoder
+        and the decoder only (no heads, so BatchNorm statistics and the EMA are untouched). Under FSDP2 it
+        is a registered forward method, so a sharded model runs it on every rank together."""
+        return unpatchify(self.decode(self.encode(self.encoder, imgs, ids_keep), ids_restore).float(),
+                          self.patch_size)
 
     # ------------------------------------------------------------------ losses
     def pixel_loss(self, imgs, pred_patches, mask):
@@ -176,24 +168,17 @@ class MCFModel(nn.Module):
                 mask: torch.Tensor, ids_keep_target: torch.Tensor, rank: int = 0,
                 local_negatives: bool = False) -> MCFOutput:
         """One MCF step's losses. ids_* for the online view [N, K] / [N, L]; mask [N, L] bool (True=removed);
-        ids_keep_target [N, K] for the target view. The EMA update happens before this call."""
+        ids_keep_target [N, K] for the target view. The EMA update happens before this call.
+        The encoder and decoder run once; then each of `self.loss_terms` in order (model/terms.py)."""
         latent = self.encode(self.encoder, imgs, ids_keep)
         pred_patches = self.decode(latent, ids_restore)
         pred = unpatchify(pred_patches, self.patch_size)
-        if self.teacher_kind == "pixel":
-            loss_p = self.pixel_loss(imgs, pred_patches, mask)
-        else:
-            loss_p = self.perceptual(pred, imgs, self._teacher_vit())
-        q = self.predictor(self.projector(latent[:, 0]))
-        with torch.no_grad():
-            k = self.target_projector(self.encode(self.target_encoder, imgs, ids_keep_target)[:, 0])
-            # local_negatives: this rank's keys only (labels 0..N-1), as a per-GPU reference run saw.
-            k_all = k.float() if local_negatives else all_gather_nograd(k.float())
-        offset = 0 if local_negatives else q.shape[0] * rank
-        loss_c = ops.info_nce(q.float(), k_all, self.temperature, label_offset=offset,
-                              scale=2 * self.temperature)
-        loss = self.perceptual_weight * loss_p + self.contrastive_weight * loss_c
-        return MCFOutput(loss, loss_p.detach(), loss_c.detach(), pred)
+        state = ForwardState(imgs, ids_keep, ids_restore, mask, ids_keep_target, rank, local_negatives, latent,
+                             pred_patches, pred)
+        values = {name: term.compute(self, state) for name, term in self.loss_terms.items()}
+        weights = {name: term.weight for name, term in self.loss_terms.items()}
+        loss = weighted_sum(values, weights)
+        return MCFOutput(loss, {name: v.detach() for name, v in values.items()}, weights, pred)
 
 
 @torch.no_grad()

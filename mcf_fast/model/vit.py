@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import ops
+
 log = logging.getLogger(__name__)
 
 _ATTN_BACKEND = os.environ.get("MCF_FAST_ATTENTION", "sdpa")
@@ -64,6 +66,13 @@ def sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = True) -> 
 
 
 # ------------------------------------------------------------------ layers
+def conv_patches(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, L, C*p*p] in the conv weight's (channel, row, col) order."""
+    N, C, H, W = imgs.shape
+    x = imgs.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(N, (H // p) * (W // p), C * p * p)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
         super().__init__()
@@ -195,6 +204,26 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(t.shape[0], -1, -1)
         return torch.cat([cls, t], dim=1)
 
+    def embed_visible(self, imgs: torch.Tensor, ids_keep: torch.Tensor, mode: str = "gather_pixels") -> torch.Tensor:
+        """The visible patches `ids_keep` [N, K] of `imgs` embedded with their positions, CLS (plus its
+        position) first: [N, 1 + K, D]. 'gather_pixels' gathers the K pixel patches and embeds only
+        those (75% less embedding work at ratio 0.75); 'embed_all' embeds all L, then gathers (MAE's
+        order). Both equal `embed_full(imgs)` at 0 and 1 + ids_keep."""
+        pos = self.pos_embed[0]
+        if mode == "gather_pixels":
+            patches = ops.gather_visible(conv_patches(imgs, self.patch_embed.patch_size), ids_keep)
+            x = self.patch_embed.forward_patches(patches) + pos[1:][ids_keep]
+            cls = (self.cls_token + pos[:1]).expand(x.shape[0], -1, -1).to(x.dtype)
+            return torch.cat([cls, x], 1)
+        if mode == "embed_all":
+            return ops.gather_visible(self.patch_embed(imgs), ids_keep, pos=pos, cls=self.cls_token)
+        raise ValueError(f"embed mode must be 'gather_pixels' or 'embed_all', got {mode!r}")
+
+    def forward_visible(self, imgs: torch.Tensor, ids_keep: torch.Tensor, mode: str = "gather_pixels") -> torch.Tensor:
+        """The encoder on the visible patches only (MAE's encoder): embed_visible, blocks, norm -> [N, 1 + K, D]."""
+        x, _ = run_blocks(self.blocks, self.embed_visible(imgs, ids_keep, mode), self.grad_ckpt)
+        return self.norm(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = run_blocks(self.blocks, self.embed_full(x), self.grad_ckpt)
         return self.norm(x)
@@ -225,14 +254,29 @@ def timm_name(arch: dict) -> str | None:
     return f"{base}_patch{arch['patch_size']}_{arch['img_size']}"
 
 
-def save_encoder(encoder: VisionTransformer, out_dir: str, extra: dict | None = None) -> tuple[str, str]:
-    """Write encoder.safetensors (timm keys, encoder only) and encoder.json; atomic renames."""
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _norm(name: str, values) -> list[float]:
+    vals = [float(v) for v in values]
+    if len(vals) != 3 or not all(math.isfinite(v) for v in vals) or (name == "std" and min(vals) <= 0):
+        raise ValueError(f"encoder normalisation {name} must be 3 finite numbers{' > 0' if name == 'std' else ''}, "
+                         f"got {values!r}")
+    return vals
+
+
+def save_encoder(encoder: VisionTransformer, out_dir: str, extra: dict | None = None, *,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[str, str]:
+    """Write encoder.safetensors (timm keys, encoder only) and encoder.json; atomic renames.
+    `mean`/`std`: the per-channel normalisation the encoder was trained with (a run's --data.mean/std),
+    recorded as norm_mean/norm_std so evaluation feeds it images normalised the same way."""
     from safetensors.torch import save_file
+    norm = {"norm_mean": _norm("mean", mean), "norm_std": _norm("std", std)}
     os.makedirs(out_dir, exist_ok=True)
     sd = {k: v.detach().float().contiguous().cpu() for k, v in encoder.state_dict().items()}
     st, js = os.path.join(out_dir, "encoder.safetensors"), os.path.join(out_dir, "encoder.json")
-    meta = {"format": ENCODER_FORMAT, **encoder.arch, "timm_name": timm_name(encoder.arch),
-            "norm_mean": [0.485, 0.456, 0.406], "norm_std": [0.229, 0.224, 0.225], **(extra or {})}
+    meta = {"format": ENCODER_FORMAT, **encoder.arch, "timm_name": timm_name(encoder.arch), **norm,
+            **(extra or {})}
     with open(js + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
     save_file(sd, st + ".tmp", metadata={"format": ENCODER_FORMAT})

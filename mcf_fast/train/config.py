@@ -109,6 +109,9 @@ class ModelConfig:
             bad("temperature", "must be > 0 (0.2 in the paper)")
         if self.perceptual_weight < 0 or self.contrastive_weight < 0:
             bad("perceptual_weight" if self.perceptual_weight < 0 else "contrastive_weight", "must be >= 0")
+        if self.perceptual_weight == 0 and self.contrastive_weight == 0:
+            bad("contrastive_weight", "and --model.perceptual_weight are both 0: the loss would be 0 and nothing "
+                                      "would train; set at least one above 0")
         if self.embed_mode not in ("gather_pixels", "embed_all"):
             bad("embed_mode", "must be 'gather_pixels' or 'embed_all'")
         if self.attention not in ("sdpa", "xformers"):
@@ -193,6 +196,9 @@ class RunConfig:
     keep_last: int = _f(2, "Complete checkpoints kept (the last finite one is never deleted).")
     vis_every: int = _f(0, "Steps between reconstruction grids (0 = only at the end).")
     max_nonfinite: int = _f(20, "Stop after this many consecutive non-finite steps (skipped, counted).")
+    interrupt_ckpt_after_s: float = _f(120.0, "On Ctrl-C / SIGTERM the run stops after the current step and "
+                                              "writes a checkpoint if the newest is older than this many seconds "
+                                              "(0 = always); a second signal stops at once.")
     progress: str = _f("auto", "'auto' (bar on a terminal, plain lines otherwise), 'bar', 'lines' or 'none'.")
     tensorboard: bool = _f(True, "Write TensorBoard events under OUT/tb.")
     export: bool = _f(True, "Export the online encoder (encoder.safetensors + encoder.json) at the end.")
@@ -212,6 +218,8 @@ class RunConfig:
                 bad(n, "must be >= 1")
         if self.threads < 0 or self.vis_every < 0:
             bad("threads" if self.threads < 0 else "vis_every", "must be >= 0")
+        if not self.interrupt_ckpt_after_s >= 0:
+            bad("interrupt_ckpt_after_s", "must be >= 0 seconds (0 = always checkpoint on an interrupt)")
         if self.progress not in ("auto", "bar", "lines", "none"):
             bad("progress", "must be auto, bar, lines or none")
 

@@ -1,16 +1,16 @@
 """FSDP2 wrapping of the MCF model, and gathering of full weights for export.
 
 Layout of the sharding units (each `fully_shard` call is one all-gather / reduce-scatter unit):
-  - every ViT block of the online encoder, the decoder and the target encoder;
+  - every ViT the model runs, the same way: each block, then the ViT itself (its stem: patch
+    embedding, CLS, position table, final norm). That is the online encoder, the target encoder and,
+    when `dist.teacher_sharding == "shard"`, the frozen teacher. The model calls a ViT through its own
+    methods (`forward_visible` for the encoders on the visible patches, `forward_intermediates` for a
+    teacher, the 'ema' teacher being the target encoder), registered as FSDP forward methods so the
+    unit is gathered around each call, as its `forward` would be;
   - the projector, predictor and target projector (MoCo v3 MLPs);
-  - the frozen teacher, per block plus its stem, when `dist.teacher_sharding == "shard"`;
-  - the root (MCFModel), which owns everything left: the encoders' stems (patch embedding, CLS,
-    position tables, final norms), the decoder's embed / mask token / norm / pixel head.
-The encoders' stems stay in the root unit on purpose: `MCFModel.encode` reads
-`vit.patch_embed.proj.weight`, `vit.cls_token` and `vit.pos_embed` directly, outside any
-`VisionTransformer.forward`, so a separate unit around the encoder would never be unsharded there
-(FSDP2 gathers a unit in its module's forward pre-hook). The root's pre-hook runs on
-`MCFModel.forward`, so its parameters are full whenever the model computes anything.
+  - the root (MCFModel), which owns what is left: the decoder's embed / mask token / position table /
+    norm / pixel head, gathered by the root's pre-hook on `MCFModel.forward` and on
+    `MCFModel.reconstruct` (the pictures, which every rank runs together).
 
 Every parameter is sharded on dim 0 over the same 1-D mesh, so the target encoder's local shard of a
 tensor covers exactly the rows of the online encoder's local shard of the same tensor: the EMA update
@@ -29,6 +29,7 @@ import torch.nn as nn
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
+VIT_METHODS = ("forward_visible", "forward_intermediates")  # how MCFModel calls a VisionTransformer
 
 
 def _teacher(model) -> nn.Module | None:
@@ -63,9 +64,17 @@ def shard_model(model, cfg, rt: Runtime):
     def unit(module: nn.Module, **kw) -> None:
         fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=kw.pop("reshard", reshard), **kw)
 
-    for blocks in (model.encoder.blocks, model.decoder_blocks, model.target_encoder.blocks):
-        for blk in blocks:
-            unit(blk)
+    def vit_units(vit: nn.Module, **kw) -> None:
+        for blk in vit.blocks:
+            unit(blk, **kw)
+        unit(vit, **kw)
+        for method in VIT_METHODS:  # the model calls these, not forward: hook them too
+            register_fsdp_forward_method(vit, method)
+
+    for vit in (model.encoder, model.target_encoder):
+        vit_units(vit)
+    for blk in model.decoder_blocks:
+        unit(blk)
     for head in (model.projector, model.predictor, model.target_projector):
         unit(head)
 
@@ -74,12 +83,8 @@ def shard_model(model, cfg, rt: Runtime):
     if teacher is not None:
         if cfg.dist.teacher_sharding == "shard":
             # The teacher runs twice per step (real image without graph, prediction with graph) and
-            # once more in backward for the input gradient: free its blocks after each use.
-            for blk in teacher.blocks:
-                unit(blk, reshard=True)
-            unit(teacher, reshard=True)
-            # PerceptualLoss calls teacher.forward_intermediates, not forward: hook that method too.
-            register_fsdp_forward_method(teacher, "forward_intermediates")
+            # once more in backward for the input gradient: free its units after each use.
+            vit_units(teacher, reshard=True)
         else:
             ignored = set(teacher.parameters())
             if mp.param_dtype is not None:
@@ -89,6 +94,7 @@ def shard_model(model, cfg, rt: Runtime):
     # The root keeps its parameters gathered from forward to the end of backward (FSDP2's default
     # for the root): they are read again by backward immediately anyway.
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
+    register_fsdp_forward_method(model, "reconstruct")  # the pictures: every rank runs it together
     if rt.is_main:
         n_units = sum(1 for m in model.modules() if isinstance(m, FSDPModule))
         log.info("FSDP2: %d units over %d ranks, reshard_after_forward=%s, params %s, teacher %s",

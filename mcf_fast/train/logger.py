@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from .window import term_key
+
 log = logging.getLogger("mcf_fast")
 
 
@@ -86,9 +88,8 @@ class RunLogger:
             done = row["step"] - self.start_step
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / max(done, 1) * (self.total - row["step"])
-            log.info("step %d/%d  loss %s (perc %s, con %s)  lr %.2e  %.1f img/s  eta %s%s",
-                     row["step"], self.total, _f4(row["loss"]), _f4(row["loss_perceptual"]),
-                     _f4(row["loss_contrastive"]), row["lr"], row["images_per_s"], _hms(eta),
+            log.info("step %d/%d  %s  lr %.2e  %.1f img/s  eta %s%s",
+                     row["step"], self.total, loss_text(row), row["lr"], row["images_per_s"], _hms(eta),
                      f"  ({row['skipped_in_window']} non-finite steps skipped)" if row.get("skipped_in_window")
                      else "")
 
@@ -109,9 +110,18 @@ class RunLogger:
             self.tb.close()
 
 
-def _f4(v) -> str:
-    """A loss for the console; None (every step of the window skipped as non-finite) says so."""
-    return "n/a" if v is None else f"{v:.4f}"
+def loss_text(row: dict) -> str:
+    """The loss and its parts so that they add up for a reader: each term's weighted contribution, then
+    its weight and unweighted value, e.g. 'loss 94.3290 = perceptual 93.5142 (1000 x 0.09351) + contrastive
+    0.8148 (1 x 0.8148)'. A window whose every step was non-finite has no loss: 'loss n/a'."""
+    if row.get("loss") is None:
+        return "loss n/a"
+    parts = []
+    for name, w in row.get("term_weights", {}).items():
+        v = row.get(term_key(name))
+        if v is not None:
+            parts.append(f"{name} {w * v:.4f} ({w:g} x {v:.4g})")
+    return f"loss {row['loss']:.4f}" + (" = " + " + ".join(parts) if parts else "")
 
 
 def _hms(s: float) -> str:

@@ -7,6 +7,7 @@
       resume(w) -> (start, saved)                            newest checkpoint, or a fresh start
       run_steps(w, start, saved)                             per step: TrainStep, MetricsWindow.add, then
         write_picture / log_window / save_checkpoint          the cadence
+        StopVote.poll -> _stop                                Ctrl-C / SIGTERM: stop here (interrupt.py)
       _finish                                                 export + summary.json
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ from mcf_fast.model.vit import save_encoder, set_attention_backend
 from . import checkpoint as ckpt
 from . import runfolder, visualize
 from .config import Config, ModelConfig
-from .heldout import heldout_snapshot
+from .heldout import heldout_snapshot, picture_images
+from .interrupt import Interrupted, StopSignals, StopVote
 from .logger import RunLogger, setup_logging, truncate_metrics
 from .optim import build_optimizer, cosine_lr, ema_momentum
 from .runtime import Runtime, init_runtime
@@ -162,41 +164,82 @@ def resume(w: Wiring, path: str | None) -> tuple[int, dict]:
     return start, saved
 
 
+@dataclass
+class Kept:
+    """The newest complete finite checkpoint: its step and when it was written (monotonic seconds)."""
+    step: int
+    at: float
+
+
 def run_steps(w: Wiring, start: int, saved: dict) -> None:
     """Steps `start`..`total` with their cadence: a metrics row every log_every, a picture every
-    vis_every, a checkpoint every ckpt_every (each also at the last step)."""
+    vis_every, a checkpoint every ckpt_every (each also at the last step). Ctrl-C / SIGTERM stop it at a
+    step boundary with `interrupt.Interrupted` (see interrupt.py)."""
     cfg, o = w.cfg, w.cfg.optim
     step = TrainStep(w.model, w.optimizer, cfg, w.rt, w.scaler)
     logger = RunLogger(w.out, w.total, start, w.rt.is_main, cfg.run.progress, cfg.run.tensorboard)
-    window = MetricsWindow(w.rt.device, saved)
+    window = MetricsWindow(w.rt.device, saved, {n: t.weight for n, t in w.model.loss_terms.items()})
     batches = TimedBatches(iter(w.loader))
-    try:
-        for i in range(start, w.total):
-            lr = cosine_lr(i, w.total, w.warmup, w.base_lr, o.min_lr, o.warmup_from_zero)
-            m = ema_momentum(i, w.total, o.momentum, o.momentum_schedule)
-            res = step(batches, i, lr, m)
-            window.add(res)
-            done = i + 1
-            logger.advance(1)
-            if visualize.due(done, cfg.run.vis_every, w.total):
-                write_picture(w, res, done, logger)
-            if done % cfg.run.log_every == 0 or done == w.total:
-                log_window(w, window, batches, logger, done, lr, m)
-            if done % cfg.run.ckpt_every == 0 or done == w.total:
-                save_checkpoint(w, done, window)
-    finally:
-        logger.close()
+    kept = Kept(start, time.monotonic())  # the checkpoint a rerun would resume from (start: the one we did)
+    done = start
+    with StopSignals() as signals:
+        vote = StopVote(w.rt.distributed)
+        try:
+            for i in range(start, w.total):
+                lr = cosine_lr(i, w.total, w.warmup, w.base_lr, o.min_lr, o.warmup_from_zero)
+                m = ema_momentum(i, w.total, o.momentum, o.momentum_schedule)
+                res = step(batches, i, lr, m)
+                window.add(res)
+                done = i + 1
+                logger.advance(1)
+                if visualize.due(done, cfg.run.vis_every, w.total):
+                    write_picture(w, res, done, logger)
+                if done % cfg.run.log_every == 0 or done == w.total:
+                    log_window(w, window, batches, logger, done, lr, m)
+                if done % cfg.run.ckpt_every == 0 or done == w.total:
+                    kept = save_checkpoint(w, done, window) or kept
+                if vote.poll(signals.requested) and done < w.total:
+                    _stop(w, window, done, kept, vote)
+            vote.close()
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:  # a second signal: no checkpoint, no collective (other ranks may be gone)
+            e = Interrupted(done, kept.step, at_once=True)
+            _say(w, e)
+            raise e from None
+        finally:
+            logger.close()
+
+
+def _stop(w: Wiring, window: MetricsWindow, done: int, kept: Kept, vote: StopVote) -> None:
+    """All ranks, at the same boundary after a signal: a checkpoint when more than the allowed seconds of
+    training would be lost without one, then `Interrupted`."""
+    vote.close()
+    lost_s = time.monotonic() - kept.at
+    if kept.step < done and vote.agree(lost_s >= w.cfg.run.interrupt_ckpt_after_s):
+        kept = save_checkpoint(w, done, window) or kept
+    e = Interrupted(done, kept.step)
+    _say(w, e)
+    raise e
+
+
+def _say(w: Wiring, e: Interrupted) -> None:
+    if w.rt.is_main:
+        log.warning("%s", e)
 
 
 def write_picture(w: Wiring, res: StepResult, done: int, logger: RunLogger) -> None:
-    """Rank 0: the reconstruction grid of the fixed held-out faces (a sharded model: of this batch)."""
-    if not w.rt.is_main:
-        return
-    cfg = w.cfg
-    fixed = None if w.rt.distributed else heldout_snapshot(w.model, cfg.data, cfg.model, cfg.run.seed, w.rt.device)
-    imgs, pred, mask = fixed or (res.images, res.pred, res.mask)
-    visualize.write_reconstruction(w.out, imgs, pred, mask, cfg.model.patch_size, cfg.data.mean, cfg.data.std, done,
-                                   logger)
+    """The reconstruction grid of the run's fixed images (heldout.picture_images: synthetic held-out faces,
+    or a saved set of the user's data; this batch when the data has no source to pick from). All ranks
+    call it: a sharded model reconstructs on every rank together; rank 0 writes the files."""
+    cfg, main = w.cfg, w.rt.is_main
+    imgs = picture_images(w.out, cfg.data, cfg.model.img_size, cfg.run.seed, getattr(w.loader, "source", None),
+                          save=main)
+    fixed = None if imgs is None else heldout_snapshot(w.model, imgs, cfg.model, w.rt.device)
+    if main:
+        imgs, pred, mask = fixed or (res.images, res.pred, res.mask)
+        visualize.write_reconstruction(w.out, imgs, pred, mask, cfg.model.patch_size, cfg.data.mean, cfg.data.std,
+                                       done, logger)
 
 
 def log_window(w: Wiring, window: MetricsWindow, batches: TimedBatches, logger: RunLogger, done: int, lr: float,
@@ -216,14 +259,17 @@ def log_window(w: Wiring, window: MetricsWindow, batches: TimedBatches, logger: 
             f"{w.ckpt_dir}; lower the LR, set --optim.clip_grad, or use --run.precision fp32.")
 
 
-def save_checkpoint(w: Wiring, done: int, window: MetricsWindow) -> None:
-    """A complete checkpoint of step `done` (all ranks): model, optimizer, data position, RNG, counters."""
+def save_checkpoint(w: Wiring, done: int, window: MetricsWindow) -> Kept | None:
+    """A complete checkpoint of step `done` (all ranks): model, optimizer, data position, RNG, counters.
+    Returns what a rerun resumes from now, or None when the weights were not finite (the older finite
+    checkpoint stays the one to resume from)."""
     finite = all(bool(torch.isfinite(p).all()) for p in w.model.parameters() if p.requires_grad)
     extra = {"step": done, "loader": w.loader.state_dict(), "rng_cpu": torch.get_rng_state(), **window.state()}
     if w.scaler is not None:
         extra["scaler"] = w.scaler.state_dict()
     path = ckpt.save(w.ckpt_dir, done, w.model, w.optimizer, extra, w.cfg.run.keep_last, finite)
     log.info("checkpoint %s%s", path, "" if finite else " (non-finite weights: older finite one kept)")
+    return Kept(done, time.monotonic()) if finite else None
 
 
 def _nothing_to_do(out: str, summary: dict) -> dict:
@@ -241,7 +287,7 @@ def _finish(w: Wiring, start: int, t_start: float) -> dict:
         enc = full_encoder(w.model, rt)
         if rt.is_main:
             st, js = save_encoder(enc, out, extra={"source": "mcf_fast.pretrain", "steps": w.total,
-                                                   "preset": cfg.preset})
+                                                   "preset": cfg.preset}, mean=cfg.data.mean, std=cfg.data.std)
             summary["encoder"] = st
     if rt.is_main:
         path = os.path.join(out, "summary.json")

@@ -21,7 +21,8 @@ from .runtime import Runtime
 
 log = logging.getLogger("mcf_fast")
 LOCK_NAME = ".lock"
-IGNORED = {("run", "allow_config_change"), ("run", "progress")}  # never part of a run's identity
+IGNORED = {("run", "allow_config_change"), ("run", "progress"),  # never part of a run's identity
+           ("run", "interrupt_ckpt_after_s")}
 
 
 class RunLock:

@@ -16,6 +16,7 @@ import torch
 
 from mcf_fast.masking import build_mask_generator
 from mcf_fast.model.mcf import ema_update
+from mcf_fast.model.terms import NamedTerms
 
 from .config import Config
 from .optim import set_lr
@@ -25,11 +26,11 @@ EMA_CADENCES = ("micro", "step")
 
 
 @dataclass
-class StepResult:
+class StepResult(NamedTerms):
     """Device tensors of one optimizer step (0-dim, float32 unless noted) and its last micro-batch."""
-    loss: torch.Tensor  # mean over the micro-batches of the total loss
-    loss_perceptual: torch.Tensor
-    loss_contrastive: torch.Tensor
+    loss: torch.Tensor  # mean over the micro-batches of the total loss (the weighted sum of the terms)
+    terms: dict[str, torch.Tensor]  # mean over the micro-batches of each named term, unweighted
+    weights: dict[str, float]  # each term's weight in `loss`
     grad_norm: torch.Tensor  # global norm before clipping
     bad: torch.Tensor  # 1.0 when the loss or the grad norm was not finite (the update was skipped), else 0.0
     images: torch.Tensor  # the last micro-batch's images, its prediction and its online mask (for pictures)
@@ -68,16 +69,19 @@ class TrainStep:
     def __call__(self, batches: Iterator, index: int, lr: float, momentum: float,
                  mark: Callable[[str], None] | None = None) -> StepResult:
         set_lr(self.optimizer, lr)
-        sums = [self._zero.clone(), self._zero.clone(), self._zero.clone()]
+        loss, terms = self._zero.clone(), {}
         for micro in range(self.accum):
             imgs, masks, res = self._micro(batches, index * self.accum + micro, momentum,
                                            self.ema_every_micro or micro == 0, mark)
-            for acc, v in zip(sums, (res.loss, res.loss_perceptual, res.loss_contrastive)):
-                acc += v.detach().float() / self.accum
-        gnorm, bad = self._update(sums[0])
+            loss += res.loss.detach().float() / self.accum
+            for name, v in res.terms.items():
+                if name not in terms:
+                    terms[name] = self._zero.clone()
+                terms[name] += v.detach().float() / self.accum
+        gnorm, bad = self._update(loss)
         if mark:
             mark("optimizer")
-        return StepResult(sums[0], sums[1], sums[2], gnorm, bad, imgs, res.pred.detach(), masks.mask[0])
+        return StepResult(loss, terms, dict(res.weights), gnorm, bad, imgs, res.pred.detach(), masks.mask[0])
 
     def _micro(self, batches, micro_step: int, momentum: float, update_ema: bool, mark):
         """Masks, EMA, forward, backward of one micro-batch: (images, masks, model output)."""

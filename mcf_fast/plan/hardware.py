@@ -79,15 +79,16 @@ def _mfu_range(m: Machine) -> dict:
     daily = dailymae_mfu()
     vit_a100, src_a100 = VIT_A100
     if m is A100:
-        return {"low": (daily, f"{DAILYMAE_SOURCE}: {daily:.0%} of 312 TFLOP/s (an MAE-B step, small GEMMs)"),
+        return {"low": (daily, f"DailyMAE's MAE-B rate on A100 ({DAILYMAE_SOURCE})"),
                 "likely": ((daily + vit_a100) / 2, "midway between the two A100 anchors"),
                 "high": (vit_a100, src_a100)}
     nemo, src_nemo = NEMO_VIT_H100
     peak_share = HOPPER_MEASURED[0] / H100.peak["bf16"]
-    return {"low": (nemo * daily / vit_a100, f"{src_nemo}, times DailyMAE's {daily:.0%} / {vit_a100:.0%} on A100 "
-                                             "(a ViT-B-sized step runs below a ViT-g one)"),
+    return {"low": (nemo * daily / vit_a100, f"NeMo's 29% x DailyMAE {daily:.0%} / ViT {vit_a100:.0%} on A100 (a "
+                                             "ViT-B-sized step runs further below the peak than a ViT-g one)"),
             "likely": (nemo, src_nemo),
-            "high": (vit_a100 * peak_share, f"{src_a100}, on the {HOPPER_MEASURED[1]}")}
+            "high": (vit_a100 * peak_share, f"A100's best ViT share ({vit_a100:.0%}) of Hopper's measured matmul "
+                                            f"peak ({HOPPER_MEASURED[1]})")}
 
 
 def cpu_machine(memory: int, peak: dict, source: str) -> Machine:

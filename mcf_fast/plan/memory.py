@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 
-from .hardware import GiB, Machine
+from .hardware import GiB
 
 # The caching allocator's reserved bytes above its allocated ones (block rounding, split blocks):
 # an assumption until the first GPU run measures it.
@@ -126,13 +126,17 @@ def fsdp_buffers(trace, precision: str, teacher_sharding: str, reshard: bool) ->
     return (root["numel"] + gathered) * pb + reduce
 
 
-def headroom(allocated: int, machine: Machine, world: int, on_gpu: bool) -> dict:
-    """What the sheet reserves beyond the allocated bytes, and whether the total fits `machine`."""
+def headroom(allocated: int, capacity: int, world: int, on_gpu: bool, context_in_use: bool = False) -> dict:
+    """What the sheet reserves beyond the allocated bytes, and whether the total fits `capacity` bytes.
+    `context_in_use`: the capacity is what the device reports free with this process's context already
+    made (the pre-flight check), so the context is not reserved twice."""
     frag = GPU_FRAGMENTATION if on_gpu else CPU_FRAGMENTATION
-    fixed = (GPU_CONTEXT + (NCCL_BUFFERS if world > 1 else 0)) if on_gpu else 0
+    fixed = 0
+    if on_gpu:
+        fixed = (0 if context_in_use else GPU_CONTEXT) + (NCCL_BUFFERS if world > 1 else 0)
     needed = int(allocated * (1 + frag)) + fixed
-    return {"allocated": allocated, "fragmentation": frag, "fixed": fixed, "needed": needed,
-            "capacity": machine.memory, "fits": needed <= machine.memory}
+    return {"allocated": allocated, "fragmentation": frag, "fixed": fixed, "needed": needed, "capacity": capacity,
+            "fits": needed <= capacity}
 
 
 __all__ = ["per_gpu", "peak_view", "headroom", "unit_of", "units", "shard_bytes", "fsdp_buffers", "param_bytes",

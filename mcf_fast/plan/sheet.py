@@ -7,6 +7,7 @@ tensors), measured (on this machine, now), or assumed (hardware.py, memory.py, c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +29,8 @@ class Target:
     loader_rate: float | None = None  # decode + augment images/s per core (None: measure it here)
     source_px: int | None = None  # side of the stored images (None: data.img_size)
     image_kb: float | None = None  # stored bytes per image in KiB (None: the measured sample's)
+    memory_bytes: int | None = None  # device memory to plan against (None: the machine's datasheet size)
+    context_in_use: bool = False  # memory_bytes is what a live device reports free (the pre-flight check)
 
     @property
     def world(self) -> int:
@@ -36,8 +39,10 @@ class Target:
 
 def machine_for(target: Target, precision: str) -> hardware.Machine:
     if target.gpu != "cpu":
-        return hardware.GPUS[target.gpu]
-    return hardware.cpu_machine(_host_memory(), *_cpu_peak(precision))
+        m = hardware.GPUS[target.gpu]
+    else:
+        m = hardware.cpu_machine(_host_memory(), *_cpu_peak(precision))
+    return dataclasses.replace(m, memory=target.memory_bytes) if target.memory_bytes else m
 
 
 def _host_memory() -> int:
@@ -89,8 +94,9 @@ def traced(cfg, precision: str):
 def memory_sheet(tr, cfg, target: Target, precision: str, m: hardware.Machine) -> dict:
     rows = memory.per_gpu(tr, target.world, precision, cfg.dist.teacher_sharding, cfg.dist.reshard_after_forward)
     at = tr.at_peak.get(memory.peak_view(target.world, precision), {})
-    return {"rows": rows, **memory.headroom(rows["total"], m, target.world, target.gpu != "cpu"),
-            "peak_part": at.get("part"), "peak_phase": at.get("phase")}
+    room = memory.headroom(rows["total"], m.memory, target.world, target.gpu != "cpu", target.context_in_use)
+    return {"rows": rows, **room, "peak_part": at.get("part"), "peak_phase": at.get("phase"),
+            "peak_by_part": at.get("by_part", {})}
 
 
 def speed_sheet(tr, cfg, target: Target, precision: str, m: hardware.Machine, images: int | None,
@@ -137,9 +143,10 @@ def plan_sheet(cfg, target: Target, *, with_fixes: bool = True) -> dict:
         "speed": speed,
         "comms": {"per_step": traffic, **link, "share_of_likely_step": link["seconds"] / likely_step},
         "loader": {**rate, "cores_per_gpu": {k: loader_rate.cores_needed(v, rate) for k, v in ips.items()}},
-        "storage": storage.job_storage(tr, cfg, total_steps or 0, images, bpi),
-        "trace": {"seconds": getattr(tr, "seconds", None), "micro_steps": tr.micro_steps,
-                  "unlabelled_parts": tr.missing_parts},
+        "storage": {**storage.job_storage(tr, cfg, total_steps or 0, images, bpi),
+                    "bytes_source": "given" if target.image_kb else "measured"},
+        "trace": {"seconds": tr.seconds, "micro_steps": tr.micro_steps, "unlabelled_parts": tr.missing_parts,
+                  "notes": tr.notes},
         "fixes": [],
     }
     if with_fixes and not mem["fits"]:

@@ -66,14 +66,18 @@ def memory_block(s: dict) -> list[str]:
     extra = f"+ {mem['fragmentation']:.0%} fragmentation" + (f" + {mem['fixed'] / G:.1f} GiB context/NCCL"
                                                              if mem["fixed"] else "")
     verdict = "fits" if mem["fits"] else "DOES NOT FIT"
-    lines.append(f"  {'needed (' + extra + ')':34s} {_gib(mem['needed'])}   of {mem['capacity'] / G:.1f} GiB: "
-                 f"{verdict}")
+    lines.append(f"  {'needed':34s} {_gib(mem['needed'])}   of {mem['capacity'] / G:.1f} GiB: {verdict} "
+                 f"({extra})")
+    parts = sorted(mem.get("peak_by_part", {}).items(), key=lambda kv: -kv[1])
+    if parts:
+        lines.append("  activations at the peak, by where they were made: "
+                     + ", ".join(f"{k} {v / G:.2f}" for k, v in parts if v >= 0.005 * G))
     return lines
 
 
 def speed_block(s: dict) -> list[str]:
     sp = s["speed"]
-    lines = ["", f"Speed per GPU (MFU = share of the {sp['peak_flops'] / 1e12:.4g} TFLOP/s peak: {sp['peak_source']})",
+    lines = ["", f"Speed per GPU (MFU: share of the {sp['peak_flops'] / 1e12:.4g} TFLOP/s peak, {sp['peak_source']})",
              f"  {'':7s} {'MFU':>5s} {'img/s/GPU':>10s} {'step s':>8s} {'job h':>7s}   source"]
     for name, v in sp["range"].items():
         lines.append(f"  {name:7s} {v['mfu']:5.0%} {v['images_per_s_per_gpu']:10.1f} {v['step_s']:8.2f} "
@@ -109,7 +113,9 @@ def storage_block(s: dict) -> list[str]:
         lines.append(f"  {st['checkpoints_written']:,} checkpoints written over the job; encoder export "
                      f"{st['encoder_export'] / (1 << 20):.0f} MiB")
     if st["shards"]:
-        lines.append(f"  shards: {st['bytes_per_image'] / 1024:.1f} KiB per image -> {st['shards'] / G:,.1f} GiB")
+        src = {"given": "given", "measured": "synthetic faces here: real photos compress less, give --image-kb"}
+        lines.append(f"  shards: {st['bytes_per_image'] / 1024:.1f} KiB per image ({src[st['bytes_source']]}) -> "
+                     f"{st['shards'] / G:,.1f} GiB")
     return lines
 
 
@@ -126,7 +132,8 @@ def fixes_block(s: dict) -> list[str]:
 
 def assumptions_block(s: dict) -> list[str]:
     t = s["trace"]
-    return ["", "Assumptions: MFU anchors as listed; GPU memory headroom "
+    notes = [f"Note: {n}" for n in t.get("notes", [])]
+    return [""] + notes + ["Assumptions: MFU anchors as listed; GPU memory headroom "
                 f"{memory.GPU_FRAGMENTATION:.0%} + {memory.GPU_CONTEXT / G:.0f} GiB context"
                 f" (+ {memory.NCCL_BUFFERS / G:.1f} GiB NCCL); collectives at {comms.LINK_EFFICIENCY:.0%} of the "
                 "link; the eager step (no torch.compile).",

@@ -64,8 +64,9 @@ class StepTracer(TorchDispatchMode):
         super().__init__()
         self._persistent = {id(t.untyped_storage()) for t in persistent}
         self._params = {id(p.untyped_storage()) for p in casts_of}
-        self._records: dict[int, list] = {}  # storage id -> [bytes, category, weak reference]
+        self._records: dict[int, list] = {}  # storage id -> [bytes, category, part, weak reference]
         self.live = dict.fromkeys(CATEGORIES, 0)
+        self.live_by_part: dict[str, int] = defaultdict(int)  # act + cast bytes by the part that made them
         self.peak = {"all": 0, "act+cast": 0, "act": 0}
         self.at_peak: dict[str, dict] = {}
         self.flops: dict[str, int] = defaultdict(int)
@@ -101,6 +102,8 @@ class StepTracer(TorchDispatchMode):
         rec = self._records.pop(key, None)
         if rec is not None:
             self.live[rec[1]] -= rec[0]
+            if rec[2] is not None:
+                self.live_by_part[rec[2]] -= rec[0]
 
     def _track(self, t: torch.Tensor, category: str) -> None:
         st = t.untyped_storage()
@@ -108,8 +111,10 @@ class StepTracer(TorchDispatchMode):
         if key in self._persistent or key in self._records:
             return
         n = st.nbytes()
-        self._records[key] = [n, category, weakref.ref(st, lambda r, k=key: self._freed(k, r))]
+        part = self._where()[0]
+        self._records[key] = [n, category, part, weakref.ref(st, lambda r, k=key: self._freed(k, r))]
         self.live[category] += n
+        self.live_by_part[part] += n
         self._update_peaks()
 
     def _update_peaks(self) -> None:
@@ -118,7 +123,8 @@ class StepTracer(TorchDispatchMode):
             if value > self.peak[view]:
                 self.peak[view] = value
                 part, phase = self._where()
-                self.at_peak[view] = {**self.live, "part": part, "phase": phase}
+                self.at_peak[view] = {**self.live, "part": part, "phase": phase,
+                                      "by_part": {k: v for k, v in self.live_by_part.items() if v}}
 
     def mark_grad(self, grad: torch.Tensor | None) -> None:
         """A parameter's .grad: move its storage to the 'grad' category."""
@@ -127,7 +133,8 @@ class StepTracer(TorchDispatchMode):
         rec = self._records.get(id(grad.untyped_storage()))
         if rec is not None and rec[1] != "grad":
             self.live[rec[1]] -= rec[0]
-            rec[1] = "grad"
+            self.live_by_part[rec[2]] -= rec[0]
+            rec[1], rec[2] = "grad", None  # gradients are counted apart from the parts' activations
             self.live["grad"] += rec[0]
 
     # ------------------------------------------------------------------ the dispatch hook

@@ -21,7 +21,7 @@ from .runtime import Runtime
 
 log = logging.getLogger("mcf_fast")
 LOCK_NAME = ".lock"
-IGNORED = {("run", "allow_config_change"), ("run", "progress")}  # never part of a run's identity
+IGNORED = {("run", "allow_config_change"), ("run", "progress"), ("run", "memory_check")}  # never part of a run's identity
 
 
 class RunLock:

@@ -51,12 +51,13 @@ def verdict_for(cfg, target, precision: str) -> str | None:
     if mem["fits"]:
         return None
     options = [f for f in fixes(cfg, target, precision, m, tr) if f["fits"]]
-    how = "; or ".join(f"{f['switch']} ({f['needed'] / GiB:.1f} GiB, work {f['flops_change']:+.0%})"
-                       for f in options[:3]) or "no single switch: a smaller model or more GPUs"
+    how = "; or ".join(f"{f['switch']} ({f['needed'] / GiB:.2f} GiB, work {f['flops_change']:+.0%})"
+                       for f in options[:3])
+    how = f"it fits with {how}" if how else "no switch fits, alone or together (traced): use more GPUs or a smaller model"
     o = cfg.optim
-    return (f"this setting needs about {mem['needed'] / GiB:.1f} GiB per GPU (batch {o.batch_size}, {precision}, "
-            f"{target.world} GPU{'s' if target.world > 1 else ''}) but {mem['capacity'] / GiB:.1f} GiB is free: "
-            f"it fits with {how}. python -m mcf_fast.plan shows the sheet; --run.memory_check false tries anyway")
+    return (f"this setting needs about {mem['needed'] / GiB:.2f} GiB per GPU (batch {o.batch_size}, {precision}, "
+            f"{target.world} GPU{'s' if target.world > 1 else ''}) but {mem['capacity'] / GiB:.2f} GiB is free: "
+            f"{how}. python -m mcf_fast.plan shows the sheet; --run.memory_check false tries anyway")
 
 
 __all__ = ["check_fits", "verdict_for", "WontFit", "gpu_kind"]

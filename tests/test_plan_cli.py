@@ -93,3 +93,20 @@ def test_cpu_target_plans_for_this_machine(capsys):
     s = json.loads(out)
     assert code == 0 and s["run"]["machine"] == "this CPU" and s["comms"]["per_step"]["total"] == 0
     assert s["speed"]["peak_flops"] > 0 and "measured here" in s["speed"]["peak_source"]
+
+
+def test_checkpoint_teacher_is_planned_at_its_own_size(tmp_path, capsys):
+    """A MoCo v3 teacher file here: its shapes set the teacher's cost, as a random teacher of that size."""
+    import torch
+
+    from mcf_fast.model.vit import VisionTransformer
+    vit = VisionTransformer(64, 8, 3, 96, 3, 4)
+    path = tmp_path / "moco.pth"
+    torch.save({"state_dict": {"module.base_encoder." + k: v for k, v in vit.state_dict().items()}}, path)
+    common = ["--preset", "demo", "--model.teacher_layers", "0,1,2", "--model.teacher_num_heads", "4",
+              "--loader-rate", "100", "--json"]
+    _, out, _ = _run(capsys, common + ["--model.teacher", f"checkpoint:{path}"])
+    from_file = json.loads(out)
+    _, out, _ = _run(capsys, common + ["--model.teacher", "random", "--model.teacher_embed_dim", "96",
+                                       "--model.teacher_depth", "3"])
+    assert from_file["flops"] == json.loads(out)["flops"] and not from_file["trace"]["notes"]

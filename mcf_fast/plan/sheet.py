@@ -135,7 +135,8 @@ def plan_sheet(cfg, target: Target, *, with_fixes: bool = True) -> dict:
         "run": {"preset": cfg.preset, "machine": m.name, "gpus_per_node": target.gpus, "nodes": target.nodes,
                 "world": target.world, "precision": precision, "precision_why": why, "batch": o.batch_size,
                 "accum_steps": o.accum_steps, "effective_batch": eff_batch, "images_per_epoch": images,
-                "epochs": epochs, "optimizer_steps": total_steps, "memory": m.memory},
+                "epochs": epochs, "optimizer_steps": total_steps, "memory": m.memory,
+                "teacher_sharding": cfg.dist.teacher_sharding},
         "flops": {"per_image": tr.flops_per_image,
                   "by_part": {k: v / (tr.batch * tr.micro_steps) for k, v in tr.flops_by_part.items()},
                   "source": "counted by FlopCounterMode on the real TrainStep, fake tensors"},
@@ -161,20 +162,22 @@ def _loader(cfg, target: Target) -> dict:
 
 
 def _variants(cfg, target: Target):
-    """(switch text, changed config) for each way to fit, cheapest first as the sheet argues them."""
-    has_teacher = cfg.model.teacher.partition(":")[0] in ("checkpoint", "random")
+    """(switch text, changed config, halves the batch) for each way to fit: the switches, then the batch
+    halved with the accumulation doubled (the same images per optimizer step)."""
+    kind = cfg.model.teacher.partition(":")[0]
+    has_teacher = kind in ("checkpoint", "random")  # a teacher of its own (ema's is the target encoder)
     out = []
-    if has_teacher and not cfg.model.teacher_grad_ckpt:
-        out.append(("--model.teacher_grad_ckpt true", _with(cfg, model={"teacher_grad_ckpt": True})))
+    if (has_teacher or kind == "ema") and not cfg.model.teacher_grad_ckpt:
+        out.append(("--model.teacher_grad_ckpt true", _with(cfg, model={"teacher_grad_ckpt": True}), False))
     if has_teacher and target.world > 1 and cfg.dist.teacher_sharding != "shard":
-        out.append(("--dist.teacher_sharding shard", _with(cfg, dist={"teacher_sharding": "shard"})))
+        out.append(("--dist.teacher_sharding shard", _with(cfg, dist={"teacher_sharding": "shard"}), False))
     if not cfg.model.grad_ckpt:
-        out.append(("--model.grad_ckpt true", _with(cfg, model={"grad_ckpt": True})))
+        out.append(("--model.grad_ckpt true", _with(cfg, model={"grad_ckpt": True}), False))
     b, a = cfg.optim.batch_size, cfg.optim.accum_steps
     while b % 2 == 0 and b // 2 >= 2:  # BatchNorm in the heads needs two samples
         b, a = b // 2, a * 2
-        out.append((f"--optim.batch_size {b} --optim.accum_steps {a}", _with(cfg, optim={"batch_size": b,
-                                                                                          "accum_steps": a})))
+        out.append((f"--optim.batch_size {b} --optim.accum_steps {a}",
+                    _with(cfg, optim={"batch_size": b, "accum_steps": a}), True))
     return out
 
 
@@ -187,22 +190,21 @@ def _with(cfg, **sections):
 
 
 def fixes(cfg, target: Target, precision: str, m: hardware.Machine, base) -> list[dict]:
-    """Each switch that makes the setting fit (traced), with its predicted memory and cost; the switches
-    combined when none fits alone. Batch halving stops at the first batch that fits."""
-    out = []
-    for text, c in _variants(cfg, target):
-        out.append(_fix_row(text, c, target, precision, m, base))
-        if text.startswith("--optim.batch_size") and out[-1]["fits"]:
-            break
-    if not any(f["fits"] for f in out):
-        c = _with(cfg, model={"grad_ckpt": True, "teacher_grad_ckpt": True},
-                  dist={"teacher_sharding": "shard" if target.world > 1 else cfg.dist.teacher_sharding})
-        for text, v in [("all switches", c)] + [(f"all switches {t}", _with(c, optim={
-                "batch_size": v.optim.batch_size, "accum_steps": v.optim.accum_steps}))
-                for t, v in _variants(cfg, target) if t.startswith("--optim.batch_size")]:
-            out.append(_fix_row(text, v, target, precision, m, base))
-            if out[-1]["fits"]:
+    """Each switch that could make the setting fit, traced, with its predicted memory and cost; when
+    none fits alone, all of them together (then with halved batches). Halving stops at the first fit."""
+    def rows(variants):
+        out = []
+        for text, c, halves in variants:
+            out.append(_fix_row(text, c, target, precision, m, base))
+            if halves and out[-1]["fits"]:
                 break
+        return out
+    out = rows(_variants(cfg, target))
+    if not any(f["fits"] for f in out):
+        both = _with(cfg, model={"grad_ckpt": True, "teacher_grad_ckpt": True},
+                     dist={"teacher_sharding": "shard" if target.world > 1 else cfg.dist.teacher_sharding})
+        out += rows([("all the switches above", both, False)]
+                    + [(f"all the switches and {t}", c, h) for t, c, h in _variants(both, target)])
     return out
 
 

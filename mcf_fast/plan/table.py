@@ -52,8 +52,10 @@ def memory_block(s: dict) -> list[str]:
     mem, r = s["memory"], s["run"]
     w = r["world"]
     how = f"FSDP2 over {w} GPUs: state sharded" if w > 1 else "one process: no sharding"
-    notes = {"parameters": "fp32 master weights (online, target, heads)" + (" / shard" if w > 1 else ""),
-             "teacher": "frozen teacher" + (", as the run holds it" if w > 1 else " (fp32)"),
+    sharded_teacher = w > 1 and s["run"]["teacher_sharding"] == "shard"
+    held = "fp32" if w == 1 or sharded_teacher or r["precision"] != "bf16" else "bf16"
+    notes = {"parameters": "fp32 master weights (online, target, heads)" + (", sharded" if w > 1 else ""),
+             "teacher": f"frozen teacher, {held}" + (", sharded" if sharded_teacher else ", whole"),
              "gradients": "fp32" + (" shards" if w > 1 else ", at the peak"),
              "optimizer state": "AdamW moments, fp32" + (" shards" if w > 1 else ""),
              "activations": f"traced peak in {mem['peak_part']} ({mem['peak_phase']})",
@@ -90,7 +92,10 @@ def comms_block(s: dict) -> list[str]:
     if c["per_step"]["total"] == 0:
         return ["", "Collectives: none (one process)"]
     parts = ", ".join(f"{k} {v / G:.2f}" for k, v in c["per_step"].items() if k != "total" and v)
-    return ["", f"Collectives per optimizer step, per GPU: {c['per_step']['total'] / G:.2f} GiB ({parts})",
+    head = f"Collectives per optimizer step, per GPU: {c['per_step']['total'] / G:.2f} GiB ({parts})"
+    if not c["rate"]:
+        return ["", head, "  no link speed is known for this machine"]
+    return ["", head,
             f"  over {c['over']} at {c['rate'] / 1e9:.0f} GB/s ({comms.LINK_EFFICIENCY:.0%} of the link): "
             f"{c['seconds']:.3f} s = {c['share_of_likely_step']:.0%} of the likely step "
             f"({'can overlap with compute' if c['share_of_likely_step'] < 1 else 'the link limits the step'})"]

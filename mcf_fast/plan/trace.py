@@ -73,8 +73,9 @@ def traceable(cfg, notes: list | None = None):
     cfg = copy.deepcopy(cfg)
     m = cfg.model
     if m.teacher.startswith("checkpoint:"):
-        path = m.teacher.partition(":")[2]
+        spec = m.teacher.partition(":")[2]
         m.teacher = "random"
+        path = spec.rpartition("#")[0] if "#" in spec and not os.path.exists(spec) else spec
         if not os.path.isfile(path):
             if notes is not None:
                 notes.append(f"teacher checkpoint {path} is not on this machine: planned with the --model.teacher_* "
@@ -83,7 +84,7 @@ def traceable(cfg, notes: list | None = None):
             arch = dict(img_size=m.teacher_img_size, patch_size=m.teacher_patch_size, embed_dim=m.teacher_embed_dim,
                         depth=m.teacher_depth, num_heads=m.teacher_num_heads)
         else:
-            arch = checkpoint_teacher_arch(path, m.teacher_num_heads)
+            arch = checkpoint_teacher_arch(spec, m.teacher_num_heads)
         m.teacher_img_size, m.teacher_patch_size = arch["img_size"], arch["patch_size"]
         m.teacher_embed_dim, m.teacher_depth, m.teacher_num_heads = (arch["embed_dim"], arch["depth"],
                                                                      arch["num_heads"])
@@ -92,12 +93,15 @@ def traceable(cfg, notes: list | None = None):
 
 
 @functools.lru_cache(maxsize=8)
-def checkpoint_teacher_arch(path: str, num_heads: int) -> dict:
-    """The architecture of a checkpoint teacher, as `build_teacher_vit` would read it."""
-    from mcf_fast.model.layouts import load_vit
-    with torch.device("meta"):
-        vit, _, _ = load_vit(path, prefer=("teacher", "online_encoder"), num_heads=num_heads)
-    return dict(vit.arch)
+def checkpoint_teacher_arch(spec: str, num_heads: int) -> dict:
+    """The architecture of a checkpoint teacher (FILE or FILE#PART) read off its tensor shapes, the part
+    chosen as `build_teacher_vit` chooses it; nothing is built."""
+    from mcf_fast.model.checkpoints import infer_vit_arch
+    from mcf_fast.model.layouts import open_checkpoint, split_spec
+    path, part = split_spec(spec)
+    ck = open_checkpoint(path)
+    part = part or next((p for p in ("teacher", "online_encoder") if p in ck.parts), "online_encoder")
+    return infer_vit_arch(dict(ck.part(part)), num_heads)
 
 
 def _fake_model(cfg, mode: FakeTensorMode):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 
@@ -102,7 +101,7 @@ def memory_sheet(tr, cfg, target: Target, precision: str, m: hardware.Machine) -
 def speed_sheet(tr, cfg, target: Target, precision: str, m: hardware.Machine, images: int | None,
                 epochs: float) -> dict:
     peak = m.peak.get(precision) or next(iter(m.peak.values()))
-    mfu = hardware.CPU_MFU if target.gpu == "cpu" else {k: v for k, v in m.mfu_range().items()}
+    mfu = hardware.CPU_MFU if target.gpu == "cpu" else m.mfu_range()
     per_step_images = cfg.optim.batch_size * cfg.optim.accum_steps  # per GPU
     out = {"peak_flops": peak, "peak_source": m.peak_source, "range": {}}
     for name, (share, source) in mfu.items():
@@ -122,7 +121,7 @@ def plan_sheet(cfg, target: Target, *, with_fixes: bool = True) -> dict:
     epochs = target.epochs if target.epochs is not None else cfg.optim.epochs
     o = cfg.optim
     eff_batch = o.batch_size * o.accum_steps * target.world
-    total_steps = math.ceil(images * epochs / eff_batch) if images else None
+    total_steps = optimizer_steps(images, epochs, o.batch_size, o.accum_steps, target.world) if images else None
     speed = speed_sheet(tr, cfg, target, precision, m, images, epochs)
     traffic = comms.per_step(tr, cfg, target.world, precision)
     link = comms.link_time(traffic, m, target.nodes)
@@ -153,6 +152,12 @@ def plan_sheet(cfg, target: Target, *, with_fixes: bool = True) -> dict:
     if with_fixes and not mem["fits"]:
         sheet["fixes"] = fixes(cfg, target, precision, m, tr)
     return sheet
+
+
+def optimizer_steps(images: int, epochs: float, batch: int, accum: int, world: int) -> int:
+    """The run's length as the loop computes it: full steps only (each rank's epoch tail is dropped)."""
+    per_epoch = max(1, images // (world * batch) // accum)
+    return max(1, int(round(epochs * per_epoch)))
 
 
 def _loader(cfg, target: Target) -> dict:

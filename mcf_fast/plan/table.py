@@ -129,7 +129,7 @@ def fixes_block(s: dict) -> list[str]:
         return []
     lines = ["", "To fit (each traced; predicted memory per GPU, work and speed at the likely MFU):"]
     for f in s["fixes"]:
-        lines.append(f"  {f['switch']:46s} {f['needed'] / G:7.2f} GiB {'fits' if f['fits'] else 'no':4s} "
+        lines.append(f"  {f['switch']:46s} {f['needed'] / G:7.2f} GiB {'fits' if f['fits'] else 'no':5s}"
                      f"work {f['flops_change']:+.0%}  {f['images_per_s_per_gpu']:.0f} img/s/GPU"
                      + (f"  traffic {f['traffic_per_step'] / G:.2f} GiB/step" if f["traffic_per_step"] else ""))
     return lines

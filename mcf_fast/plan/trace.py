@@ -44,7 +44,7 @@ class StepTrace:
     flops_by_part: dict
     flops_by_op: dict
     peak: dict  # running maxima of transient bytes: 'all', 'act+cast', 'act'
-    at_peak: dict  # category split, part and phase at the 'all' peak
+    at_peak: dict  # per view of `peak`: the category split, bytes by part, part and phase at that moment
     tensors: list = field(default_factory=list)  # Tensor rows: parameters, buffers, optimizer state
     missing_parts: list = field(default_factory=list)  # model methods the part labels could not wrap
     seconds: float | None = None  # how long the trace took (set by the caller)
@@ -143,8 +143,9 @@ def _wrap_parts(model, tracer: StepTracer) -> list[str]:
 
 
 def _inventory(model, optimizer) -> list[Tensor]:
-    from mcf_fast.train.fsdp import _teacher
-    teacher = {id(p) for p in (_teacher(model).parameters() if _teacher(model) is not None else ())}
+    """Every parameter, buffer and optimizer-state tensor with its size and kind."""
+    vit = getattr(getattr(model, "perceptual", None), "teacher", None)  # None for the ema and pixel teachers
+    teacher = {id(p) for p in (vit.parameters() if vit is not None else ())}
     rows = []
     for name, p in model.named_parameters():
         kind = "teacher" if id(p) in teacher else "trainable" if p.requires_grad else "frozen"

@@ -2,7 +2,8 @@
 
 One process, the model built as the loop builds it, `TrainStep` on random images. The peak is the
 bytes a step needs above what is live before it (model, optimizer state):
-  CUDA  the caching allocator's own count (`max_memory_allocated` above `memory_allocated`);
+  CUDA  the caching allocator's own count (peak allocated bytes above those before the step), beside
+        the absolute allocated and reserved peaks (what calibrates the sheet's fragmentation allowance);
   CPU   the resident-set high-water mark above the resident set before the step. glibc's heap would keep
         freed tensor pages resident (the default settings measured +37% over the live bytes), so the
         mmap threshold is pinned at 128 KiB first: every tensor-sized block then leaves the resident set
@@ -44,13 +45,18 @@ def _cpu_peak(fn) -> int:
     return max(0, _status_kib("VmHWM") - before) * 1024
 
 
-def _cuda_peak(fn, device) -> int:
+def _cuda_peaks(fn, device) -> tuple[int, dict]:
+    """The allocated high-water mark of `fn` above the bytes allocated before it, and the absolute peaks
+    of allocated and reserved bytes: reserved / allocated is the fragmentation the sheet's GPU headroom
+    assumes."""
     torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     fn()
     torch.cuda.synchronize(device)
-    return max(0, torch.cuda.max_memory_allocated(device) - before)
+    st = torch.cuda.memory_stats(device)
+    peaks = {"allocated": st["allocated_bytes.all.peak"], "reserved": st["reserved_bytes.all.peak"]}
+    return max(0, peaks["allocated"] - before), peaks
 
 
 def measure_step(cfg, precision: str, device="cpu", warmup: int = 1) -> dict:
@@ -81,9 +87,9 @@ def measure_step(cfg, precision: str, device="cpu", warmup: int = 1) -> dict:
         step(it, i, 1e-4, o.momentum)
     t0 = time.perf_counter()
     run = lambda: step(it, warmup, 1e-4, o.momentum)  # noqa: E731
-    peak = _cuda_peak(run, dev) if dev.type == "cuda" else _cpu_peak(run)
+    peak, absolute = _cuda_peaks(run, dev) if dev.type == "cuda" else (_cpu_peak(run), None)
     dt = time.perf_counter() - t0
-    return {"peak_bytes": peak, "step_s": dt, "images_per_s": B * o.accum_steps / dt}
+    return {"peak_bytes": peak, "device_peaks": absolute, "step_s": dt, "images_per_s": B * o.accum_steps / dt}
 
 
 __all__ = ["measure_step", "pin_mmap_threshold"]

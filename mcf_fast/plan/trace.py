@@ -240,20 +240,15 @@ class _Phases:
 
 def sdpa_cpu_flops() -> dict:
     """FlopCounterMode counts CUDA's attention kernels but not the CPU flash kernel the fake step
-    dispatches to: the same formulas for it (the step benchmark counts the same way)."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+    dispatches to: torch's own SDPA formulas for it (the step benchmark counts the same way)."""
+    from torch.utils import flop_counter as fc
     aten = torch.ops.aten
-
-    def fwd(q, k, v, *a, out_shape=None, **kw):
-        return sdpa_flop_count(q, k, v)
-
-    def bwd(g, q, k, v, *a, out_shape=None, **kw):
-        return sdpa_backward_flop_count(g, q, k, v)
-    m = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        m[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
-        m[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
-    return m
+    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return {}
+    return {aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *_, out_shape=None, **__: fc.sdpa_flop_count(q, k, v),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *_, out_shape=None, **__: fc.sdpa_backward_flop_count(g, q, k, v)}
 
 
 __all__ = ["trace_step", "StepTrace", "Tensor", "PARTS", "traceable", "build"]

@@ -111,3 +111,16 @@ def test_checkpoint_teacher_is_planned_at_its_own_size(tmp_path, capsys):
     _, out, _ = _run(capsys, common + ["--model.teacher", "random", "--model.teacher_embed_dim", "96",
                                        "--model.teacher_depth", "3"])
     assert from_file["flops"] == json.loads(out)["flops"] and not from_file["trace"]["notes"]
+
+
+def test_loader_rate_is_measured_on_one_core():
+    """The loader's own decode + augment on synthetic face JPEGs: a positive rate per core, the JPEG size,
+    and OpenCV's thread count given back afterwards."""
+    from mcf_fast.data.config import DataConfig
+    from mcf_fast.plan import loader
+    cv2 = pytest.importorskip("cv2")
+    threads = cv2.getNumThreads()
+    r = loader.measure_rate(DataConfig(img_size=64), 80, seconds=0.05)
+    assert r["images_per_s_per_core"] > 0 and r["bytes_per_image"] > 0 and r["measured"]
+    assert cv2.getNumThreads() == threads
+    assert loader.cores_needed(2 * r["images_per_s_per_core"], r) == pytest.approx(2.0)

@@ -103,11 +103,15 @@ def comms_block(s: dict) -> list[str]:
 
 def loader_block(s: dict) -> list[str]:
     ld = s["loader"]
-    where = (f"measured here: {ld['decoder']} decode + resize/crop/flip of {ld['source_px']} px JPEGs on one core, "
-             f"load average {ld['load_average']:.1f}") if ld["measured"] else "given"
+    where = (f"measured here: {ld['decoder']} decode + resize/crop/flip of {ld['source_px']} px JPEGs, per second of "
+             f"one core's CPU time, load average {ld['load_average']:.1f}") if ld["measured"] else "given"
     cores = " / ".join(f"{k} {v:.1f}" for k, v in ld["cores_per_gpu"].items())
-    return ["", f"Loader: {ld['images_per_s_per_core']:.0f} images/s per core ({where})",
-            f"  CPU cores per GPU for the torch loader: {cores} (low / likely / high speed)"]
+    lines = ["", f"Loader: {ld['images_per_s_per_core']:.0f} images/s per core ({where})",
+             f"  CPU cores per GPU for the torch loader: {cores} (low / likely / high speed)"]
+    if ld["measured"]:
+        lines.append("  decode + augment only, on synthetic faces: real photos decode slower and the loader adds "
+                     "reading and batching; --loader-rate takes a rate measured on your data")
+    return lines
 
 
 def storage_block(s: dict) -> list[str]:

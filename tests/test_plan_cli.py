@@ -29,7 +29,7 @@ def test_paper_run_sheet(capsys):
     assert sum(s["flops"]["by_part"].values()) == pytest.approx(fpi)
     for name, r in s["speed"]["range"].items():
         assert r["images_per_s_per_gpu"] == pytest.approx(r["mfu"] * 989e12 / fpi)
-        assert r["hours"] == pytest.approx(20_000_000 * 16 / (r["images_per_s_per_gpu"] * 8) / 3600)
+        assert r["hours"] == pytest.approx(s["run"]["optimizer_steps"] * 4096 / (r["images_per_s_per_gpu"] * 8) / 3600)
         assert s["loader"]["cores_per_gpu"][name] == pytest.approx(r["images_per_s_per_gpu"] / 1000)
     low, likely, high = (s["speed"]["range"][k]["mfu"] for k in ("low", "likely", "high"))
     assert low < likely < high
@@ -58,11 +58,14 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, says):
 
 
 def test_help_shows_the_plan_and_the_pretrain_options(capsys):
-    """--help lists the cluster/job options beside every pretrain option."""
+    """--help lists the cluster/job options beside every pretrain option; --print-config prints the
+    resolved config (--epochs included) without tracing."""
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])
     text = capsys.readouterr().out
     assert e.value.code == 0 and "--gpu" in text and "--images" in text and "--model.teacher_grad_ckpt" in text
+    code, out, _ = _run(capsys, ["--preset", "vit-s", "--epochs", "3", "--print-config"])
+    assert code == 0 and json.loads(out)["optim"]["epochs"] == 3.0
 
 
 def test_absent_teacher_checkpoint_is_planned_with_the_configured_architecture(capsys):
@@ -89,10 +92,11 @@ def test_a_setting_that_does_not_fit_gets_traced_fixes():
 
 
 def test_cpu_target_plans_for_this_machine(capsys):
-    """--gpu cpu: this machine's RAM and measured matmul rate, no collectives."""
+    """--gpu cpu: this machine's RAM and measured matmul rate, no collectives; --max-steps sets the length."""
     code, out, _ = _run(capsys, ["--preset", "demo", "--gpu", "cpu", "--loader-rate", "100", "--json"])
     s = json.loads(out)
     assert code == 0 and s["run"]["machine"] == "this CPU" and s["comms"]["per_step"]["total"] == 0
+    assert s["run"]["optimizer_steps"] == 150  # the demo preset's max_steps
     assert s["speed"]["peak_flops"] > 0 and "measured here" in s["speed"]["peak_source"]
 
 

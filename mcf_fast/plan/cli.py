@@ -44,7 +44,7 @@ def _check_plan_options(p, ns) -> None:
 
 
 def parse(argv: list[str]):
-    """(Config, Target, as_json) from the command line; exits 2 with one line on bad input."""
+    """(Config, Target, namespace) from the command line; exits 2 with one line on bad input."""
     from mcf_fast.train import cli as pretrain_cli
 
     from .sheet import Target
@@ -69,12 +69,15 @@ def parse(argv: list[str]):
         p.error(str(e))
     target = Target(gpu=ns.gpu, gpus=ns.gpus, nodes=ns.nodes, images=ns.images, epochs=cfg.optim.epochs,
                     loader_rate=ns.loader_rate, source_px=ns.source_px, image_kb=ns.image_kb)
-    return cfg, target, ns.json
+    return cfg, target, ns
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, target, as_json = parse(argv)
+    cfg, target, ns = parse(argv)
+    if ns.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
     from .sheet import plan_sheet
     from .table import render
     try:
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # e.g. a precision the target cannot run, an unreadable teacher checkpoint
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(sheet, indent=2, default=str) if as_json else render(sheet))
+    print(json.dumps(sheet, indent=2, default=str) if ns.json else render(sheet))
     return 0
 
 

@@ -98,17 +98,17 @@ def memory_sheet(tr, cfg, target: Target, precision: str, m: hardware.Machine) -
             "peak_by_part": at.get("by_part", {})}
 
 
-def speed_sheet(tr, cfg, target: Target, precision: str, m: hardware.Machine, images: int | None,
-                epochs: float) -> dict:
+def speed_sheet(tr, cfg, target: Target, precision: str, m: hardware.Machine, total_steps: int | None) -> dict:
+    """Images/s per GPU, seconds per optimizer step and hours for the run at each MFU of the range."""
     peak = m.peak.get(precision) or next(iter(m.peak.values()))
     mfu = hardware.CPU_MFU if target.gpu == "cpu" else m.mfu_range()
     per_step_images = cfg.optim.batch_size * cfg.optim.accum_steps  # per GPU
     out = {"peak_flops": peak, "peak_source": m.peak_source, "range": {}}
     for name, (share, source) in mfu.items():
         ips = share * peak / tr.flops_per_image
-        hours = images * epochs / (ips * target.world) / 3600 if images else None
-        out["range"][name] = {"mfu": share, "source": source, "images_per_s_per_gpu": ips,
-                              "step_s": per_step_images / ips, "hours": hours}
+        step_s = per_step_images / ips
+        out["range"][name] = {"mfu": share, "source": source, "images_per_s_per_gpu": ips, "step_s": step_s,
+                              "hours": total_steps * step_s / 3600 if total_steps else None}
     return out
 
 
@@ -121,8 +121,9 @@ def plan_sheet(cfg, target: Target, *, with_fixes: bool = True) -> dict:
     epochs = target.epochs if target.epochs is not None else cfg.optim.epochs
     o = cfg.optim
     eff_batch = o.batch_size * o.accum_steps * target.world
-    total_steps = optimizer_steps(images, epochs, o.batch_size, o.accum_steps, target.world) if images else None
-    speed = speed_sheet(tr, cfg, target, precision, m, images, epochs)
+    total_steps = o.max_steps or (optimizer_steps(images, epochs, o.batch_size, o.accum_steps, target.world)
+                                  if images else None)
+    speed = speed_sheet(tr, cfg, target, precision, m, total_steps)
     traffic = comms.per_step(tr, cfg, target.world, precision)
     link = comms.link_time(traffic, m, target.nodes)
     likely_step = speed["range"]["likely"]["step_s"]
@@ -134,7 +135,7 @@ def plan_sheet(cfg, target: Target, *, with_fixes: bool = True) -> dict:
         "run": {"preset": cfg.preset, "machine": m.name, "gpus_per_node": target.gpus, "nodes": target.nodes,
                 "world": target.world, "precision": precision, "precision_why": why, "batch": o.batch_size,
                 "accum_steps": o.accum_steps, "effective_batch": eff_batch, "images_per_epoch": images,
-                "epochs": epochs, "optimizer_steps": total_steps, "memory": m.memory,
+                "epochs": epochs, "optimizer_steps": total_steps, "max_steps": o.max_steps, "memory": m.memory,
                 "teacher_sharding": cfg.dist.teacher_sharding},
         "flops": {"per_image": tr.flops_per_image,
                   "by_part": {k: v / (tr.batch * tr.micro_steps) for k, v in tr.flops_by_part.items()},

@@ -29,7 +29,9 @@ def header(s: dict) -> list[str]:
              f"{'s' if r['nodes'] > 1 else ''}), {r['precision']} ({r['precision_why']})",
              f"  batch {r['batch']} x accum {r['accum_steps']} x {r['world']} GPU{'s' if r['world'] > 1 else ''} "
              f"= {r['effective_batch']} images per optimizer step"]
-    if r["images_per_epoch"]:
+    if r["max_steps"]:
+        lines.append(f"  job: {r['optimizer_steps']:,} optimizer steps (--optim.max_steps)")
+    elif r["images_per_epoch"]:
         lines.append(f"  job: {r['images_per_epoch']:,} images x {r['epochs']:g} epochs = "
                      f"{r['optimizer_steps']:,} optimizer steps")
     else:

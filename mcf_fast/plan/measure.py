@@ -28,6 +28,19 @@ def pin_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
         return False
 
 
+def cpu_measurable() -> tuple[bool, str]:
+    """(ok, why not): the CPU peak needs glibc (to pin the mmap threshold) and Linux's resettable VmHWM."""
+    if not pin_mmap_threshold():
+        return False, "not glibc: freed tensors would stay in the resident set (mallopt unavailable)"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kib("VmHWM")
+    except OSError as e:
+        return False, f"no resettable resident-set peak here ({e})"
+    return True, ""
+
+
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -68,7 +81,9 @@ def measure_step(cfg, precision: str, device="cpu", warmup: int = 1) -> dict:
     from .trace import build, traceable
     dev = torch.device(device)
     if dev.type == "cpu":
-        pin_mmap_threshold()
+        ok, why = cpu_measurable()
+        if not ok:
+            raise RuntimeError(f"cannot measure a CPU step's peak: {why}")
     cfg = traceable(cfg)
     o, B, S = cfg.optim, cfg.optim.batch_size, cfg.model.img_size
     with torch.random.fork_rng(devices=[]):
@@ -92,4 +107,4 @@ def measure_step(cfg, precision: str, device="cpu", warmup: int = 1) -> dict:
     return {"peak_bytes": peak, "device_peaks": absolute, "step_s": dt, "images_per_s": B * o.accum_steps / dt}
 
 
-__all__ = ["measure_step", "pin_mmap_threshold"]
+__all__ = ["measure_step", "pin_mmap_threshold", "cpu_measurable"]

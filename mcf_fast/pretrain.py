@@ -29,10 +29,14 @@ def _main(argv) -> int:
     if ns.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    from mcf_fast.plan.check import WontFit
     from mcf_fast.train.dcp_safe import CheckpointError
     from mcf_fast.train.loop import NonFiniteError, train
     try:
         train(cfg)
+    except WontFit as e:  # the pre-flight memory check: nothing was built or written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -203,6 +203,9 @@ class RunConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events under OUT/tb.")
     export: bool = _f(True, "Export the online encoder (encoder.safetensors + encoder.json) at the end.")
     allow_config_change: bool = _f(False, "Resume even if the saved config differs (otherwise an error).")
+    memory_check: bool = _f(True, "On a GPU, refuse before anything is built a setting the cost sheet "
+                                  "(python -m mcf_fast.plan) predicts will not fit, naming the switches that make "
+                                  "it fit; false skips the check.")
 
     def validate(self):
         def bad(n, msg):
@@ -222,6 +225,8 @@ class RunConfig:
             bad("interrupt_ckpt_after_s", "must be >= 0 seconds (0 = always checkpoint on an interrupt)")
         if self.progress not in ("auto", "bar", "lines", "none"):
             bad("progress", "must be auto, bar, lines or none")
+        if not isinstance(self.memory_check, bool):
+            bad("memory_check", "must be true or false")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from mcf_fast.model.checkpoints import load_mae_decoder
 from mcf_fast.model.init_from import init_from_checkpoint
 from mcf_fast.model.mcf import MCFModel
 from mcf_fast.model.vit import save_encoder, set_attention_backend
+from mcf_fast.plan.check import check_fits
 
 from . import checkpoint as ckpt
 from . import runfolder, visualize
@@ -92,6 +93,7 @@ def train(cfg: Config) -> dict:
     """Run (or resume) the pre-training described by `cfg`; returns a summary dict."""
     t_start = time.perf_counter()
     rt = init_runtime(cfg.run.device, cfg.run.precision, cfg.dist.backend)
+    check_fits(cfg, rt.world_size, rt.device)  # GPU only: refuse what cannot fit before anything is written
     out = cfg.run.out
     lock = runfolder.claim(out, rt)  # before anything in the folder is read or written
     try:

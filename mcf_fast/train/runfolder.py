@@ -22,7 +22,7 @@ from .runtime import Runtime
 log = logging.getLogger("mcf_fast")
 LOCK_NAME = ".lock"
 IGNORED = {("run", "allow_config_change"), ("run", "progress"),  # never part of a run's identity
-           ("run", "interrupt_ckpt_after_s")}
+           ("run", "interrupt_ckpt_after_s"), ("run", "memory_check")}
 
 
 class RunLock:

@@ -17,10 +17,10 @@ def one(name: str, batch: int = 8) -> None:
 
     from mcf_fast.masking import random_masks
     from mcf_fast.train.config import from_preset
-    from mcf_fast.train.loop import build_model
+    from mcf_fast.model.mcf import MCFModel
     cfg = from_preset("vit-s")
     cfg.model.teacher_grad_ckpt, cfg.model.grad_ckpt = SETTINGS[name]
-    m = build_model(cfg.model, 0)
+    m = MCFModel.from_config(cfg.model, seed=0)
     imgs = torch.randn(batch, 3, 224, 224)
     L = m.encoder.num_patches
     mk = random_masks(batch, L, 0.75, views=2, seed=0, step=0, sample_ids=torch.arange(batch))

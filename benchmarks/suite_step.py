@@ -264,14 +264,14 @@ def _choose_batch(engine_model, cfg, device, spec, left_s, steps_per_provider, o
 def child(spec: dict) -> dict:
     """One (preset, precision) configuration; see the module docstring. `spec`: preset, precision,
     device, budget_s, max_batch, batch (fixed or 0 = choose), reps, warmup, profile."""
-    from mcf_fast.train.loop import build_model
+    from mcf_fast.model.mcf import MCFModel
     t0 = time.perf_counter()
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     cfg, prec = _config(spec["preset"]), spec["precision"]
     out = {"spec": spec, "preset": spec["preset"], "precision": prec}
-    engine_model = build_model(cfg.model, 0).to(device).train()
+    engine_model = MCFModel.from_config(cfg.model, seed=0).to(device).train()
     # BatchNorm in the heads needs >= 2 samples in training mode: batch 2 is the smallest step.
     fixed = spec.get("batch") or 0
     f_fixed = _flops_of(engine_model, cfg, device, prec, fixed, "engine") if fixed else None
@@ -297,7 +297,7 @@ def child(spec: dict) -> dict:
     out["check"] = check_losses(engine_model, cfg, device, prec, batch)
     out["flops_engine"] = f_fixed or _flops_of(engine_model, cfg, device, prec, batch, "engine")
     out["flops_teacher"] = _teacher_flops(engine_model, cfg, device, prec, batch)
-    ref_model = build_model(cfg.model, 0).to(device).train()
+    ref_model = MCFModel.from_config(cfg.model, seed=0).to(device).train()
     out["flops_reference"] = _flops_of(ref_model, cfg, device, prec, batch, "reference")
     eng = TimedTrainStep(engine_model, cfg, _loader(cfg, batch, device), device, prec)
     ref = ReferenceStep(ref_model, cfg, _loader(cfg, batch, device), device, prec)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+PROG = "python -m mcf_fast.pretrain"
+
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -21,10 +23,14 @@ def main(argv=None) -> int:
     if ns.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    from mcf_fast.train.checks import BadInput
     from mcf_fast.train.dcp_safe import CheckpointError
     from mcf_fast.train.loop import NonFiniteError, train
     try:
         train(cfg)
+    except BadInput as e:  # found before the run folder was touched: nothing was written
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

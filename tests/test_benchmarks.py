@@ -135,7 +135,7 @@ def test_engine_step_is_the_training_step():
     bit-equal to two plain TrainStep calls, and every phase is reported."""
     import suite_step as SS
 
-    from mcf_fast.train.loop import build_model
+    from mcf_fast.model.mcf import MCFModel
     from mcf_fast.train.optim import build_optimizer
     from mcf_fast.train.runtime import Runtime
     from mcf_fast.train.step import TrainStep
@@ -144,7 +144,7 @@ def test_engine_step_is_the_training_step():
     m.depth, m.decoder_depth, m.teacher_depth, m.teacher_layers, m.proj_hidden = 1, 1, 1, (0,), 64
     cfg.data.synthetic_size = 16  # the loader draws its faces up front
     cpu = torch.device("cpu")
-    timed_model, plain_model = build_model(m, 0).train(), build_model(m, 0).train()
+    timed_model, plain_model = MCFModel.from_config(m, seed=0).train(), MCFModel.from_config(m, seed=0).train()
     timed = SS.TimedTrainStep(timed_model, cfg, SS._loader(cfg, 2, cpu), cpu, "fp32")
     assert isinstance(timed.step, TrainStep)
     phases = [timed(), timed()]

@@ -15,13 +15,11 @@ from typing import Callable, Iterator
 import torch
 
 from mcf_fast.masking import random_masks
-from mcf_fast.model.mcf import ema_update
+from mcf_fast.model.mcf import EMA_CADENCES, ema_update
 
 from .config import Config
 from .optim import set_lr
 from .runtime import Runtime
-
-EMA_CADENCES = ("micro", "step")
 
 
 @dataclass

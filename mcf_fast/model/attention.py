@@ -58,7 +58,7 @@ def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 @ATTENTION.register
 class Xformers:
     name = "xformers"
-    summary = "xformers' memory_efficient_attention on CUDA tensors (opt-in; SDPA on other devices)"
+    summary = "xformers' memory_efficient_attention on CUDA tensors, SDPA on other devices; opt-in"
     fields = ("model.attention",)
 
     @staticmethod

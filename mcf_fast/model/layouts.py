@@ -116,8 +116,9 @@ class Reading:
 LAYOUTS: Registry = Registry("checkpoint layout", "FILE")
 
 
-def _read(label: str, keys, wheres: dict, reads: tuple, drops: tuple = ()) -> Reading:
-    """A Reading from {part: Take or (Take, ...)}: the first alternative that finds names wins."""
+def read_parts(label: str, keys, wheres: dict, reads: tuple, drops: tuple = ()) -> Reading:
+    """A Reading from {part: Take or (Take, ...)}: the first alternative that finds names wins (what a
+    layout's `read` returns once it has recognised the names)."""
     parts = {}
     for part, where in wheres.items():
         for take in (where if isinstance(where, tuple) else (where,)):
@@ -138,7 +139,7 @@ class ReferenceCode:
     def read(keys: set, meta: dict) -> Reading | None:
         if "online_encoder.patch_embed.proj.weight" not in keys:
             return None
-        return _read("reference-code MCF checkpoint", keys, {
+        return read_parts("reference-code MCF checkpoint", keys, {
             "online_encoder": Take("online_encoder.", skip=("fc.",), drop_head=True),
             "target_encoder": Take("target_encoder.", skip=("fc.",), drop_head=True),
             "projector": (Take("online_encoder.fc."), Take("projector.")),
@@ -168,7 +169,7 @@ class McfFastModel:
         wheres = {p: Take(pre) for p, pre in MODEL_PREFIX.items() if p != "decoder"}
         wheres.update(decoder=Take(match=DECODER_KEY), teacher=Take(TEACHER_PREFIX))
         reads = tuple(pre for p, pre in MODEL_PREFIX.items() if pre) + (TEACHER_PREFIX, "decoder_", "mask_token")
-        return _read("mcf_fast model state dict", keys, wheres, reads)
+        return read_parts("mcf_fast model state dict", keys, wheres, reads)
 
 
 @LAYOUTS.register
@@ -181,7 +182,7 @@ class MocoV3:
         if "base_encoder.patch_embed.proj.weight" not in keys:
             return None
         # MoCo v3's projector (3 layers, inside the encoders' head) and predictor (final BN) are not ours.
-        return _read("MoCo v3 checkpoint", keys, {"online_encoder": Take("base_encoder.", drop_head=True),
+        return read_parts("MoCo v3 checkpoint", keys, {"online_encoder": Take("base_encoder.", drop_head=True),
                                                   "target_encoder": Take("momentum_encoder.", drop_head=True)},
                      ("base_encoder.", "momentum_encoder."), ("predictor.",))
 
@@ -209,7 +210,7 @@ class McfFastExport:
         if prefix is None or not (meta.get("format") == "mcf_fast.encoder.v1"
                                   or os.path.exists(_json_beside(meta.get("path", "")))):
             return None
-        return _read("mcf_fast encoder export", keys, {"online_encoder": _vit_take(prefix)}, (prefix,))
+        return read_parts("mcf_fast encoder export", keys, {"online_encoder": _vit_take(prefix)}, (prefix,))
 
 
 @LAYOUTS.register
@@ -222,7 +223,7 @@ class MaePretraining:
         prefix = _vit_prefix(keys)
         if prefix is None or "decoder_embed.weight" not in keys:
             return None
-        return _read("MAE pre-training checkpoint", keys,
+        return read_parts("MAE pre-training checkpoint", keys,
                      {"online_encoder": _vit_take(prefix), "decoder": Take(match=DECODER_KEY)}, ("",))
 
 
@@ -237,7 +238,7 @@ class VitStateDict:
         if prefix is None:
             return None
         where = f" under {prefix!r}" if prefix else ""
-        return _read(f"ViT state dict{where} (timm / MAE / plain)", keys, {"online_encoder": _vit_take(prefix)},
+        return read_parts(f"ViT state dict{where} (timm / MAE / plain)", keys, {"online_encoder": _vit_take(prefix)},
                      (prefix,))
 
 
@@ -362,6 +363,6 @@ def to_model_state(ck: Checkpoint) -> dict[str, torch.Tensor]:
     return {MODEL_PREFIX[p] + k: v for p, sd in ck.parts.items() if p in MODEL_PREFIX for k, v in sd.items()}
 
 
-__all__ = ["PARTS", "LAYOUTS", "Checkpoint", "split_spec", "recognise", "read_names", "part_depth",
+__all__ = ["PARTS", "LAYOUTS", "Take", "Reading", "read_parts", "Checkpoint", "split_spec", "recognise", "read_names", "part_depth",
            "file_part_depth",
            "open_checkpoint", "vit_from", "load_vit", "arch_text", "to_model_state"]

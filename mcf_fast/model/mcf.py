@@ -26,8 +26,8 @@ from .vit import ARCH_KEYS, Block, VisionTransformer, build_vit, init_vit_weight
 log = logging.getLogger("mcf_fast")
 
 EMBED_MODES = choices("embed mode", "--model.embed_mode", {
-    "gather_pixels": "embed only the visible patches (faster)",
-    "embed_all": "embed all, then gather (MAE's order)"})
+    "gather_pixels": "embed only the visible patches: 75% less embedding work",
+    "embed_all": "embed all, then gather: MAE's order"})
 PATCH_EMBED_BIASES = choices("patch-embedding bias init", "--model.patch_embed_bias", {
     "zeros": "zeros",
     "conv_default": "Conv2d's uniform, the reference code"})

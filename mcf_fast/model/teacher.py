@@ -113,8 +113,8 @@ class _FeatureTeacher:
 @TEACHERS.register
 class CheckpointTeacher(_FeatureTeacher):
     name, takes_path = "checkpoint", True
-    summary = ("checkpoint:PATH, a pre-trained ViT file (MoCo v3, MAE, timm, safetensors, an mcf_fast export, "
-               "the reference code's teacher; PATH#PART picks a sub-network); architecture read off the file")
+    summary = ("checkpoint:PATH, a pre-trained ViT file: MoCo v3, MAE, timm, safetensors, an mcf_fast export or the "
+               "reference code's teacher, PATH#PART picking a sub-network; its architecture is read off the file")
     fields = ("model.teacher", "model.teacher_layers", "model.teacher_num_heads", "model.teacher_resize",
               "model.teacher_grad_ckpt")
 
@@ -144,7 +144,7 @@ class CheckpointTeacher(_FeatureTeacher):
 @TEACHERS.register
 class RandomTeacher(_FeatureTeacher):
     name = "random"
-    summary = "a frozen ViT with seeded random weights, sized by --model.teacher_* (no download: the demo's default)"
+    summary = "a frozen ViT with seeded random weights, sized by --model.teacher_*; no download, the demo's default"
     fields = ("model.teacher_img_size", "model.teacher_patch_size", "model.teacher_embed_dim", "model.teacher_depth",
               "model.teacher_num_heads", "model.teacher_layers", "model.teacher_resize", "model.teacher_grad_ckpt")
 
@@ -172,7 +172,7 @@ class RandomTeacher(_FeatureTeacher):
 @TEACHERS.register
 class EmaTeacher(_FeatureTeacher):
     name = "ema"
-    summary = "the momentum (target) encoder itself judges the image"
+    summary = "the momentum encoder itself judges the image"
     fields = ("model.teacher_layers", "model.teacher_resize", "model.teacher_grad_ckpt")
 
     @staticmethod
@@ -187,7 +187,7 @@ class EmaTeacher(_FeatureTeacher):
 @TEACHERS.register
 class PixelTeacher:
     name, takes_path, term = "pixel", False, "pixel"
-    summary = "no teacher: MAE's pixel loss on the removed patches (--model.norm_pix_loss normalises each patch)"
+    summary = "no teacher: MAE's pixel loss on the removed patches, each normalised with --model.norm_pix_loss"
     fields = ("model.norm_pix_loss", "model.mask_ratio", "model.perceptual_weight")
 
     @staticmethod

@@ -16,8 +16,8 @@ def one(name: str, batch: int = 8) -> None:
     import torch
 
     from mcf_fast.masking import random_masks
-    from mcf_fast.train.config import from_preset
     from mcf_fast.model.mcf import MCFModel
+    from mcf_fast.train.config import from_preset
     cfg = from_preset("vit-s")
     cfg.model.teacher_grad_ckpt, cfg.model.grad_ckpt = SETTINGS[name]
     m = MCFModel.from_config(cfg.model, seed=0)

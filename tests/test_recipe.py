@@ -154,8 +154,8 @@ TINY = ["--model.img_size", "32", "--model.patch_size", "8", "--model.embed_dim"
 def _run(out, *extra):
     from safetensors.torch import load_file
 
-    from mcf_fast.train.cli import parse_args
     from mcf_fast.model.mcf import MCFModel
+    from mcf_fast.train.cli import parse_args
     from mcf_fast.train.loop import train
     cfg, _ = parse_args(["--out", str(out), *TINY, *extra])
     train(cfg)

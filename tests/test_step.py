@@ -6,9 +6,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mcf_fast.data.loader import Batch
+from mcf_fast.model.mcf import MCFModel
 from mcf_fast.train import step as step_mod
 from mcf_fast.train.config import from_preset
-from mcf_fast.model.mcf import MCFModel
 from mcf_fast.train.optim import build_optimizer
 from mcf_fast.train.runtime import Runtime
 from mcf_fast.train.step import TrainStep

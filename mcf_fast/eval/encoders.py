@@ -13,8 +13,15 @@ import re
 import torch
 
 from mcf_fast.model.headers import read_small_json
-from mcf_fast.model.vit import (ARCH_KEYS, VisionTransformer, build_vit, check_arch, export_arch,
-                                interpolate_pos_embed, load_encoder)
+from mcf_fast.model.vit import (
+    ARCH_KEYS,
+    VisionTransformer,
+    build_vit,
+    check_arch,
+    export_arch,
+    interpolate_pos_embed,
+    load_encoder,
+)
 
 log = logging.getLogger(__name__)
 PRESETS = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}

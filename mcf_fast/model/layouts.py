@@ -224,7 +224,7 @@ class MaePretraining:
         if prefix is None or "decoder_embed.weight" not in keys:
             return None
         return read_parts("MAE pre-training checkpoint", keys,
-                     {"online_encoder": _vit_take(prefix), "decoder": Take(match=DECODER_KEY)}, ("",))
+                          {"online_encoder": _vit_take(prefix), "decoder": Take(match=DECODER_KEY)}, ("",))
 
 
 @LAYOUTS.register
@@ -363,6 +363,5 @@ def to_model_state(ck: Checkpoint) -> dict[str, torch.Tensor]:
     return {MODEL_PREFIX[p] + k: v for p, sd in ck.parts.items() if p in MODEL_PREFIX for k, v in sd.items()}
 
 
-__all__ = ["PARTS", "LAYOUTS", "Take", "Reading", "read_parts", "Checkpoint", "split_spec", "recognise", "read_names", "part_depth",
-           "file_part_depth",
-           "open_checkpoint", "vit_from", "load_vit", "arch_text", "to_model_state"]
+__all__ = ["PARTS", "LAYOUTS", "Take", "Reading", "read_parts", "Checkpoint", "split_spec", "recognise", "read_names",
+           "part_depth", "file_part_depth", "open_checkpoint", "vit_from", "load_vit", "arch_text", "to_model_state"]

@@ -82,7 +82,7 @@ def _check_layers(m, depth: int, where: str) -> None:
              f"block {max(m.teacher_layers)} is beyond the {depth}-block teacher{where}; use indices 0..{depth - 1}")
 
 
-class _FeatureTeacher:
+class FeatureTeacher:
     """Kinds whose ViT features judge the image: the PerceptualLoss module, built and checked here."""
     term = "perceptual"
     takes_path = False
@@ -111,7 +111,7 @@ class _FeatureTeacher:
 
 
 @TEACHERS.register
-class CheckpointTeacher(_FeatureTeacher):
+class CheckpointTeacher(FeatureTeacher):
     name, takes_path = "checkpoint", True
     summary = ("checkpoint:PATH, a pre-trained ViT file: MoCo v3, MAE, timm, safetensors, an mcf_fast export or the "
                "reference code's teacher, PATH#PART picking a sub-network; its architecture is read off the file")
@@ -142,7 +142,7 @@ class CheckpointTeacher(_FeatureTeacher):
 
 
 @TEACHERS.register
-class RandomTeacher(_FeatureTeacher):
+class RandomTeacher(FeatureTeacher):
     name = "random"
     summary = "a frozen ViT with seeded random weights, sized by --model.teacher_*; no download, the demo's default"
     fields = ("model.teacher_img_size", "model.teacher_patch_size", "model.teacher_embed_dim", "model.teacher_depth",
@@ -170,7 +170,7 @@ class RandomTeacher(_FeatureTeacher):
 
 
 @TEACHERS.register
-class EmaTeacher(_FeatureTeacher):
+class EmaTeacher(FeatureTeacher):
     name = "ema"
     summary = "the momentum encoder itself judges the image"
     fields = ("model.teacher_layers", "model.teacher_resize", "model.teacher_grad_ckpt")
@@ -267,5 +267,5 @@ class PerceptualLoss(nn.Module):
         return sum(F.mse_loss(o, t) for o, t in zip(out, target))
 
 
-__all__ = ["TEACHERS", "TeacherSpec", "parse_teacher_spec", "build_teacher_vit", "PerceptualLoss", "RESIZES",
+__all__ = ["TEACHERS", "TeacherSpec", "FeatureTeacher", "parse_teacher_spec", "build_teacher_vit", "PerceptualLoss", "RESIZES",
            "RESIZE_MODES"]

@@ -85,3 +85,23 @@ def test_decoder_init_is_applied(tmp_path):
     fresh = MCFModel.from_config(plain, seed=2)
     assert torch.equal(model.decoder_blocks[0].mlp.fc1.weight, src.decoder_blocks[0].mlp.fc1.weight)
     assert torch.equal(model.decoder_blocks[1].mlp.fc1.weight, fresh.decoder_blocks[1].mlp.fc1.weight)
+
+
+def test_build_messages_reach_train_log(tmp_path):
+    """The model is built before the run folder exists, yet what the build says (here: the decoder loaded
+    from decoder_init) still lands in OUT/train.log."""
+    from test_pretrain_e2e import TINY
+
+    from mcf_fast.train.cli import parse_args
+    from mcf_fast.train.loop import train
+    argv = ["--out", str(tmp_path / "run"), "--max-steps", "1", *TINY, "--run.tensorboard", "false",
+            "--run.progress", "none", "--run.export", "false"]
+    cfg, _ = parse_args(argv)
+    src = MCFModel.from_config(cfg.model, seed=1)
+    mae = {k: v for k, v in src.state_dict().items() if k.startswith(("decoder_", "mask_token"))}
+    torch.save({"model": mae}, tmp_path / "mae.pth")
+    cfg, _ = parse_args(argv + ["--model.decoder_init", str(tmp_path / "mae.pth")])
+    train(cfg)
+    text = (tmp_path / "run" / "train.log").read_text()
+    assert f"decoder initialised from {tmp_path / 'mae.pth'}" in text
+    assert text.index("decoder initialised") < text.index("new run in")

@@ -69,7 +69,8 @@ def train(cfg: Config) -> dict:
     device and precision, and the model build (which reads the teacher, decoder_init and init files);
     their errors are `BadInput` (one line, exit 2 from the CLI) and nothing has been written."""
     t_start = time.perf_counter()
-    setup_logging(None, int(os.environ.get("RANK", "0")))  # console only until the folder is ours
+    rank = os.environ.get("RANK", "0")
+    setup_logging(None, int(rank) if rank.isdigit() else 0)  # console only until the folder is ours
     with _bad_input(), _held_records() as early:
         cfg.validate()
         check_inputs(cfg)

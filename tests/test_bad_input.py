@@ -120,6 +120,16 @@ def test_teacher_heads_must_divide_the_file_width(teacher_files, tmp_path, capsy
     assert "--model.teacher" in line and "num_heads 5 does not divide embed_dim 32" in line
 
 
+def test_safetensors_teacher_width_is_checked_from_its_header(tmp_path, capsys, no_build):
+    """A .safetensors teacher's width is in its header: heads that do not divide it are refused pre-flight."""
+    from safetensors.torch import save_file
+    vit = VisionTransformer(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    save_file(vit.state_dict(), str(tmp_path / "t.safetensors"))
+    line = _refused(["--model.teacher", f"checkpoint:{tmp_path / 't.safetensors'}", "--model.teacher_num_heads", "5",
+                     "--model.teacher_layers", "0,1"], tmp_path / "run", capsys)
+    assert "--model.teacher_num_heads 5: must divide the width 32 of the teacher" in line
+
+
 def test_pickled_code_decoder_init_is_one_line(teacher_files, tmp_path, capsys):
     """A --model.decoder_init file that needs code to unpickle is one line (the globals it asks for)."""
     line = _refused(["--model.decoder_init", teacher_files["code_decoder"]], tmp_path / "run", capsys)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from mcf_fast.registry import Registry, choices
 
 from .headers import check_input_file
-from .layouts import file_part_depth, load_vit, split_spec
+from .layout_kinds import file_part_depth, file_part_width
+from .layouts import load_vit, split_spec
 from .vit import VisionTransformer, build_vit
 
 log = logging.getLogger(__name__)
@@ -126,9 +127,14 @@ class CheckpointTeacher(FeatureTeacher):
         check_input_file("model.teacher", path, "a pre-trained ViT checkpoint (.pth, .pth.tar or .safetensors)")
         if os.path.isdir(path):
             path = os.path.join(path, "encoder.safetensors")
-        depth = file_part_depth(path, (part,) if part else ("teacher", "online_encoder"))
+        prefer = (part,) if part else ("teacher", "online_encoder")
+        depth = file_part_depth(path, prefer)
         if depth is not None:
             _check_layers(m, depth, f" in {spec!r}")
+        width = file_part_width(path, prefer)  # heads are not in the weights; where the width is, they must divide it
+        if width is not None and width % m.teacher_num_heads:
+            _bad("model.teacher_num_heads", m.teacher_num_heads, f"must divide the width {width} of the teacher in "
+                 f"{spec!r}")
 
     @classmethod
     def teacher_vit(cls, spec: TeacherSpec) -> VisionTransformer:

@@ -21,7 +21,7 @@ import re
 
 from mcf_fast.model.checkpoints import decoder_blocks, unwrap_keys
 from mcf_fast.model.headers import check_input_file, checkpoint_keys
-from mcf_fast.model.layouts import file_part_depth
+from mcf_fast.model.layout_kinds import file_part_depth
 
 SEED_MAX = 2**63 - 2  # the teacher's seed is seed + 1, and both must fit an int64
 

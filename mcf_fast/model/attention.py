@@ -31,19 +31,20 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
-@ATTENTION.register
-class Sdpa:
-    name = "sdpa"
-    summary = "torch's scaled_dot_product_attention: flash / memory-efficient kernels on GPU, fused on CPU"
+class AttentionBackend:
+    """Base of the entries: the field that picks them, and nothing to check unless a backend says so."""
     fields = ("model.attention",)
 
     @staticmethod
     def precheck(cfg) -> None:
         pass
 
-    @staticmethod
-    def build() -> Attend:
-        return _sdpa
+
+@ATTENTION.register
+class Sdpa(AttentionBackend):
+    name = "sdpa"
+    summary = "torch's scaled_dot_product_attention: flash / memory-efficient kernels on GPU, fused on CPU"
+    build = staticmethod(lambda: _sdpa)
 
 
 def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -56,10 +57,9 @@ def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 @ATTENTION.register
-class Xformers:
+class Xformers(AttentionBackend):
     name = "xformers"
     summary = "xformers' memory_efficient_attention on CUDA tensors, SDPA on other devices; opt-in"
-    fields = ("model.attention",)
 
     @staticmethod
     def precheck(cfg) -> None:
@@ -87,4 +87,4 @@ def resolve(name: str | None) -> tuple[str, Attend]:
     return name, ATTENTION.get(name).build()
 
 
-__all__ = ["ATTENTION", "DEFAULT_ATTENTION", "resolve"]
+__all__ = ["ATTENTION", "AttentionBackend", "DEFAULT_ATTENTION", "resolve"]

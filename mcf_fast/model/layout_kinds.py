@@ -88,16 +88,24 @@ def read_parts(label: str, keys, wheres: dict, reads: tuple, drops: tuple = ()) 
     return Reading(label, parts, reads, drops)
 
 
+class MarkedLayout:
+    """Specific layouts, recognised by one tensor name only they have (`marker`); `read_known` maps them."""
+    generic = False
+    marker = ""
+
+    @classmethod
+    def read(cls, keys: set, meta: dict) -> Reading | None:
+        return cls.read_known(keys, meta) if cls.marker in keys else None
+
+
 @LAYOUTS.register
-class ReferenceCode:
-    name, generic = "reference", False
+class ReferenceCode(MarkedLayout):
+    name, marker = "reference", "online_encoder.patch_embed.proj.weight"
     summary = ("the MCF reference code's training checkpoint: online_encoder.*, target_encoder.* (projectors as "
                ".fc), decoder_*, mask_token, predictor.*, perceptual_loss.model.* (the teacher)")
 
     @staticmethod
-    def read(keys: set, meta: dict) -> Reading | None:
-        if "online_encoder.patch_embed.proj.weight" not in keys:
-            return None
+    def read_known(keys: set, meta: dict) -> Reading:
         return read_parts("reference-code MCF checkpoint", keys, {
             "online_encoder": Take("online_encoder.", skip=("fc.",), drop_head=True),
             "target_encoder": Take("target_encoder.", skip=("fc.",), drop_head=True),
@@ -116,15 +124,14 @@ TEACHER_PREFIX = "perceptual.teacher."
 
 
 @LAYOUTS.register
-class McfFastModel:
-    name, generic = "mcf_fast", False
+class McfFastModel(MarkedLayout):
+    name, marker = "mcf_fast", "encoder.patch_embed.proj.weight"
     summary = "an MCFModel state dict (`convert --out` files): encoder.*, target_encoder.*, projector.*, ..."
 
     @staticmethod
-    def read(keys: set, meta: dict) -> Reading | None:
-        if "encoder.patch_embed.proj.weight" not in keys or not (
-                "target_encoder.patch_embed.proj.weight" in keys or "decoder_embed.weight" in keys):
-            return None
+    def read_known(keys: set, meta: dict) -> Reading | None:
+        if "target_encoder.patch_embed.proj.weight" not in keys and "decoder_embed.weight" not in keys:
+            return None  # an encoder alone under 'encoder.' is a wrapped ViT state dict
         wheres = {p: Take(pre) for p, pre in MODEL_PREFIX.items() if p != "decoder"}
         wheres.update(decoder=Take(match=DECODER_KEY), teacher=Take(TEACHER_PREFIX))
         reads = tuple(pre for p, pre in MODEL_PREFIX.items() if pre) + (TEACHER_PREFIX, "decoder_", "mask_token")
@@ -132,18 +139,16 @@ class McfFastModel:
 
 
 @LAYOUTS.register
-class MocoV3:
-    name, generic = "moco_v3", False
+class MocoV3(MarkedLayout):
+    name, marker = "moco_v3", "base_encoder.patch_embed.proj.weight"
     summary = "MoCo v3: {'state_dict': {module.base_encoder.*, module.momentum_encoder.*, module.predictor.*}}"
 
     @staticmethod
-    def read(keys: set, meta: dict) -> Reading | None:
-        if "base_encoder.patch_embed.proj.weight" not in keys:
-            return None
+    def read_known(keys: set, meta: dict) -> Reading:
         # MoCo v3's projector (3 layers, inside the encoders' head) and predictor (final BN) are not ours.
         return read_parts("MoCo v3 checkpoint", keys, {"online_encoder": Take("base_encoder.", drop_head=True),
-                                                  "target_encoder": Take("momentum_encoder.", drop_head=True)},
-                     ("base_encoder.", "momentum_encoder."), ("predictor.",))
+                                                       "target_encoder": Take("momentum_encoder.", drop_head=True)},
+                          ("base_encoder.", "momentum_encoder."), ("predictor.",))
 
 
 _VIT_PREFIXES = ("", "encoder.", "model.", "backbone.", "base_encoder.")
@@ -154,51 +159,50 @@ def _vit_prefix(keys: set) -> str | None:
     return next((p for p in _VIT_PREFIXES if p + "patch_embed.proj.weight" in keys), None)
 
 
-def _vit_take(prefix: str) -> Take:
-    return Take(prefix, drop_head=True, exclude=DECODER_KEY)
+class BareVitLayout:
+    """Generic layouts whose encoder is a bare ViT (timm names, maybe under one wrapper prefix): `read`
+    finds the prefix, `read_vit(keys, meta, prefix, encoder)` decides and maps the rest."""
+    generic = True
 
-
-@LAYOUTS.register
-class McfFastExport:
-    name, generic = "export", True
-    summary = "an mcf_fast export: encoder.safetensors in timm's names, with encoder.json beside it"
-
-    @staticmethod
-    def read(keys: set, meta: dict) -> Reading | None:
-        prefix = _vit_prefix(keys)
-        if prefix is None or not (meta.get("format") == "mcf_fast.encoder.v1"
-                                  or os.path.exists(json_beside(meta.get("path", "")))):
-            return None
-        return read_parts("mcf_fast encoder export", keys, {"online_encoder": _vit_take(prefix)}, (prefix,))
-
-
-@LAYOUTS.register
-class MaePretraining:
-    name, generic = "mae", True
-    summary = "MAE pre-training: {'model': {patch_embed.*, blocks.*, decoder_*, mask_token}, 'args', ...}"
-
-    @staticmethod
-    def read(keys: set, meta: dict) -> Reading | None:
-        prefix = _vit_prefix(keys)
-        if prefix is None or "decoder_embed.weight" not in keys:
-            return None
-        return read_parts("MAE pre-training checkpoint", keys,
-                          {"online_encoder": _vit_take(prefix), "decoder": Take(match=DECODER_KEY)}, ("",))
-
-
-@LAYOUTS.register
-class VitStateDict:
-    name, generic = "vit", True
-    summary = "a ViT state dict (timm / MAE fine-tune / plain), optionally under encoder./model./backbone."
-
-    @staticmethod
-    def read(keys: set, meta: dict) -> Reading | None:
+    @classmethod
+    def read(cls, keys: set, meta: dict) -> Reading | None:
         prefix = _vit_prefix(keys)
         if prefix is None:
             return None
-        where = f" under {prefix!r}" if prefix else ""
-        return read_parts(f"ViT state dict{where} (timm / MAE / plain)", keys, {"online_encoder": _vit_take(prefix)},
-                     (prefix,))
+        return cls.read_vit(keys, meta, prefix, Take(prefix, drop_head=True, exclude=DECODER_KEY))
+
+
+@LAYOUTS.register
+class McfFastExport(BareVitLayout):
+    name = "export"
+    summary = "an mcf_fast export: encoder.safetensors in timm's names, with encoder.json beside it"
+
+    @staticmethod
+    def read_vit(keys, meta, prefix, encoder) -> Reading | None:
+        ours = meta.get("format") == "mcf_fast.encoder.v1" or os.path.exists(json_beside(meta.get("path", "")))
+        return read_parts("mcf_fast encoder export", keys, {"online_encoder": encoder}, (prefix,)) if ours else None
+
+
+@LAYOUTS.register
+class MaePretraining(BareVitLayout):
+    """A bare ViT with MAE's decoder beside it (decoder_embed.weight marks it)."""
+    name, summary = "mae", "MAE pre-training: {'model': {patch_embed.*, blocks.*, decoder_*, mask_token}, 'args', ...}"
+
+    @classmethod
+    def read_vit(cls, keys, meta, prefix, encoder) -> Reading | None:
+        parts = {"online_encoder": encoder, "decoder": Take(match=DECODER_KEY)}
+        return read_parts("MAE pre-training checkpoint", keys, parts, ("",)) if "decoder_embed.weight" in keys else None
+
+
+@LAYOUTS.register
+class VitStateDict(BareVitLayout):
+    name = "vit"
+    summary = "a ViT state dict (timm / MAE fine-tune / plain), optionally under encoder./model./backbone."
+
+    @staticmethod
+    def read_vit(keys, meta, prefix, encoder) -> Reading:
+        label = f"ViT state dict{f' under {prefix!r}' if prefix else ''} (timm / MAE / plain)"
+        return read_parts(label, keys, {"online_encoder": encoder}, (prefix,))
 
 
 def read_names(keys, meta: dict) -> Reading:
@@ -261,5 +265,6 @@ def json_beside(path: str) -> str:
 
 
 
-__all__ = ["LAYOUTS", "Take", "Reading", "read_parts", "read_names", "part_names", "part_depth", "file_part_depth",
-           "file_part_width", "json_beside", "DECODER_KEY", "MODEL_PREFIX", "TEACHER_PREFIX"]
+__all__ = ["LAYOUTS", "MarkedLayout", "BareVitLayout", "Take", "Reading", "read_parts", "read_names", "part_names",
+           "part_depth", "file_part_depth", "file_part_width", "json_beside", "DECODER_KEY", "MODEL_PREFIX",
+           "TEACHER_PREFIX"]

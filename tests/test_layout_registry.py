@@ -20,13 +20,15 @@ def _header_reading(path):
 
 @pytest.mark.parametrize("name", ["reference", "reference_proj", "reference_ddp", "mae", "moco"])
 def test_header_reading_equals_the_loaded_reading(files, name):  # noqa: F811
-    """From the header alone, each layout gets the same label and the same names for every sub-network as
-    from the loaded tensors."""
+    """From the header alone, each layout gets the same label and the same names, in the file's order, for
+    every sub-network as from the loaded tensors."""
     path = files[3][name]
     ck = open_checkpoint(str(path))
     r = _header_reading(path)
     assert r.label == ck.layout
-    assert {p: set(names) for p, names in r.parts.items() if names} == {p: set(sd) for p, sd in ck.parts.items()}
+    assert {p: list(names) for p, names in r.parts.items() if names} == {p: list(sd) for p, sd in ck.parts.items()}
+    enc = ck.parts["online_encoder"]
+    assert list(enc)[:3] == ["cls_token", "pos_embed", "patch_embed.proj.weight"]  # as the model saved them
 
 
 def test_mcf_fast_files_read_from_headers(tmp_path):

@@ -208,7 +208,7 @@ class VitStateDict(BareVitLayout):
 def read_names(keys, meta: dict) -> Reading:
     """The first layout that recognises these tensor names (specific ones before generic ones); raises
     listing the top-level prefixes found when none does."""
-    keys = set(keys)
+    keys = dict.fromkeys(keys).keys()  # fast membership, and the file's own order (parts and messages keep it)
     for layout in sorted(LAYOUTS, key=lambda e: bool(getattr(e, "generic", False))):
         reading = layout.read(keys, meta)
         if reading is not None:

@@ -107,7 +107,10 @@ def config_from_dict(d: dict, where: str = "config") -> Config:
         for k, v in vals.items():
             if k not in types:
                 raise ValueError(f"{where}: {_unknown(k, types, 'key', f'{sec}.', listed=False)}")
-            setattr(sub, k, field_value(v, getattr(sub, k), types[k], f"{sec}.{k}"))
+            try:
+                setattr(sub, k, field_value(v, getattr(sub, k), types[k], f"{sec}.{k}"))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
     return cfg
 
 

@@ -23,10 +23,10 @@ import copy  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 
+import mcf_fast.kernels as K  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import mcf_fast.kernels as K  # noqa: E402
 from mcf_fast.model.reference import mae_masking  # noqa: E402
 from mcf_fast.model.vit import Block, PatchEmbed, sincos_pos_embed  # noqa: E402
 

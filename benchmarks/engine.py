@@ -6,8 +6,8 @@ from __future__ import annotations
 
 def build_model(model_cfg, seed: int = 0):
     """The MCF model of `model_cfg` (an `MCFModel`), seeded as training seeds it."""
-    from mcf_fast.train.loop import build_model as _build
-    return _build(model_cfg, seed)
+    from mcf_fast.model.mcf import MCFModel
+    return MCFModel.from_config(model_cfg, seed=seed)
 
 
 def preset_config(preset: str):

@@ -54,6 +54,7 @@ def _perm(N, L, seed):
 def cases(N: int = 256, dtypes=("fp32", "bf16"), nce_n: int = 4096) -> list[Case]:
     """The suite's cases at batch N: gather / scatter / random_masking per dtype, InfoNCE at nce_n x nce_n."""
     import mcf_fast.kernels as K
+
     from mcf_fast.model.reference import mae_masking
     kk = int(L * (1 - RATIO))
     out = []

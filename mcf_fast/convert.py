@@ -76,19 +76,17 @@ def _run_config(ckpt: str) -> dict | None:
 
 def encoder_from_state(sd: dict[str, torch.Tensor], num_heads: int | None, mlp_ratio: float | None = None):
     """A `VisionTransformer` holding the `encoder.*` tensors of a model state dict."""
-    from mcf_fast.model.checkpoints import infer_vit_arch
-    from mcf_fast.model.vit import VisionTransformer
+    from mcf_fast.model.checkpoints import check_fit, infer_vit_arch
+    from mcf_fast.model.vit import build_vit
     enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     if not enc:
         raise ValueError("the checkpoint has no encoder.* tensors")
     arch = infer_vit_arch(enc, num_heads)
     if mlp_ratio is not None:
         arch["mlp_ratio"] = mlp_ratio
-    vit = VisionTransformer(**arch)
-    missing, unexpected = vit.load_state_dict(enc, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"encoder tensors do not fit the inferred architecture {arch}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    vit = build_vit(arch, source="the checkpoint's encoder")
+    check_fit(vit.state_dict(), enc, f"the encoder tensors (inferred architecture {arch})")
+    vit.load_state_dict(enc)
     return vit
 
 

@@ -64,12 +64,12 @@ def stage_configs(out: str, seed: int, teacher_steps: int, steps: int, threads: 
 def load_trained(cfg):
     """The MCFModel of a finished run, from its newest complete checkpoint (frozen teacher rebuilt)."""
     from mcf_fast.convert import load_model_state, resolve_checkpoint
-    from mcf_fast.train.loop import build_model
-    model = build_model(cfg.model, cfg.run.seed)
-    missing, unexpected = model.load_state_dict(load_model_state(resolve_checkpoint(cfg.run.out)), strict=False)
-    missing = [k for k in missing if not k.startswith("perceptual.")]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint of {cfg.run.out} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    from mcf_fast.model.checkpoints import check_fit
+    from mcf_fast.model.mcf import MCFModel
+    model = MCFModel.from_config(cfg.model, seed=cfg.run.seed)
+    sd = load_model_state(resolve_checkpoint(cfg.run.out))
+    check_fit(model.state_dict(), sd, f"the checkpoint of {cfg.run.out}", ignore_missing=("perceptual.",))
+    model.load_state_dict(sd, strict=False)
     return model.eval()
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+PROG = "python -m mcf_fast.pretrain"
+
 
 def main(argv=None) -> int:
     try:
@@ -30,12 +32,16 @@ def _main(argv) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     from mcf_fast.plan.check import WontFit
+    from mcf_fast.train.checks import BadInput
     from mcf_fast.train.dcp_safe import CheckpointError
     from mcf_fast.train.loop import NonFiniteError, train
     try:
         train(cfg)
+    except BadInput as e:  # found before the run folder was touched: nothing was written
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     except WontFit as e:  # the pre-flight memory check: nothing was built or written
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -63,6 +63,12 @@ class Registry(Generic[T]):
         """The names as the user types them, for help texts and errors."""
         return sep.join(self._entries)
 
+    def describe(self) -> str:
+        """"'a' (its summary), 'b' (...) or 'c' (...)": the choices with their summaries, for help texts."""
+        parts = [f"'{n}' ({getattr(e, 'summary', '')})" if getattr(e, "summary", "") else f"'{n}'"
+                 for n, e in self._entries.items()]
+        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+
     def get(self, name: str) -> T:
         """The entry for `name`; an unknown one is a ValueError that lists the choices (did you mean...)."""
         entry = self._entries.get(name) if isinstance(name, str) else None
@@ -85,4 +91,19 @@ class Registry(Generic[T]):
         return f"Registry({self.what!r}: {self.choices()})"
 
 
-__all__ = ["Registry"]
+class Choice(NamedTuple):
+    """One value of a closed set of names (`--model.head_init xavier`): the name and what it does."""
+    name: str
+    summary: str
+
+
+def choices(what: str, option: str, named: dict[str, str]) -> Registry[Choice]:
+    """A registry of plain names with one-line summaries, for options that pick among a few behaviours
+    of one piece of code (declared beside that code; the config validates and documents through it)."""
+    reg: Registry[Choice] = Registry(what, option)
+    for name, summary in named.items():
+        reg.register(Choice(name, summary))
+    return reg
+
+
+__all__ = ["Registry", "Choice", "choices"]

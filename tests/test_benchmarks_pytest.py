@@ -4,10 +4,10 @@ default run by `-m "not benchmark"`; run them with `python -m pytest -m benchmar
 The same cases as `python -m benchmarks.run --suite kernels,masks` (benchmarks/suite_kernels.py,
 suite_masks.py), at batch 64: each provider is checked against the reference first, then timed on fresh
 inputs per round; the report of record remains `benchmarks.run`'s."""
+import mcf_fast.kernels as K
 import pytest
 import torch
 
-import mcf_fast.kernels as K
 from benchmarks import suite_kernels as SK
 from benchmarks import suite_masks as SM
 

@@ -18,6 +18,7 @@ def test_kernel_baselines_are_the_references():
     """Each kernels case times the package's own statement of MAE as its baseline: the kernels' *_ref
     functions and the reference step's masking, not a copy made for the benchmark."""
     import mcf_fast.kernels as K
+
     from mcf_fast.model.reference import mae_masking
     refs = {c.op: c.reference for c in SK.cases(4, ("fp32",), 8)}
     assert refs == {"gather_visible": K.gather_visible_ref, "scatter_to_full": K.scatter_to_full_ref,

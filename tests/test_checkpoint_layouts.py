@@ -262,10 +262,9 @@ def test_init_misfit_names_keys_and_loads_nothing(files, tmp_path):
         init_from_checkpoint(MCFModel(**{**KW, "depth": 3}), str(paths["reference"]))
 
 
-def test_build_model_applies_model_init(files):
-    """The training entry point's build_model runs --model.init (config field `model.init`)."""
+def test_from_config_applies_model_init(files):
+    """MCFModel.from_config, the training entry point's builder, runs --model.init (config field `model.init`)."""
     from mcf_fast.train.config import from_preset
-    from mcf_fast.train.loop import build_model
     src, arch, ref, paths = files
     m = from_preset("demo").model
     for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
@@ -273,7 +272,7 @@ def test_build_model_applies_model_init(files):
         setattr(m, k, KW[k])
     m.teacher, m.init = "pixel", str(paths["reference"])
     m.validate()
-    model = build_model(m, seed=0)
+    model = MCFModel.from_config(m, seed=0)
     assert torch.equal(model.encoder.blocks[0].attn.qkv.weight, src.encoder.blocks[0].attn.qkv.weight)
     m.init = str(paths["reference"]) + ".missing"
     with pytest.raises(ValueError, match="model.init"):

@@ -95,10 +95,10 @@ def test_momentum_schedules():
 
 def test_no_weight_decay_on_biases_norms_tokens():
     """Weight decay applies to weight matrices only."""
-    from mcf_fast.train.loop import build_model
+    from mcf_fast.model.mcf import MCFModel
     cfg = from_preset("demo").model
     cfg.depth, cfg.decoder_depth, cfg.teacher = 1, 1, "pixel"
-    model = build_model(cfg, 0)
+    model = MCFModel.from_config(cfg, seed=0)
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}

@@ -8,8 +8,8 @@ import torch
 from mcf_fast import mask_algo as algo
 from mcf_fast import masking as mk
 from mcf_fast.data.loader import Batch
+from mcf_fast.model.mcf import MCFModel
 from mcf_fast.train.config import from_preset
-from mcf_fast.train.loop import build_model
 from mcf_fast.train.optim import build_optimizer
 from mcf_fast.train.runtime import Runtime
 from mcf_fast.train.step import TrainStep
@@ -31,7 +31,7 @@ def _cfg(kind):
 
 def _one_step(cfg):
     """TrainStep over one micro-batch of 4 images with sample ids 20..23: (step, result)."""
-    model = build_model(cfg.model, 0).train()
+    model = MCFModel.from_config(cfg.model, seed=0).train()
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU)
     step = TrainStep(model, opt, cfg, Runtime(CPU, "fp32", 0, 1, 0))
     batch = Batch(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(20, 24))

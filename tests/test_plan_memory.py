@@ -41,11 +41,11 @@ def test_units_and_shards_are_those_fsdp2_makes(fake_world, traced, teacher_shar
     holds of it (the largest shard), checked on the sharded demo model."""
     from torch.distributed.fsdp import FSDPModule
 
+    from mcf_fast.model.mcf import MCFModel
     from mcf_fast.train.fsdp import shard_model
-    from mcf_fast.train.loop import build_model
     from mcf_fast.train.runtime import Runtime
     cfg = _demo(teacher_sharding=teacher_sharding)
-    model = shard_model(build_model(cfg.model, 0), cfg, Runtime(torch.device("cpu"), "bf16", 0, fake_world, 0))
+    model = shard_model(MCFModel.from_config(cfg.model, seed=0), cfg, Runtime(torch.device("cpu"), "bf16", 0, fake_world, 0))
     unit_names = [n for n, m in model.named_modules() if isinstance(m, FSDPModule) and n]
     for name, p in model.named_parameters():
         owner = max((u for u in unit_names if name.startswith(u + ".")), key=len, default="root")
@@ -113,11 +113,11 @@ def test_collectives_follow_the_fsdp2_units(traced):
 def test_checkpoint_size_is_what_the_run_writes(tmp_path):
     """The sheet's checkpoint bytes are within 2% of a real checkpoint of the demo model (fp32 model
     without the teacher + AdamW state, written by train/checkpoint.py)."""
+    from mcf_fast.model.mcf import MCFModel
     from mcf_fast.train import checkpoint as ckpt
-    from mcf_fast.train.loop import build_model
     from mcf_fast.train.optim import build_optimizer
     cfg = _demo()
-    model = build_model(cfg.model, 0)
+    model = MCFModel.from_config(cfg.model, seed=0)
     opt = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), torch.device("cpu"))
     for p in model.parameters():
         if p.requires_grad:

@@ -123,10 +123,10 @@ def test_bf16_trace_sees_weight_casts_and_fp32_none(demo_fp32):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_flops_equal_the_step_suite_count(precision):
     """The plan's FLOPs per step are exactly the step benchmark's FlopCounterMode count."""
-    from mcf_fast.train.loop import build_model
+    from mcf_fast.model.mcf import MCFModel
     cfg = _cfg("demo", 4)
     tr = trace_step(cfg, precision)
-    model = build_model(cfg.model, 0).train()
+    model = MCFModel.from_config(cfg.model, seed=0).train()
     suite = _step_suite_flops()(model, cfg, torch.device("cpu"), precision, 4, "engine")["total"]
     assert tr.flops == suite
 

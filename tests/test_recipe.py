@@ -154,13 +154,14 @@ TINY = ["--model.img_size", "32", "--model.patch_size", "8", "--model.embed_dim"
 def _run(out, *extra):
     from safetensors.torch import load_file
 
+    from mcf_fast.model.mcf import MCFModel
     from mcf_fast.train.cli import parse_args
-    from mcf_fast.train.loop import build_model, train
+    from mcf_fast.train.loop import train
     cfg, _ = parse_args(["--out", str(out), *TINY, *extra])
     train(cfg)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    cls0 = build_model(cfg.model, cfg.run.seed).encoder.cls_token.detach()  # the run's initial cls_token
+    cls0 = MCFModel.from_config(cfg.model, seed=cfg.run.seed).encoder.cls_token.detach()  # the run's initial cls_token
     return rows, load_file(os.path.join(out, "encoder.safetensors")), cls0
 
 

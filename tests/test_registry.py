@@ -39,3 +39,13 @@ def test_registered_context_removes_the_toy_afterwards():
     with reg.registered(_Kind):
         assert "toy" in reg
     assert "toy" not in reg
+
+
+def test_choices_describe_themselves():
+    """A choice set is a registry of names with summaries; describe() is the help text, get() the check."""
+    from mcf_fast.registry import choices
+    reg = choices("resize", "--x.resize", {"bilinear": "only when sizes differ", "nearest": "always"})
+    assert reg.describe() == "'bilinear' (only when sizes differ) or 'nearest' (always)"
+    assert reg.get("nearest").summary == "always" and "bilinear" in reg
+    with pytest.raises(ValueError, match=r"--x.resize 'bicubic': unknown resize; choose one of bilinear, nearest"):
+        reg.get("bicubic")

@@ -6,9 +6,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mcf_fast.data.loader import Batch
+from mcf_fast.model.mcf import MCFModel
 from mcf_fast.train import step as step_mod
 from mcf_fast.train.config import from_preset
-from mcf_fast.train.loop import build_model
 from mcf_fast.train.optim import build_optimizer
 from mcf_fast.train.runtime import Runtime
 from mcf_fast.train.step import TrainStep
@@ -34,7 +34,7 @@ def _batches(n=4, count=16):
 
 
 def _step(cfg, model=None):
-    model = model or build_model(cfg.model, 0).train()
+    model = model or MCFModel.from_config(cfg.model, seed=0).train()
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU)
     return model, TrainStep(model, opt, cfg, Runtime(CPU, "fp32", 0, 1, 0))
 

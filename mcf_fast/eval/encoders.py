@@ -6,18 +6,24 @@ of the pre-trained encoder it is compared with.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 
 import torch
 
-from mcf_fast.model.vit import VisionTransformer, interpolate_pos_embed, load_encoder
+from mcf_fast.model.headers import read_small_json
+from mcf_fast.model.vit import (
+    ARCH_KEYS,
+    VisionTransformer,
+    build_vit,
+    check_arch,
+    export_arch,
+    interpolate_pos_embed,
+    load_encoder,
+)
 
 log = logging.getLogger(__name__)
-
-ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
 PRESETS = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -28,12 +34,14 @@ def parse_arch(spec: str) -> dict:
     if path.endswith(".json") or os.path.exists(path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"architecture file not found: {path}")
-        with open(path) as f:
-            meta = json.load(f)
-        missing = [k for k in ARCH_KEYS if k not in meta]
+        weights = os.path.join(os.path.dirname(path) or ".", "encoder.safetensors")
+        if os.path.basename(path) == "encoder.json" and os.path.isfile(weights):
+            return export_arch(weights)[0]  # checked against the weights beside it, before any model is built
+        meta = read_small_json(path, "architecture file")
+        missing = [k for k in ARCH_KEYS if k not in meta] if isinstance(meta, dict) else list(ARCH_KEYS)
         if missing:
             raise ValueError(f"{path} lacks architecture keys {missing}")
-        return {k: meta[k] for k in ARCH_KEYS}
+        return check_arch({k: meta[k] for k in ARCH_KEYS}, path)
     m = re.fullmatch(r"vit[-_](tiny|small|base|large)(?:[-_]patch(\d+))?(?:[-_](\d+))?", spec.strip().lower())
     if not m:
         raise ValueError(f"unknown architecture {spec!r}: use vit-tiny|vit-small|vit-base|vit-large "
@@ -50,7 +58,7 @@ def resize_encoder(enc: VisionTransformer, img_size: int) -> VisionTransformer:
     p = enc.arch["patch_size"]
     if img_size % p:
         raise ValueError(f"--img-size {img_size} is not a multiple of the encoder's patch size {p}")
-    new = VisionTransformer(**{**enc.arch, "img_size": img_size})
+    new = build_vit({**enc.arch, "img_size": img_size}, enc.attention)
     sd = enc.state_dict()
     sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], img_size // p)
     new.load_state_dict(sd)
@@ -95,7 +103,7 @@ def build_encoder(encoder: str, arch: str | None, img_size: int | None, seed: in
         a = parse_arch(arch)
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed + 7919)  # scratch weights depend on the seed only, not on earlier draws
-        enc = VisionTransformer(**a)
+        enc = build_vit(a)
         torch.random.set_rng_state(gen_state)
         mean, std, source = IMAGENET_MEAN, IMAGENET_STD, "random"
     elif not _is_export(encoder):
@@ -103,8 +111,7 @@ def build_encoder(encoder: str, arch: str | None, img_size: int | None, seed: in
     else:
         enc = load_encoder(encoder)
         js = os.path.join(encoder if os.path.isdir(encoder) else os.path.dirname(encoder) or ".", "encoder.json")
-        with open(js) as f:
-            meta = json.load(f)
+        meta = export_arch(encoder)[1]
         mean, std = meta.get("norm_mean", IMAGENET_MEAN), meta.get("norm_std", IMAGENET_STD)
         source = os.path.abspath(encoder)
         if arch and parse_arch(arch) != {k: enc.arch[k] for k in ARCH_KEYS}:

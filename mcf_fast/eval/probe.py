@@ -104,7 +104,7 @@ def probe(encoder, n_train: int = 480, n_test: int = 240, seed: int = PROBE_SEED
 
 def random_encoder(arch: dict, seed: int):
     """The same architecture with fresh weights (the from-scratch baseline), seeded."""
-    from mcf_fast.model.vit import VisionTransformer
+    from mcf_fast.model.vit import build_vit
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return VisionTransformer(**arch)
+        return build_vit(arch)

@@ -66,17 +66,52 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return read_file(path)[0]
 
 
-def infer_vit_arch(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> dict:
-    """ViT hyper-parameters read off the tensor shapes (heads are not in the weights: D // 64 default)."""
-    w = sd["patch_embed.proj.weight"]
-    D, C, p, _ = w.shape
+def _shape(v) -> tuple[int, ...]:
+    """A tensor's shape, or a shape given as such (header-only readers give shapes, not tensors)."""
+    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+
+def infer_vit_arch(sd: dict, num_heads: int | None = None) -> dict:
+    """ViT hyper-parameters read off the tensor shapes (heads are not in the weights: D // 64 default).
+    `sd` maps names to tensors or to shapes (a safetensors header read by `headers.safetensors_shapes`)."""
+    for need in ("patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"):
+        if need not in sd:
+            raise ValueError(f"no {need!r} among the weights: not a ViT in timm's names")
+    D, C, p, _ = _shape(sd["patch_embed.proj.weight"])
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    L = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else None
+    L = _shape(sd["pos_embed"])[1] - 1 if "pos_embed" in sd else None
     grid = int(round(L ** 0.5)) if L else 224 // p
-    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    hidden = _shape(sd["blocks.0.mlp.fc1.weight"])[0]
     return dict(img_size=grid * p, patch_size=p, in_chans=C, embed_dim=D, depth=depth,
                 num_heads=num_heads or max(1, D // 64), mlp_ratio=hidden / D,
                 qkv_bias="blocks.0.attn.qkv.bias" in sd)
+
+
+# ---------------------------------------------------------------------- does a state dict fit a model?
+def misfit(own: dict, got: dict, ignore_missing: tuple[str, ...] = ()) -> tuple[list, list, list]:
+    """(missing, unexpected, shape mismatches) of `got` against `own` (names -> tensors or shapes); names
+    starting with one of `ignore_missing` may be absent (fixed tables, a frozen teacher rebuilt anyway)."""
+    missing = sorted(k for k in set(own) - set(got) if not k.startswith(ignore_missing))
+    unexpected = sorted(set(got) - set(own))
+    wrong = [f"{k}: file {_shape(got[k])} vs model {_shape(own[k])}"
+             for k in sorted(set(own) & set(got)) if _shape(own[k]) != _shape(got[k])]
+    return missing, unexpected, wrong
+
+
+def misfit_text(missing, unexpected, wrong, limit: int = 10) -> str:
+    """'missing [...]; unexpected [...]; shape mismatch [...]' for the non-empty ones ('' when it fits)."""
+    out = []
+    for what, keys in (("missing", list(missing)), ("unexpected", list(unexpected)), ("shape mismatch", wrong)):
+        if keys:
+            out.append(f"{what} {keys[:limit]}{' ...' if len(keys) > limit else ''}")
+    return "; ".join(out)
+
+
+def check_fit(own: dict, got: dict, source: str, ignore_missing: tuple[str, ...] = ()) -> None:
+    """One ValueError naming what is missing, unexpected and mis-shaped when `got` does not fit `own`."""
+    text = misfit_text(*misfit(own, got, ignore_missing))
+    if text:
+        raise ValueError(f"{source} does not fit the model: {text}")
 
 
 def check_tensors(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], source: str) -> None:
@@ -99,16 +134,30 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str)
     """Strict load with an error that lists what is missing and what is unexpected; dtypes and finiteness
     checked (`check_tensors`) before anything is copied."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or wrong:
-        shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:10]]
-        raise ValueError(f"checkpoint {source!r} does not fit the model: missing keys {missing[:20]}"
-                         f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
-                         f"{' ...' if len(unexpected) > 20 else ''}; shape mismatches {shapes}")
+    check_fit(own, sd, f"checkpoint {source!r}")
     check_tensors(own, sd, source)
     module.load_state_dict(sd, strict=True)
+
+
+def unwrap_keys(keys: list[str]) -> list[str]:
+    """The state dict's names among a file's flattened keys (`checkpoint_keys`), unwrapped as `read_file`
+    unwraps the loaded file: under the first of WRAPPERS present, then without a global DDP `module.`."""
+    for w in WRAPPERS:
+        inner = [k[len(w) + 1:] for k in keys if k.startswith(w + ".")]
+        if inner:
+            keys = inner
+            break
+    if keys and all(k.startswith("module.") for k in keys):
+        keys = [k[len("module."):] for k in keys]
+    return keys
+
+
+_DECODER_BLOCK = re.compile(r"decoder_blocks\.(\d+)\.")
+
+
+def decoder_blocks(keys) -> int:
+    """How many MAE decoder blocks a state dict's names hold (0 when none)."""
+    return 1 + max((int(m.group(1)) for k in keys if (m := _DECODER_BLOCK.match(k))), default=-1)
 
 
 def load_mae_decoder(model, path: str, num_blocks: int = -1) -> list[str]:
@@ -120,22 +169,16 @@ def load_mae_decoder(model, path: str, num_blocks: int = -1) -> list[str]:
     if "decoder_embed.weight" not in sd:
         raise ValueError(f"{path!r} has no MAE decoder (no 'decoder_embed.weight'); give an MAE pre-training "
                          "checkpoint such as mae_pretrain_vit_base_full.pth")
-    have = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"decoder_blocks\.(\d+)\.", k))), default=-1)
+    have = decoder_blocks(sd)
     depth = len(model.decoder_blocks)
     n = depth if num_blocks < 0 else num_blocks
     if n > depth or n > have:
         raise ValueError(f"asked to load {n} decoder blocks but the model has {depth} and {path!r} has {have}")
-    want = ["decoder_embed.", "mask_token"] + [f"decoder_blocks.{i}." for i in range(n)]
-    if n == depth:
-        want += ["decoder_norm.", "decoder_pred."]
-    own = model.state_dict()
-    picked = {k: v for k, v in sd.items() if any(k.startswith(w) for w in want)}
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in picked.items()
-             if k in own and own[k].shape != v.shape]
-    absent = [k for k in own if any(k.startswith(w) for w in want) and k not in picked and "pos_embed" not in k]
-    if wrong or absent:
-        raise ValueError(f"MAE decoder in {path!r} does not fit: shape mismatches {wrong[:10]}, "
-                         f"missing {absent[:10]}")
+    want = tuple(["decoder_embed.", "mask_token"] + [f"decoder_blocks.{i}." for i in range(n)]
+                 + (["decoder_norm.", "decoder_pred."] if n == depth else []))
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(want)}
+    picked = {k: v for k, v in sd.items() if k.startswith(want)}
+    check_fit(own, picked, f"MAE decoder in {path!r}")
     check_tensors(own, picked, path)
     model.load_state_dict(picked, strict=False)
     return sorted(picked)

@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mcf_fast.registry import choices
+
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -83,14 +85,15 @@ def predictor(dim: int = 256, hidden: int = 4096) -> nn.Sequential:
     return mlp(2, dim, hidden, dim, last_bn=False)
 
 
-HEAD_INITS = ("torch", "xavier")
+HEAD_INITS = choices("projector/predictor init", "--model.head_init", {
+    "torch": "PyTorch's default Linear init",
+    "xavier": "xavier_uniform weights, zero biases: the reference code"})
 
 
 def init_heads_(module: nn.Module, mode: str) -> None:
     """'torch': keep PyTorch's default Linear init; 'xavier': xavier_uniform on every Linear weight, as the
     reference code does (its model-wide weight init runs after the projector/predictor are built)."""
-    if mode not in HEAD_INITS:
-        raise ValueError(f"head init must be one of {HEAD_INITS}, got {mode!r}")
+    HEAD_INITS.get(mode)
     if mode == "xavier":
         for m in module.modules():
             if isinstance(m, nn.Linear):

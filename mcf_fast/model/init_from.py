@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .checkpoints import check_tensors, infer_vit_arch
+from .checkpoints import check_tensors, infer_vit_arch, misfit, misfit_text
 from .layouts import DECODER_KEY, Checkpoint, arch_text, open_checkpoint
 
 # Tensors that are fixed sin-cos tables: a file may omit them, the model's own then stay.
@@ -39,15 +39,8 @@ def _targets(model) -> dict[str, nn.Module]:
 
 
 def _misfits(own: dict, sd: dict, part: str) -> list[str]:
-    missing = sorted(k for k in set(own) - set(sd) if k not in _FIXED)
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in sorted(set(own) & set(sd)) if own[k].shape != sd[k].shape]
-    out = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-        if keys:
-            out.append(f"{part}: {what} {keys[:8]}{' ...' if len(keys) > 8 else ''}")
-    return out
+    text = misfit_text(*misfit(own, sd, ignore_missing=_FIXED), limit=8)
+    return [f"{part}: {text}"] if text else []
 
 
 def _arch_hint(ck: Checkpoint, model) -> str:

@@ -1,35 +1,41 @@
-"""Recognising the checkpoint layouts people actually have, and taking one sub-network out of them.
+"""Loading a checkpoint in any recognised layout, and taking one sub-network out of it.
 
 One place for every caller (eval `--encoder FILE`, `convert FILE`, `--model.teacher checkpoint:FILE`,
-`--model.init FILE`). Layouts:
-  reference-code MCF   `{'model': {online_encoder.*, target_encoder.* (projectors under .fc.), decoder_*,
-                       mask_token, predictor.*, perceptual_loss.model.* (the teacher)}, 'epoch', 'args', ...}`
-  mcf_fast model       `convert --out` files: encoder.*, target_encoder.*, projector.*, target_projector.*, ...
-  MoCo v3              `{'state_dict': {module.base_encoder.*, module.momentum_encoder.*, ...}}`
-  MAE pre-training     `{'model': {patch_embed.*, blocks.*, decoder_*, mask_token}, 'args', ...}`
-  ViT state dict       timm / MAE fine-tune / plain, optionally under `encoder.` or `model.`, `.safetensors`
-  mcf_fast export      encoder.safetensors (+ encoder.json)
-A DDP `module.` prefix on every key is stripped first. Sub-network names: PARTS below; a spec
+`--model.init FILE`). Which layout a file is (reference code, mcf_fast model, MoCo v3, MAE, a ViT state
+dict, an mcf_fast export) is decided by the `LAYOUTS` registry in `layout_kinds.py` from the tensor
+names alone; this module reads the tensors (`checkpoints.read_file`: weights-only, a wrapper such as
+'state_dict' and a DDP `module.` prefix removed) and maps them. Sub-network names: PARTS below; a spec
 `FILE#PART` picks one explicitly (`run.pth#target_encoder`).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from .checkpoints import infer_vit_arch, load_into, read_file
-from .vit import VisionTransformer
+from .headers import read_small_json
+from .layout_kinds import (  # re-exported: callers import the layout vocabulary from here too
+    DECODER_KEY,
+    LAYOUTS,
+    MODEL_PREFIX,
+    Reading,
+    Take,
+    file_part_depth,
+    file_part_width,
+    json_beside,
+    part_depth,
+    part_names,
+    read_names,
+    read_parts,
+)
+from .vit import VisionTransformer, build_vit
 
 PARTS = ("online_encoder", "target_encoder", "teacher", "decoder", "projector", "target_projector", "predictor")
 ALIASES = {"encoder": "online_encoder", "online": "online_encoder", "base_encoder": "online_encoder",
            "target": "target_encoder", "momentum_encoder": "target_encoder"}
-_HEAD = re.compile(r"^(head|fc_norm|pre_logits|head_drop)(\.|$)")
-DECODER_KEY = re.compile(r"^(decoder_|mask_token$)")
 
 
 @dataclass
@@ -65,81 +71,13 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return path, part
 
 
-def _take(sd: dict, prefix: str, drop_head: bool = True, skip: tuple = ()) -> dict:
-    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return {k: v for k, v in out.items()
-            if not (drop_head and _HEAD.match(k)) and not k.startswith(skip)}
-
-
-def _sub(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def _reference(sd: dict) -> dict:
-    """The reference code's names (its projectors live inside the encoders as `.fc`)."""
-    parts = {"online_encoder": _take(sd, "online_encoder.", skip=("fc.",)),
-             "target_encoder": _take(sd, "target_encoder.", skip=("fc.",)),
-             "projector": _sub(sd, "online_encoder.fc.") or _sub(sd, "projector."),
-             "target_projector": _sub(sd, "target_encoder.fc.") or _sub(sd, "target_projector."),
-             "predictor": _sub(sd, "predictor."),
-             "decoder": {k: v for k, v in sd.items() if DECODER_KEY.match(k)},
-             "teacher": _take(sd, "perceptual_loss.model.")}
-    return parts
-
-
-def _ours(sd: dict) -> dict:
-    return {"online_encoder": _sub(sd, "encoder."), "target_encoder": _sub(sd, "target_encoder."),
-            "projector": _sub(sd, "projector."), "target_projector": _sub(sd, "target_projector."),
-            "predictor": _sub(sd, "predictor."), "decoder": {k: v for k, v in sd.items() if DECODER_KEY.match(k)},
-            "teacher": _sub(sd, "perceptual.teacher.")}
-
-
-def _plain_vit(sd: dict) -> tuple[str, dict]:
-    """A bare ViT, possibly under one wrapper prefix; '' when there is none."""
-    for prefix in ("", "encoder.", "model.", "backbone.", "base_encoder."):
-        if prefix + "patch_embed.proj.weight" in sd:
-            return prefix, {k: v for k, v in _take(sd, prefix).items() if not DECODER_KEY.match(k)}
-    return "", {}
-
-
-_REF = ("online_encoder.", "target_encoder.", "projector.", "target_projector.", "predictor.",
-        "perceptual_loss.model.", "decoder_", "mask_token")
-_OURS = ("encoder.", "target_encoder.", "projector.", "target_projector.", "predictor.", "perceptual.teacher.",
-         "decoder_", "mask_token")
-
-
 def recognise(sd: dict[str, torch.Tensor], meta: dict) -> tuple[str, dict[str, dict], tuple, tuple]:
     """(layout label, parts, prefixes it reads, prefixes it drops on purpose) of a flat state dict;
     raises listing what it found when no layout fits."""
-    if "online_encoder.patch_embed.proj.weight" in sd:
-        return "reference-code MCF checkpoint", _reference(sd), _REF, ()
-    if "encoder.patch_embed.proj.weight" in sd and ("target_encoder.patch_embed.proj.weight" in sd
-                                                    or "decoder_embed.weight" in sd):
-        return "mcf_fast model state dict", _ours(sd), _OURS, ()
-    if "base_encoder.patch_embed.proj.weight" in sd:
-        # MoCo v3's projector (3 layers, inside the encoders' head) and predictor (final BN) are not ours.
-        parts = {"online_encoder": _take(sd, "base_encoder."), "target_encoder": _take(sd, "momentum_encoder.")}
-        return "MoCo v3 checkpoint", parts, ("base_encoder.", "momentum_encoder."), ("predictor.",)
-    prefix, vit = _plain_vit(sd)
-    if vit:
-        if meta.get("format") == "mcf_fast.encoder.v1" or os.path.exists(_json_beside(meta.get("path", ""))):
-            return "mcf_fast encoder export", {"online_encoder": vit}, (prefix,), ()
-        dec = {k: v for k, v in sd.items() if DECODER_KEY.match(k)}
-        if "decoder_embed.weight" in dec:
-            return "MAE pre-training checkpoint", {"online_encoder": vit, "decoder": dec}, ("",), ()
-        where = f" under {prefix!r}" if prefix else ""
-        return f"ViT state dict{where} (timm / MAE / plain)", {"online_encoder": vit}, (prefix,), ()
-    found = Counter(k.split(".")[0] for k in sd)
-    raise ValueError(f"unknown checkpoint layout in {meta.get('path')!r}: found {dict(found.most_common(12))} "
-                     "(top-level key prefixes: tensor counts); expected a ViT ('patch_embed.proj.weight', "
-                     "optionally under encoder./model./module.base_encoder.), a reference-code MCF "
-                     "checkpoint (online_encoder.*), an MAE or MoCo v3 checkpoint, or an mcf_fast export")
+    r = read_names(sd, meta)
+    parts = {part: {n: sd[k] for n, k in names.items()} for part, names in r.parts.items()}
+    return r.label, parts, r.reads, r.drops
 
-
-def _json_beside(path: str) -> str:
-    if not path.endswith(".safetensors"):
-        return ""
-    return os.path.join(os.path.dirname(path) or ".", "encoder.json")
 
 
 _HEAD_ANY = re.compile(r"(^|\.)(head|fc_norm|pre_logits|head_drop)(\.|$)")
@@ -162,10 +100,11 @@ def open_checkpoint(path: str) -> Checkpoint:
     layout, parts, reads, drops = recognise(sd, meta)
     parts = {k: v for k, v in parts.items() if v}
     dropped, unused = _accounted(sd, reads, drops)
-    js = _json_beside(meta.get("path", ""))
+    js = json_beside(meta.get("path", ""))
     if layout == "mcf_fast encoder export" and os.path.exists(js):
-        with open(js) as f:
-            meta["encoder_json"] = json.load(f)
+        meta["encoder_json"] = read_small_json(js, "encoder.json")
+        if not isinstance(meta["encoder_json"], dict):
+            raise ValueError(f"{js}: encoder.json must be a JSON object, got {type(meta['encoder_json']).__name__}")
     return Checkpoint(meta.get("path", path), layout, parts, meta, dropped, unused)
 
 
@@ -176,14 +115,15 @@ def arch_text(arch: dict) -> str:
             f"heads, {arch['img_size']} px)")
 
 
-def vit_from(ck: Checkpoint, part: str, num_heads: int | None = None) -> tuple[VisionTransformer, str]:
+def vit_from(ck: Checkpoint, part: str, num_heads: int | None = None,
+             attention: str | None = None) -> tuple[VisionTransformer, str]:
     """A ViT holding sub-network `part` of `ck` (architecture read off the shapes), and one line saying so."""
     sd = dict(ck.part(part))
     heads = num_heads or ck.meta.get("encoder_json", {}).get("num_heads")
     arch = infer_vit_arch(sd, heads)
     if "mlp_ratio" in ck.meta.get("encoder_json", {}):
         arch["mlp_ratio"] = ck.meta["encoder_json"]["mlp_ratio"]
-    vit = VisionTransformer(**arch)
+    vit = build_vit(arch, attention, source=f"{ck.path}#{ALIASES.get(part, part)}")
     if "pos_embed" not in sd:  # some exports drop the fixed sin-cos table: it is the same everywhere
         sd["pos_embed"] = vit.pos_embed.detach().clone()
     load_into(vit, sd, f"{ck.path}#{ALIASES.get(part, part)}")
@@ -194,21 +134,16 @@ def vit_from(ck: Checkpoint, part: str, num_heads: int | None = None) -> tuple[V
     return vit, text
 
 
-def load_vit(spec: str, prefer: tuple[str, ...] = ("online_encoder",),
-             num_heads: int | None = None) -> tuple[VisionTransformer, str, Checkpoint]:
+def load_vit(spec: str, prefer: tuple[str, ...] = ("online_encoder",), num_heads: int | None = None,
+             attention: str | None = None) -> tuple[VisionTransformer, str, Checkpoint]:
     """`FILE` or `FILE#PART` -> (ViT, description, checkpoint); without #PART the first of `prefer` the file
     holds is taken (the teacher asks for ('teacher', 'online_encoder'))."""
     path, part = split_spec(spec)
     ck = open_checkpoint(path)
     if part is None:
         part = next((p for p in prefer if p in ck.parts), prefer[-1])
-    vit, text = vit_from(ck, part, num_heads)
+    vit, text = vit_from(ck, part, num_heads, attention)
     return vit, text, ck  # callers log `text` once, saying what they use it for
-
-
-# Where each part sits in `MCFModel.state_dict()` (the frozen teacher is left out, as `convert` does).
-MODEL_PREFIX = {"online_encoder": "encoder.", "target_encoder": "target_encoder.", "projector": "projector.",
-                "target_projector": "target_projector.", "predictor": "predictor.", "decoder": ""}
 
 
 def to_model_state(ck: Checkpoint) -> dict[str, torch.Tensor]:
@@ -216,5 +151,6 @@ def to_model_state(ck: Checkpoint) -> dict[str, torch.Tensor]:
     return {MODEL_PREFIX[p] + k: v for p, sd in ck.parts.items() if p in MODEL_PREFIX for k, v in sd.items()}
 
 
-__all__ = ["PARTS", "Checkpoint", "split_spec", "recognise", "open_checkpoint", "vit_from", "load_vit",
-           "arch_text", "to_model_state"]
+__all__ = ["PARTS", "ALIASES", "Checkpoint", "split_spec", "recognise", "open_checkpoint", "vit_from", "load_vit",
+           "arch_text", "to_model_state", "DECODER_KEY", "LAYOUTS", "MODEL_PREFIX", "Reading", "Take", "read_parts",
+           "read_names", "part_names", "part_depth", "file_part_depth", "file_part_width", "json_beside"]

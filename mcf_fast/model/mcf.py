@@ -8,16 +8,33 @@ top-level names (`decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_bl
 from __future__ import annotations
 
 import copy
+import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from mcf_fast.registry import choices
+
 from . import ops
 from .heads import init_heads_, predictor, projector
-from .teacher import PerceptualLoss, build_teacher_vit, parse_teacher_spec
+from .teacher import TEACHERS, TeacherSpec, parse_teacher_spec
 from .terms import ForwardState, NamedTerms, default_terms, weighted_sum
-from .vit import Block, VisionTransformer, init_vit_weights, run_blocks, sincos_pos_embed
+from .vit import ARCH_KEYS, Block, VisionTransformer, build_vit, init_vit_weights, run_blocks, sincos_pos_embed
+
+log = logging.getLogger("mcf_fast")
+
+EMBED_MODES = choices("embed mode", "--model.embed_mode", {
+    "gather_pixels": "embed only the visible patches: 75% less embedding work",
+    "embed_all": "embed all, then gather: MAE's order"})
+PATCH_EMBED_BIASES = choices("patch-embedding bias init", "--model.patch_embed_bias", {
+    "zeros": "zeros",
+    "conv_default": "Conv2d's uniform, the reference code"})
+# When `ema_update` runs (train/step.py calls it): its cadence, declared beside the update itself.
+EMA_CADENCES = choices("EMA cadence", "--optim.ema_update", {
+    "micro": "before every micro-step's forward, as the reference and the paper's numbers",
+    "step": "once per optimizer step"})
 
 
 @dataclass
@@ -48,8 +65,7 @@ def unpatchify(x: torch.Tensor, p: int, C: int = 3) -> torch.Tensor:
 def _init_patch_bias_(vit: VisionTransformer, mode: str) -> None:
     """'zeros' (ours, MAE's linear-style init) or 'conv_default': Conv2d's own uniform(+-1/sqrt(fan_in)) bias,
     which the reference code keeps (its weight init never touches the conv bias)."""
-    if mode not in ("zeros", "conv_default"):
-        raise ValueError(f"patch_embed_bias must be 'zeros' or 'conv_default', got {mode!r}")
+    PATCH_EMBED_BIASES.get(mode)
     if mode == "conv_default":
         w = vit.patch_embed.proj.weight
         bound = 1.0 / (w[0].numel() ** 0.5)
@@ -63,15 +79,16 @@ class MCFModel(nn.Module):
                  teacher_num_heads: int | None = None, teacher_seed=0, norm_pix_loss=False,
                  temperature=0.2, perceptual_weight=1000.0, contrastive_weight=1.0,
                  embed_mode="gather_pixels", grad_ckpt=False, teacher_grad_ckpt=False,
-                 head_init="torch", patch_embed_bias="zeros", teacher_resize="bilinear"):
+                 head_init="torch", patch_embed_bias="zeros", teacher_resize="bilinear",
+                 attention: str | None = None):
         super().__init__()
-        if embed_mode not in ("gather_pixels", "embed_all"):
-            raise ValueError(f"embed_mode must be 'gather_pixels' or 'embed_all', got {embed_mode!r}")
+        EMBED_MODES.get(embed_mode)
         self.patch_size, self.img_size = patch_size, img_size
         self.temperature, self.embed_mode = temperature, embed_mode
         self.perceptual_weight, self.contrastive_weight = perceptual_weight, contrastive_weight
         self.norm_pix_loss = norm_pix_loss
-        self.encoder = VisionTransformer(img_size, patch_size, 3, embed_dim, depth, num_heads, mlp_ratio)
+        self.encoder = build_vit(dict(img_size=img_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim,
+                                      depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio), attention)
         self.encoder.grad_ckpt = grad_ckpt
         _init_patch_bias_(self.encoder, patch_embed_bias)
         L = self.encoder.num_patches
@@ -81,7 +98,8 @@ class MCFModel(nn.Module):
         self.decoder_pos_embed = nn.Parameter(
             sincos_pos_embed(decoder_embed_dim, int(L ** 0.5))[None], requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)])
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, attention=self.encoder.attention)
+             for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * 3)
         init_vit_weights(nn.ModuleList([self.decoder_embed, self.decoder_blocks, self.decoder_norm,
@@ -95,26 +113,47 @@ class MCFModel(nn.Module):
         init_heads_(self.predictor, head_init)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        # ---- teacher
-        self.teacher_kind, _ = parse_teacher_spec(teacher)
-        self.perceptual = None
-        if self.teacher_kind in ("checkpoint", "random"):
-            arch = teacher_arch or dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
-            vit = build_teacher_vit(teacher, arch, teacher_seed, teacher_num_heads)
-            self.perceptual = PerceptualLoss(vit, teacher_layers, vit.patch_embed.img_size, teacher_resize)
-        elif self.teacher_kind == "ema":
-            self.perceptual = PerceptualLoss(None, teacher_layers, img_size, teacher_resize)
-        if self.perceptual is not None:
-            # Recompute the teacher's blocks in backward: its activations for the predicted image are
-            # the largest part of a step's memory (ViT-B at 224), for one more teacher forward.
-            self._teacher_vit().grad_ckpt = teacher_grad_ckpt
-            depth_t = len(self._teacher_vit().blocks)
-            if max(teacher_layers) >= depth_t or min(teacher_layers) < 0:
-                raise ValueError(f"teacher layers {list(teacher_layers)} out of range for a {depth_t}-block teacher")
+        # ---- teacher: its kind (model/teacher.py, TEACHERS) builds what judges the image, and its loss
+        self.teacher_kind, arg = parse_teacher_spec(teacher)
+        self.teacher_entry = TEACHERS.get(self.teacher_kind)
+        arch = teacher_arch or dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+        spec = TeacherSpec(self.teacher_kind, arg, arch, tuple(int(i) for i in teacher_layers), teacher_num_heads,
+                           teacher_seed, teacher_resize, teacher_grad_ckpt, self.encoder.attention)
+        self.perceptual = self.teacher_entry.build(spec, self)
         # name -> LossTerm: what forward computes and sums (model/terms.py); weight-0 terms are left out
         self.loss_terms = default_terms(self)
 
+    @classmethod
+    def from_config(cls, m, *, seed: int = 0) -> "MCFModel":
+        """The model a `ModelConfig` (train/config.py) describes, initialised from `seed` (a random teacher
+        from seed + 1), then `decoder_init`, `init` and `compile` applied. Every config field named like a
+        keyword of this class reaches it as is; the random teacher's ViT comes from the `teacher_*` fields."""
+        params = inspect.signature(cls.__init__).parameters
+        kw = {n: getattr(m, n) for n in params if n != "self" and hasattr(m, n)}
+        kw["teacher_arch"] = {k: getattr(m, "teacher_" + k) for k in ARCH_KEYS if hasattr(m, "teacher_" + k)}
+        torch.manual_seed(seed)
+        model = cls(**kw, teacher_seed=seed + 1)
+        if m.decoder_init:
+            from .checkpoints import load_mae_decoder
+            try:
+                keys = load_mae_decoder(model, m.decoder_init, m.decoder_init_blocks)
+            except ValueError as e:
+                raise ValueError(f"--model.decoder_init {m.decoder_init}: {e}") from e
+            log.info("decoder initialised from %s (%d tensors)", m.decoder_init, len(keys))
+        if m.init:
+            from .init_from import init_from_checkpoint
+            for line in init_from_checkpoint(model, m.init):
+                log.info("init: %s", line)
+        if m.compile:
+            for blk in list(model.encoder.blocks) + list(model.decoder_blocks) + list(model.target_encoder.blocks):
+                blk.compile()
+        return model
+
     # ------------------------------------------------------------------ helpers
+    def teacher_loss(self, imgs, pred, pred_patches, mask) -> torch.Tensor:
+        """The teacher kind's loss on the decoder's output: features of a frozen ViT, or pixels."""
+        return self.teacher_entry.loss(self, imgs, pred, pred_patches, mask)
+
     def _teacher_vit(self) -> VisionTransformer:
         return self.perceptual.teacher if self.perceptual.teacher is not None else self.target_encoder
 

@@ -48,14 +48,11 @@ class LossTerm:
     compute: Callable[[torch.nn.Module, ForwardState], torch.Tensor]
 
 
-def perceptual_term(model, s: ForwardState) -> torch.Tensor:
-    """The teacher's feature-map distance between the decoder's image and the real one."""
-    return model.perceptual(s.pred, s.imgs, model._teacher_vit())
-
-
-def pixel_term(model, s: ForwardState) -> torch.Tensor:
-    """MAE's mean squared pixel error on the removed patches."""
-    return model.pixel_loss(s.imgs, s.pred_patches, s.mask)
+def reconstruction_term(model, s: ForwardState) -> torch.Tensor:
+    """The teacher kind's loss on the decoder's output (model/teacher.py, TEACHERS): the frozen teacher's
+    feature-map distance between the decoder's image and the real one ('perceptual'), or MAE's pixel error
+    on the removed patches ('pixel')."""
+    return model.teacher_loss(s.imgs, s.pred, s.pred_patches, s.mask)
 
 
 def contrastive_term(model, s: ForwardState) -> torch.Tensor:
@@ -70,10 +67,9 @@ def contrastive_term(model, s: ForwardState) -> torch.Tensor:
 
 
 def default_terms(model) -> dict[str, LossTerm]:
-    """The model's terms from its teacher and weights: the decoder's term ('perceptual' with a teacher,
-    'pixel' without one), then 'contrastive'; terms of weight 0 are left out."""
-    recon = ("pixel", pixel_term) if model.perceptual is None else ("perceptual", perceptual_term)
-    table = {recon[0]: LossTerm(float(model.perceptual_weight), recon[1]),
+    """The model's terms from its teacher and weights: the decoder's term, named by the teacher kind
+    ('perceptual' with a teacher, 'pixel' without one), then 'contrastive'; terms of weight 0 are left out."""
+    table = {model.teacher_entry.term: LossTerm(float(model.perceptual_weight), reconstruction_term),
              "contrastive": LossTerm(float(model.contrastive_weight), contrastive_term)}
     terms = {name: t for name, t in table.items() if t.weight != 0}
     if not terms:
@@ -107,5 +103,5 @@ class NamedTerms:
         return self.terms.get("contrastive")
 
 
-__all__ = ["LossTerm", "ForwardState", "default_terms", "weighted_sum", "NamedTerms", "perceptual_term",
-           "pixel_term", "contrastive_term", "RECONSTRUCTION"]
+__all__ = ["LossTerm", "ForwardState", "default_terms", "weighted_sum", "NamedTerms", "reconstruction_term",
+           "contrastive_term", "RECONSTRUCTION"]

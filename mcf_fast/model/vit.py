@@ -1,10 +1,12 @@
 """A plain ViT with timm's parameter names, so MAE / timm / MoCo v3 checkpoints load without renaming.
 
-Attention goes through `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU,
-fused CPU kernel on CPU); xformers is an opt-in backend for CUDA tensors (`set_attention_backend`).
+Attention is a constructor argument (`attention='sdpa' | 'xformers'`, see `attention.py`), so two
+models in one process can use different kernels. `build_vit(arch, attention)` is the one place that
+turns an architecture dict into a `VisionTransformer` (pre-training, teachers, eval, checkpoints).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -17,31 +19,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
+from .attention import resolve as resolve_attention
 
 log = logging.getLogger(__name__)
 
-_ATTN_BACKEND = os.environ.get("MCF_FAST_ATTENTION", "sdpa")
-
-
-def set_attention_backend(name: str) -> None:
-    """Choose the attention kernel: 'sdpa' (default, every device) or 'xformers' (CUDA only)."""
-    global _ATTN_BACKEND
-    if name not in ("sdpa", "xformers"):
-        raise ValueError(f"attention backend must be 'sdpa' or 'xformers', got {name!r}")
-    if name == "xformers":
-        try:
-            import xformers.ops  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError("attention backend 'xformers' requested but xformers is not importable "
-                               f"({e}); install the [xformers] extra or use 'sdpa'") from e
-    _ATTN_BACKEND = name
-
-
-def _xformers_attention(q, k, v):
-    import xformers.ops as xops
-    # xformers wants [B, T, H, Dh]; it has no CPU kernels, so only CUDA tensors get here.
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+# The architecture of a VisionTransformer, as encoder.json and `VisionTransformer.arch` spell it.
+ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
 
 
 # ------------------------------------------------------------------ fixed 2-D sin-cos position embedding
@@ -95,22 +78,21 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads=8, qkv_bias=True):
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attention: str | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        # the backend is this layer's own (None: the process default, read once at import)
+        self.attention, self._attend = resolve_attention(attention)
 
     def forward(self, x):
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if _ATTN_BACKEND == "xformers" and x.is_cuda:
-            x = _xformers_attention(q, k, v)
-        else:
-            x = F.scaled_dot_product_attention(q, k, v)
+        x = self._attend(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, T, C))
 
 
@@ -126,10 +108,10 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, attention: str | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, attention)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -169,10 +151,11 @@ class VisionTransformer(nn.Module):
     """ViT encoder (no head) with timm names; fixed sin-cos `pos_embed` [1, 1 + L, D]."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, qkv_bias=True):
+                 mlp_ratio=4.0, qkv_bias=True, attention: str | None = None):
         super().__init__()
         self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                          depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias)
+        self.attention = resolve_attention(attention)[0]  # not part of `arch`: the weights do not depend on it
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -180,7 +163,8 @@ class VisionTransformer(nn.Module):
         # so checkpoints carry it under the same name.
         self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.patch_embed.grid_size)[None],
                                       requires_grad=False)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, self.attention)
+                                     for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.grad_ckpt = False
         self.reset_parameters()
@@ -240,6 +224,46 @@ class VisionTransformer(nn.Module):
         return self.forward_features(x)[:, 0]
 
 
+def _arch_defaults() -> dict:
+    sig = inspect.signature(VisionTransformer.__init__)
+    return {k: sig.parameters[k].default for k in ARCH_KEYS}
+
+
+def check_arch(arch: dict, source: str = "architecture") -> dict:
+    """`arch` completed with VisionTransformer's defaults, every value checked: one-line ValueError naming
+    `source` (a file, an option) and the key. Runs before any tensor is allocated."""
+    if not isinstance(arch, dict):
+        raise ValueError(f"{source}: the architecture must be a mapping of {', '.join(ARCH_KEYS)}")
+    unknown = sorted(set(arch) - set(ARCH_KEYS))
+    if unknown:
+        raise ValueError(f"{source}: unknown architecture key(s) {unknown}; the keys are {', '.join(ARCH_KEYS)}")
+    a = {**_arch_defaults(), **arch}
+
+    def bad(key, msg):
+        raise ValueError(f"{source}: {key} {a[key]!r} {msg}")
+    for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+        if isinstance(a[k], bool) or not isinstance(a[k], int) or a[k] < 1:
+            bad(k, "must be a positive integer")
+    r = a["mlp_ratio"]
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+        bad("mlp_ratio", "must be a finite number > 0")
+    if not isinstance(a["qkv_bias"], bool):
+        bad("qkv_bias", "must be true or false")
+    if a["img_size"] % a["patch_size"]:
+        bad("img_size", f"is not a multiple of patch_size {a['patch_size']}")
+    if a["embed_dim"] % a["num_heads"]:
+        bad("num_heads", f"does not divide embed_dim {a['embed_dim']}")
+    if a["embed_dim"] % 4:
+        bad("embed_dim", "must be divisible by 4 (2-D sin-cos position embedding)")
+    return a
+
+
+def build_vit(arch: dict, attention: str | None = None, source: str = "architecture") -> VisionTransformer:
+    """The one place an architecture dict (+ attention backend) becomes a VisionTransformer: pre-training's
+    encoders, random teachers, checkpoints read by `layouts`, exports read back, eval's encoders."""
+    return VisionTransformer(**check_arch(arch, source), attention=attention)
+
+
 # ------------------------------------------------------------------ export / import as timm safetensors
 ENCODER_FORMAT = "mcf_fast.encoder.v1"
 
@@ -287,9 +311,8 @@ def save_encoder(encoder: VisionTransformer, out_dir: str, extra: dict | None = 
     return st, js
 
 
-def load_encoder(path: str) -> VisionTransformer:
-    """Read an exported encoder (encoder.safetensors beside encoder.json, or the folder holding them)."""
-    from safetensors.torch import load_file
+def export_paths(path: str) -> tuple[str, str]:
+    """(encoder.safetensors, encoder.json) of an export given as the weights file or the folder."""
     if os.path.isdir(path):
         path = os.path.join(path, "encoder.safetensors")
     js = os.path.join(os.path.dirname(path) or ".", "encoder.json")
@@ -298,17 +321,53 @@ def load_encoder(path: str) -> VisionTransformer:
                                 "pre-training run's folder)")
     if not os.path.exists(js):
         raise FileNotFoundError(f"{js} not found: encoder.json (the architecture) must sit beside {path}")
-    with open(js) as f:
-        meta = json.load(f)
-    if meta.get("format") != ENCODER_FORMAT:
-        raise ValueError(f"{js}: format {meta.get('format')!r} is not {ENCODER_FORMAT!r}")
-    arch = {k: meta[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
-                                 "mlp_ratio", "qkv_bias")}
-    model = VisionTransformer(**arch)
+    return path, js
+
+
+def export_arch(path: str) -> tuple[dict, dict]:
+    """(architecture, encoder.json contents) of an export, the architecture checked against the weights'
+    safetensors header (depth, width, patch, input size, channels, MLP width, qkv bias) before any model
+    is built: a wrong or hostile encoder.json costs a header read."""
+    from .checkpoints import infer_vit_arch
+    from .headers import read_small_json, safetensors_shapes
+    path, js = export_paths(path)
+    meta = read_small_json(js, "encoder.json")
+    if not isinstance(meta, dict) or meta.get("format") != ENCODER_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{js}: format {got!r} is not {ENCODER_FORMAT!r}")
+    missing = [k for k in ARCH_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{js} lacks architecture keys {missing}")
+    arch = check_arch({k: meta[k] for k in ARCH_KEYS}, js)
+    try:
+        shapes = safetensors_shapes(path)
+        have = infer_vit_arch(shapes, arch["num_heads"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if "pos_embed" not in shapes:  # the input size is not in the weights then
+        have["img_size"] = arch["img_size"]
+    diff = [f"{k} {arch[k]!r} in encoder.json, {have[k]!r} in the weights" for k in ARCH_KEYS
+            if k != "mlp_ratio" and arch[k] != have[k]]
+    hidden = shapes["blocks.0.mlp.fc1.weight"][0]
+    if int(arch["embed_dim"] * arch["mlp_ratio"]) != hidden:  # Mlp's width is int(dim * ratio)
+        diff.append(f"mlp_ratio {arch['mlp_ratio']!r} in encoder.json, MLP width {hidden} in the weights")
+    if diff:
+        raise ValueError(f"{js} does not describe {path}: {'; '.join(diff)}")
+    return arch, meta
+
+
+def load_encoder(path: str, attention: str | None = None) -> VisionTransformer:
+    """Read an exported encoder (encoder.safetensors beside encoder.json, or the folder holding them);
+    encoder.json is checked against the weights' header before the model is built."""
+    from safetensors.torch import load_file
+
+    from .checkpoints import check_fit
+    arch, _ = export_arch(path)
+    path, js = export_paths(path)
+    model = build_vit(arch, attention, source=js)
     sd = load_file(path)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the architecture in {js}: missing {missing}, unexpected {unexpected}")
+    check_fit(model.state_dict(), sd, f"{path} (architecture from {js})")
+    model.load_state_dict(sd)
     return model
 
 

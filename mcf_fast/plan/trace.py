@@ -61,8 +61,8 @@ class StepTrace:
 
 def build(m, seed: int):
     """The model exactly as the training loop builds it (the one place that names the builder)."""
-    from mcf_fast.train.loop import build_model
-    return build_model(m, seed)
+    from mcf_fast.model.mcf import MCFModel
+    return MCFModel.from_config(m, seed=seed)
 
 
 def traceable(cfg, notes: list | None = None):

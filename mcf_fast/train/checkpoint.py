@@ -34,6 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mcf_fast.model.checkpoints import misfit_text
+
 from . import ckpt_integrity as integ
 from .dcp_safe import CheckpointError, UnsafeCheckpointError, read_metadata_file, safe_load
 
@@ -334,10 +336,9 @@ def load(path: str, model, optimizer) -> dict:
 def _set_state(path: str, model, optimizer, state: dict) -> None:
     opts = StateDictOptions(strict=False)
     missing, unexpected = set_model_state_dict(model, state["model"], options=opts)
-    missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing[:10]}, "
-                           f"unexpected {list(unexpected)[:10]} (was it written with another config?)")
+    misfit = misfit_text([k for k in missing if not k.startswith(FROZEN_PREFIXES)], sorted(unexpected), [])
+    if misfit:
+        raise RuntimeError(f"checkpoint {path} does not fit the model: {misfit} (was it written with another config?)")
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 

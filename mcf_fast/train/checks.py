@@ -1,30 +1,33 @@
 """Checks that need more than one field, or the file system, run before any model is built.
 
 `check_numbers(cfg)`: every float field (and float tuple) is finite, every int field is an int; the
-section `validate()` methods then check ranges. `check_inputs(cfg)`: paths (teacher, decoder_init,
-init, data) exist, and cross-field constraints hold, including the teacher layers against a
-checkpoint teacher's depth, read from the file's header without loading its tensors. Every error is
-a ValueError whose one-line message names the option and the fix; the CLI turns it into exit 2.
-Nothing here imports torch (a .pth header is read with a stub unpickler), so errors come in well under
-a second after the arguments are parsed.
+section `validate()` methods then check ranges. `check_inputs(cfg)`: every registry entry the config
+picks (its teacher kind, attention backend, ...: the fields whose metadata names a registry) runs its
+own `precheck(cfg)`; input files exist and are regular files; a `--model.decoder_init` file holds the
+decoder blocks asked for; the device and precision can run here; constraints across fields hold. File
+contents are read from headers only (`model/headers.py`), never loaded. Every error is a ValueError
+whose one-line message names the option and the fix; the CLI turns it into exit 2.
+
+`BadInput` marks the same kind of error found later but still before the run folder is touched
+(building the model reads the teacher's and decoder_init's tensors): `python -m mcf_fast.pretrain`
+prints its one line and exits 2, with nothing written.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import pickle
-import re
-import struct
-import zipfile
 
 from mcf_fast.data.sources import check_data
+from mcf_fast.model.checkpoints import decoder_blocks, unwrap_keys
+from mcf_fast.model.headers import check_input_file, checkpoint_keys
+from mcf_fast.model.layout_kinds import file_part_depth
 
 SEED_MAX = 2**63 - 2  # the teacher's seed is seed + 1, and both must fit an int64
-_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-# How known layouts wrap a ViT's keys (model/checkpoints.py reads the same layouts when loading).
-_ENCODER_PREFIXES = ("module.base_encoder.", "base_encoder.", "module.encoder.", "encoder.", "module.", "model.", "")
+
+
+class BadInput(ValueError):
+    """A bad value or input file, found before the run folder is touched: one line, exit 2."""
 
 
 def _bad(key: str, value, msg: str):
@@ -47,84 +50,12 @@ def check_numbers(cfg) -> None:
         _bad("run.seed", cfg.run.seed, f"must be in [0, {SEED_MAX}] (e.g. 0)")
 
 
-# ---------------------------------------------------------------------- checkpoint headers (no torch)
-class _Stub:
-    """Stands for any class or tensor in a pickled state dict: accepts every call and state."""
-
-    def __init__(self, *a, **k):
-        pass
-
-    def __call__(self, *a, **k):
-        return _Stub()
-
-    def __setstate__(self, state):
-        pass
-
-
-class _Dict(dict):
-    """An OrderedDict stand-in that takes the attributes torch pickles with a state dict (_metadata)."""
-
-
-class _KeysOnly(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in (("collections", "OrderedDict"), ("builtins", "dict")):
-            return _Dict
-        return _Stub  # tensors, storages, Namespaces...: never constructed for real, no code runs
-
-    def persistent_load(self, pid):
-        return None
-
-
-def checkpoint_keys(path: str) -> list[str] | None:
-    """Tensor names of a .safetensors or zip-format torch checkpoint from its header / pickle only
-    (nested {'state_dict'|'model': ...} flattened with dots); None when the format is not recognised."""
-    if path.endswith(".safetensors"):
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            if not 0 < n < 1 << 30:
-                raise ValueError(f"{path!r} is not a safetensors file (bad header length)")
-            return [k for k in json.loads(f.read(n)) if k != "__metadata__"]
-    if not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as z:
-        name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
-        if name is None:
-            return None
-        obj = _KeysOnly(z.open(name)).load()
-    keys: list[str] = []
-
-    def walk(d, pre):
-        for k, v in d.items():
-            if isinstance(v, dict) and len(pre) < 64:
-                walk(v, f"{pre}{k}.")
-            elif isinstance(k, str):
-                keys.append(pre + k)
-    if isinstance(obj, dict):
-        walk(obj, "")
-    return keys
-
-
-def teacher_depth(path: str) -> int | None:
-    """Blocks of the ViT in a teacher checkpoint (the prefix the loader would pick), or None if unknown."""
-    keys = checkpoint_keys(path)
-    if not keys:
-        return None
-    for wrap in ("state_dict.", "model.", "module.", "model_state.", ""):
-        for pre in _ENCODER_PREFIXES:
-            full = wrap + pre
-            if any(k.startswith(full + "patch_embed.") for k in keys):
-                idx = [int(m.group(1)) for k in keys if k.startswith(full + "blocks.")
-                       and (m := _BLOCK.match(k[len(full):]))]
-                return 1 + max(idx) if idx else None
-    return None
+def teacher_depth(path: str, part: str | None = None) -> int | None:
+    """Blocks of the ViT a teacher checkpoint gives (the part the loader would pick), from its header."""
+    return file_part_depth(path, (part,) if part else ("teacher", "online_encoder"))
 
 
 # ---------------------------------------------------------------------- paths and cross-field checks
-def _check_file(key: str, path: str, what: str) -> None:
-    if not os.path.exists(path):
-        _bad(key, path, f"does not exist: give the path of {what}")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "encoder.safetensors")):
-        _bad(key, path, f"is a folder: give the file of {what}")
 
 
 def _world_size() -> int:
@@ -134,34 +65,73 @@ def _world_size() -> int:
         return 1
 
 
+def picked(cfg) -> list:
+    """The registry entries the config picks: for each field whose metadata names a registry, the entry
+    its value names (a teacher spec 'checkpoint:PATH' names 'checkpoint')."""
+    out = []
+    for sec in ("model", "optim", "data", "run", "dist"):
+        sub = getattr(cfg, sec)
+        for f in dataclasses.fields(sub):
+            reg = f.metadata.get("choices")
+            if reg is not None:
+                out.append(reg.get(str(getattr(sub, f.name)).partition(":")[0]))
+    return out
+
+
+def _check_decoder_init(m) -> None:
+    """The file exists and, from its header, holds an MAE decoder with the blocks asked for."""
+    check_input_file("model.decoder_init", m.decoder_init, "an MAE pre-training checkpoint")
+    keys = checkpoint_keys(m.decoder_init) if os.path.isfile(m.decoder_init) else None
+    if keys is None:  # not a zip/safetensors file: checked when it is loaded (still before anything is written)
+        return
+    keys = unwrap_keys(keys)
+    if "decoder_embed.weight" not in keys:
+        _bad("model.decoder_init", m.decoder_init, "holds no MAE decoder (no 'decoder_embed.weight'): give an MAE "
+             "pre-training checkpoint such as mae_pretrain_vit_base_full.pth")
+    have, n = decoder_blocks(keys), m.decoder_depth if m.decoder_init_blocks < 0 else m.decoder_init_blocks
+    if n > have:
+        _bad("model.decoder_init_blocks", m.decoder_init_blocks, f"asks for {n} decoder blocks but "
+             f"{m.decoder_init!r} holds {have}: use at most {have}")
+
+
+def _check_device(r) -> None:
+    """The device exists here and the precision runs on it (fp16 needs a GPU): cheap torch queries only."""
+    import torch
+    dev = r.device
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            _bad("run.device", dev, "no CUDA device is visible here: use --run.device cpu (or auto)")
+        suffix = dev.partition(":")[2]
+        if suffix and not suffix.isdigit():
+            _bad("run.device", dev, "must be cuda or cuda:N with N a device number")
+        if int(suffix or 0) >= torch.cuda.device_count():
+            _bad("run.device", dev, f"this machine has {torch.cuda.device_count()} CUDA device(s): use cuda:0..")
+    if r.precision == "fp16" and not (dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())):
+        _bad("run.precision", r.precision, "is for GPUs (CPU autocast fp16 is slow and unscaled): use bf16, fp32 "
+             "or auto")
+
+
 def check_inputs(cfg) -> None:
     """Paths and constraints across fields, before anything is built (ValueError, one line each)."""
     m, o, d, r = cfg.model, cfg.optim, cfg.data, cfg.run
-    kind, _, arg = m.teacher.partition(":")
-    if kind == "checkpoint":
-        if "#" in arg and not os.path.exists(arg):  # FILE#PART picks a sub-network (model/layouts.py)
-            arg = arg.rpartition("#")[0]
-        _check_file("model.teacher", arg, "a pre-trained ViT checkpoint (.pth, .pth.tar or .safetensors)")
-        path = os.path.join(arg, "encoder.safetensors") if os.path.isdir(arg) else arg
-        depth = teacher_depth(path)
-        if depth is not None and max(m.teacher_layers) >= depth:
-            _bad("model.teacher_layers", ",".join(map(str, m.teacher_layers)),
-                 f"block {max(m.teacher_layers)} is beyond the {depth}-block teacher in {arg!r}; "
-                 f"use indices 0..{depth - 1}")
+    for entry in picked(cfg):  # each kind checks what it reads (model/teacher.py, model/attention.py, ...)
+        precheck = getattr(entry, "precheck", None)
+        if precheck is not None:
+            precheck(cfg)
     if m.decoder_init:
-        _check_file("model.decoder_init", m.decoder_init, "an MAE pre-training checkpoint")
+        _check_decoder_init(m)
     if getattr(m, "init", ""):
-        _check_file("model.init", m.init, "a checkpoint to start from")
+        check_input_file("model.init", m.init, "a checkpoint to start from")
+    _check_device(r)
     world = _world_size()
     if o.batch_size * world < 2:
         _bad("optim.batch_size", o.batch_size, "the projector's BatchNorm needs at least 2 images per step "
              "(over all ranks): use --optim.batch_size 2 or more")
     check_data(d, need=o.batch_size * world)  # the data source's own checks (mcf_fast/data/sources.py)
-    L = (m.img_size // m.patch_size) ** 2
-    if kind == "pixel" and int(L * (1 - m.mask_ratio)) >= L:
-        _bad("model.mask_ratio", m.mask_ratio, "removes no patch, and the pixel teacher's loss is taken on "
-             "removed patches: use a ratio above 0 (0.75 in MAE)")
     cpus = os.cpu_count() or 1
     if r.threads > 4 * cpus:
         _bad("run.threads", r.threads, f"is more than 4x this machine's {cpus} CPUs: use 0 (torch's default) "
              f"or at most {cpus}")
+
+
+__all__ = ["BadInput", "check_numbers", "check_inputs", "checkpoint_keys", "teacher_depth", "picked"]

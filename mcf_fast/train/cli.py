@@ -2,19 +2,20 @@
 
 Mistakes are one-line errors (exit 2) before anything is built: no abbreviations (`--model.dept`
 is not `--model.depth`), a misspelt key gets "did you mean ...?", `--help` shows the defaults of the
-preset in use, and values, paths and cross-field constraints are checked (`config.validate`,
-`checks.check_inputs`).
+preset in use and, for fields that pick a kind, the kinds registered now (teachers, attention
+backends, ...), and values, paths and cross-field constraints are checked (`config.validate`,
+`checks.check_inputs`). `--config FILE` is checked by the same rules (`config_file.py`).
 """
 from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import sys
 from dataclasses import fields
 
 from .checks import check_inputs
 from .config import PRESETS, SECTIONS, Config, from_preset
+from .config_file import parse_text, read_config_file
 
 PROG = "python -m mcf_fast.pretrain"
 SHORTCUTS = {"out": ("run", "out"), "max_steps": ("optim", "max_steps"), "seed": ("run", "seed"),
@@ -27,29 +28,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
-
-
-def _convert(text: str, default, type_name: str, key: str):
-    """Parse a command-line string into the field's type; errors name the key and the expected form."""
-    try:
-        if isinstance(default, bool) or type_name == "bool":
-            low = text.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true/false")
-        if isinstance(default, tuple) or type_name.startswith("tuple"):
-            items = [t for t in text.replace(" ", "").split(",") if t]
-            elem = type(default[0]) if default else float
-            return tuple(elem(t) for t in items)
-        if isinstance(default, int) or type_name == "int":
-            return int(text)
-        if isinstance(default, float) or type_name == "float":
-            return float(text)
-        return text
-    except ValueError as e:
-        raise ValueError(f"--{key}: cannot read {text!r} as {type(default).__name__} ({e})") from None
 
 
 def _shown(v) -> str:
@@ -65,11 +43,16 @@ def _start_config(argv: list[str]) -> tuple[Config, str]:
     ns, _ = pre.parse_known_args(argv)
     if ns.config:
         try:
-            with open(ns.config) as fh:
-                return config_from_dict(json.load(fh)), f"the config file {ns.config}"
-        except (OSError, ValueError) as e:
-            pre.error(f"--config {ns.config}: {e}")
+            return read_config_file(ns.config), f"the config file {ns.config}"
+        except ValueError as e:
+            pre.error(str(e))
     return from_preset(ns.preset), f"the '{ns.preset}' preset"
+
+
+def _choices(f) -> str:
+    """' Choices: ...' from the registry a field names, as registered when the parser is built."""
+    reg = f.metadata.get("choices")
+    return f" Choices: {reg.describe()}." if reg is not None and len(reg) else ""
 
 
 def build_parser(base: Config | None = None, source: str = "the 'demo' preset") -> argparse.ArgumentParser:
@@ -94,7 +77,7 @@ def build_parser(base: Config | None = None, source: str = "the 'demo' preset") 
         g = p.add_argument_group(f"{sec} (--{sec}.FIELD)")
         for f in fields(getattr(base, sec)):
             d = getattr(getattr(base, sec), f.name)
-            help_ = f"{f.metadata.get('help', '')} (default: {_shown(d)})".replace("%", "%%")
+            help_ = f"{f.metadata.get('help', '')}{_choices(f)} (default: {_shown(d)})".replace("%", "%%")
             g.add_argument(f"--{sec}.{f.name}", dest=f"{sec}.{f.name}", default=None,
                            metavar=type(d).__name__.upper(), help=help_)
     return p
@@ -112,21 +95,6 @@ def _unknown(parser: argparse.ArgumentParser, extra: list[str]) -> None:
     parser.error(f"unknown option {name}{hint}")
 
 
-def config_from_dict(d: dict) -> Config:
-    cfg = Config(preset=d.get("preset", "custom"))
-    for sec in SECTIONS:
-        sub = getattr(cfg, sec)
-        known = {f.name for f in fields(sub)}
-        for k, v in d.get(sec, {}).items():
-            if k not in known:
-                close = difflib.get_close_matches(k, sorted(known), n=1)
-                raise ValueError(f"config key {sec}.{k} is not a known field"
-                                 f"{f' (did you mean {sec}.{close[0]}?)' if close else ''}")
-            default = getattr(sub, k)
-            setattr(sub, k, tuple(v) if isinstance(default, tuple) else v)
-    return cfg
-
-
 def _apply(cfg: Config, ns: argparse.Namespace, parser) -> None:
     """--SECTION.FIELD values, then the shortcuts, onto `cfg`."""
     img_size_set = False
@@ -137,7 +105,7 @@ def _apply(cfg: Config, ns: argparse.Namespace, parser) -> None:
         sub = getattr(cfg, sec)
         ftype = next(f.type for f in fields(sub) if f.name == name)
         try:
-            setattr(sub, name, _convert(text, getattr(sub, name), str(ftype), key))
+            setattr(sub, name, parse_text(text, getattr(sub, name), str(ftype), key))
         except ValueError as e:
             parser.error(str(e))
         img_size_set |= key == "model.img_size"

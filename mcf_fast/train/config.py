@@ -2,7 +2,9 @@
 
 Every field is settable from the command line as `--SECTION.FIELD VALUE` (`--model.depth 6`); tuples
 take comma-separated values (`--model.teacher_layers 2,5,8,11`). Unknown keys and bad values are
-errors before any work starts.
+errors before any work starts. A field whose values are kinds or named choices keeps no list of its
+own: it names the registry declared beside the code that implements them (`metadata["choices"]`), and
+validation, `--help` and docs/configuration.md ask that registry.
 """
 from __future__ import annotations
 
@@ -12,14 +14,29 @@ from dataclasses import dataclass, field
 
 from mcf_fast.data.config import DataConfig
 from mcf_fast.masking import MASK_KINDS
+from mcf_fast.model.attention import ATTENTION, DEFAULT_ATTENTION
+from mcf_fast.model.heads import HEAD_INITS
+from mcf_fast.model.mcf import EMA_CADENCES, EMBED_MODES, PATCH_EMBED_BIASES
+from mcf_fast.model.teacher import RESIZES, TEACHERS, parse_teacher_spec
+from mcf_fast.registry import Registry
 
 from .checks import check_numbers
 
 
-def _f(default, help: str, **kw):
+def _f(default, help: str, choices: Registry | None = None, **kw):
+    """A field with its help text; `choices` is the registry its values come from (help lists them)."""
+    meta = {"help": help, **({"choices": choices} if choices is not None else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def check_choices(section) -> None:
+    """Every field of `section` that names a registry holds one of its names (did-you-mean otherwise)."""
+    for f in dataclasses.fields(section):
+        reg = f.metadata.get("choices")
+        if reg is not None and f.name != "teacher":  # the teacher spec is NAME[:ARG]: parse_teacher_spec
+            reg.get(getattr(section, f.name))
 
 
 @dataclass
@@ -35,12 +52,12 @@ class ModelConfig:
     decoder_num_heads: int = _f(16, "Decoder attention heads.")
     decoder_init: str = _f("", "MAE pre-training checkpoint to initialise the decoder from ('' = fresh init).")
     decoder_init_blocks: int = _f(-1, "How many decoder blocks to load from decoder_init (-1 = all; "
-                                      "norm and pixel head load only when all do).")
+                                      "norm and pixel head load only when all do; at most decoder_depth).")
     init: str = _f("", "Start from a reference-code MCF, MAE or mcf_fast checkpoint file: online/target encoder, "
                        "decoder, projector/predictor mapped (mapping printed), fresh optimizer ('' = fresh init).")
     mask_ratio: float = _f(0.75, "Fraction of patches removed in each view, in [0, 1).")
-    mask_kind: str = _f("uniform", "Mask shape: 'uniform' (MAE, the paper) or 'block' (BEiT-style).")
-    teacher: str = _f("random", "Perceptual teacher: checkpoint:PATH | random | ema | pixel (see README).")
+    mask_kind: str = _f("uniform", "How each view's removed patches are drawn.", MASK_KINDS)
+    teacher: str = _f("random", "What judges the decoder's image (NAME, or checkpoint:PATH).", TEACHERS)
     teacher_layers: tuple = _f((2, 5, 8, 11), "Teacher blocks (0-based) whose token sequences are compared.")
     teacher_img_size: int = _f(224, "'random' teacher: input side (images are resized to it).")
     teacher_patch_size: int = _f(16, "'random' teacher: patch side.")
@@ -53,20 +70,17 @@ class ModelConfig:
     temperature: float = _f(0.2, "Contrastive temperature T.")
     perceptual_weight: float = _f(1000.0, "Weight of the perceptual (or pixel) loss; the reference uses 1000.")
     contrastive_weight: float = _f(1.0, "Weight of the contrastive loss.")
-    embed_mode: str = _f("gather_pixels", "'gather_pixels': embed only visible patches (faster); "
-                                          "'embed_all': embed all, then gather (MAE's order).")
+    embed_mode: str = _f("gather_pixels", "How the encoder embeds the visible patches.", EMBED_MODES)
     grad_ckpt: bool = _f(False, "Recompute each block's activations in backward (less memory, ~30% more compute).")
     teacher_grad_ckpt: bool = _f(False, "Recompute the teacher's blocks in backward of the predicted-image pass "
                                         "(its activations dominate step memory; costs one more teacher forward).")
     compile: bool = _f(False, "torch.compile each block. Off: on the 2-core CPU (2026-11-26, demo preset, "
                               "fwd+bwd) eager took 2.0 s/step, compiled 4.7 s after a 90 s compile.")
-    attention: str = _f("sdpa", "Attention kernel: 'sdpa' (every device) or 'xformers' (CUDA, opt-in).")
-    head_init: str = _f("torch", "Projector/predictor Linear init: 'torch' (PyTorch default) or 'xavier' (the "
-                                 "reference code: xavier_uniform).")
-    patch_embed_bias: str = _f("zeros", "Encoder patch-embedding bias init: 'zeros' or 'conv_default' (Conv2d's "
-                                        "uniform, the reference code).")
-    teacher_resize: str = _f("bilinear", "Teacher input resize: 'bilinear' (only when sizes differ) or 'nearest' "
-                                         "(F.interpolate always, the reference code).")
+    attention: str = _f(DEFAULT_ATTENTION, "Attention kernel of every ViT of the model (the default is "
+                                           "$MCF_FAST_ATTENTION when set).", ATTENTION)
+    head_init: str = _f("torch", "Projector/predictor Linear init.", HEAD_INITS)
+    patch_embed_bias: str = _f("zeros", "Encoder patch-embedding bias init.", PATCH_EMBED_BIASES)
+    teacher_resize: str = _f("bilinear", "Teacher input resize.", RESIZES)
 
     def validate(self):
         def bad(n, msg):
@@ -91,35 +105,21 @@ class ModelConfig:
         if int(L * (1 - self.mask_ratio)) < 1:
             bad("mask_ratio", f"keeps no patch of {L}; lower it")
         MASK_KINDS.get(self.mask_kind).precheck(self)  # unknown kinds: one line with the choices
-        kind = self.teacher.partition(":")[0]
-        if kind not in ("checkpoint", "random", "ema", "pixel"):
-            bad("teacher", "must be checkpoint:PATH, random, ema or pixel")
-        if kind == "checkpoint" and not self.teacher.partition(":")[2]:
-            bad("teacher", "needs a path: --model.teacher checkpoint:/path/to/moco_v3_vit_b.pth.tar")
-        if kind != "checkpoint" and ":" in self.teacher:
-            bad("teacher", f"'{kind}' takes no argument: use --model.teacher {kind} (or checkpoint:PATH)")
+        parse_teacher_spec(self.teacher)  # a registered kind, with a path exactly when it takes one
+        check_choices(self)
         if not self.mlp_ratio > 0:
             bad("mlp_ratio", "must be > 0 (4 in ViT-B)")
         if not self.teacher_layers or any(int(i) < 0 for i in self.teacher_layers):
             bad("teacher_layers", "must be non-negative block indices, e.g. 2,5,8,11")
-        depth_t = self.depth if kind == "ema" else self.teacher_depth
-        if kind in ("random", "ema") and max(self.teacher_layers) >= depth_t:
-            bad("teacher_layers", f"index {max(self.teacher_layers)} >= the teacher's {depth_t} blocks")
         if not self.temperature > 0:
             bad("temperature", "must be > 0 (0.2 in the paper)")
         if self.perceptual_weight < 0 or self.contrastive_weight < 0:
             bad("perceptual_weight" if self.perceptual_weight < 0 else "contrastive_weight", "must be >= 0")
         if self.perceptual_weight == 0 and self.contrastive_weight == 0:
-            bad("contrastive_weight", "and --model.perceptual_weight are both 0: the loss would be 0 and nothing "
-                                      "would train; set at least one above 0")
-        if self.embed_mode not in ("gather_pixels", "embed_all"):
-            bad("embed_mode", "must be 'gather_pixels' or 'embed_all'")
-        if self.attention not in ("sdpa", "xformers"):
-            bad("attention", "must be 'sdpa' or 'xformers'")
-        for n, ok in (("head_init", ("torch", "xavier")), ("patch_embed_bias", ("zeros", "conv_default")),
-                      ("teacher_resize", ("bilinear", "nearest"))):
-            if getattr(self, n) not in ok:
-                bad(n, f"must be one of {', '.join(ok)}")
+            bad("contrastive_weight", "is 0 and so is --model.perceptual_weight: the loss is always 0 and nothing "
+                "trains; give one of them a positive weight")
+        if not -1 <= self.decoder_init_blocks <= self.decoder_depth:
+            bad("decoder_init_blocks", f"must be -1 (all) or 0..{self.decoder_depth} (--model.decoder_depth)")
         if self.init and not os.path.isfile(self.init):
             bad("init", "is not a file: give a reference-code / MAE checkpoint (.pth) or a converted model file")
 
@@ -145,8 +145,7 @@ class OptimConfig:
     clip_grad: float = _f(0.0, "Clip the global grad norm to this (0 = no clipping; the norm is logged anyway).")
     momentum: float = _f(0.99, "EMA momentum m of the target encoder.")
     momentum_schedule: str = _f("constant", "'constant' (the reference run) or 'cosine' (m -> 1, MoCo v3).")
-    ema_update: str = _f("micro", "When the target EMA steps: 'micro' (before every micro-step's forward, as the "
-                                  "reference and the paper's numbers) or 'step' (once per optimizer step).")
+    ema_update: str = _f("micro", "When the target EMA steps.", EMA_CADENCES)
 
     def validate(self):
         def bad(n, msg):
@@ -178,8 +177,7 @@ class OptimConfig:
             bad("momentum", "must be in [0, 1]")
         if self.momentum_schedule not in ("constant", "cosine"):
             bad("momentum_schedule", "must be 'constant' or 'cosine'")
-        if self.ema_update not in ("micro", "step"):
-            bad("ema_update", "must be 'micro' (the reference) or 'step'")
+        check_choices(self)
 
 
 @dataclass

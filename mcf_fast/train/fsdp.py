@@ -121,7 +121,8 @@ def full_encoder(model, rt: Runtime) -> nn.Module | None:
         return model.encoder
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from mcf_fast.model.vit import VisionTransformer
+    from mcf_fast.model.checkpoints import check_fit
+    from mcf_fast.model.vit import build_vit
 
     # full_state_dict + cpu_offload: gathered tensor by tensor, kept on rank 0's CPU only, so no rank
     # ever holds the whole model on the device.
@@ -129,11 +130,9 @@ def full_encoder(model, rt: Runtime) -> nn.Module | None:
     if not rt.is_main:
         return None
     enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    enc = VisionTransformer(**model.encoder.arch)
-    missing, unexpected = enc.load_state_dict(enc_sd, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"gathered encoder does not fit its architecture: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+    enc = build_vit(model.encoder.arch, model.encoder.attention)
+    check_fit(enc.state_dict(), enc_sd, "the gathered encoder")
+    enc.load_state_dict(enc_sd)
     return enc
 
 

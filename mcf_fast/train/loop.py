@@ -2,8 +2,11 @@
 (metrics rows, pictures, checkpoints) around `step.TrainStep`, which is the step itself.
 
     train(cfg)
+      validate / check_inputs / init_runtime / MCFModel.from_config
+                                                             every refusal of the inputs (BadInput), before
+                                                             anything is written
       runfolder.claim / finished_summary / check_config     the run folder's lifecycle (runfolder.py)
-      wire(cfg, rt) -> Wiring                                model, loader, schedule, optimizer
+      wire(cfg, rt, model) -> Wiring                         FSDP2, loader, schedule, optimizer
       resume(w) -> (start, saved)                            newest checkpoint, or a fresh start
       run_steps(w, start, saved)                             per step: TrainStep, MetricsWindow.add, then
         write_picture / log_window / save_checkpoint          the cadence
@@ -12,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,15 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from mcf_fast.data import build_pretrain_loader
-from mcf_fast.model.checkpoints import load_mae_decoder
-from mcf_fast.model.init_from import init_from_checkpoint
 from mcf_fast.model.mcf import MCFModel
-from mcf_fast.model.vit import save_encoder, set_attention_backend
+from mcf_fast.model.vit import save_encoder
 from mcf_fast.plan.check import check_fits
 
 from . import checkpoint as ckpt
 from . import runfolder, visualize
-from .config import Config, ModelConfig
+from .checks import BadInput, check_inputs
+from .config import Config
 from .heldout import heldout_snapshot, picture_images
 from .interrupt import Interrupted, StopSignals, StopVote
 from .logger import RunLogger, setup_logging, truncate_metrics
@@ -39,33 +42,6 @@ from .step import StepResult, TrainStep
 from .window import MetricsWindow, NonFiniteError, TimedBatches
 
 log = logging.getLogger("mcf_fast")
-
-
-def build_model(m: ModelConfig, seed: int) -> MCFModel:
-    """The MCF model for a ModelConfig, initialised from `seed` (the teacher from its own seed)."""
-    torch.manual_seed(seed)
-    set_attention_backend(m.attention)
-    model = MCFModel(
-        img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio, decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
-        decoder_num_heads=m.decoder_num_heads, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim, teacher=m.teacher,
-        teacher_arch=dict(img_size=m.teacher_img_size, patch_size=m.teacher_patch_size,
-                          embed_dim=m.teacher_embed_dim, depth=m.teacher_depth, num_heads=m.teacher_num_heads),
-        teacher_layers=tuple(int(i) for i in m.teacher_layers), teacher_num_heads=m.teacher_num_heads,
-        teacher_seed=seed + 1, norm_pix_loss=m.norm_pix_loss, temperature=m.temperature,
-        perceptual_weight=m.perceptual_weight, contrastive_weight=m.contrastive_weight, embed_mode=m.embed_mode,
-        grad_ckpt=m.grad_ckpt, teacher_grad_ckpt=m.teacher_grad_ckpt, head_init=m.head_init,
-        patch_embed_bias=m.patch_embed_bias, teacher_resize=m.teacher_resize)
-    if m.decoder_init:
-        keys = load_mae_decoder(model, m.decoder_init, m.decoder_init_blocks)
-        log.info("decoder initialised from %s (%d tensors)", m.decoder_init, len(keys))
-    if m.init:
-        for line in init_from_checkpoint(model, m.init):
-            log.info("init: %s", line)
-    if m.compile:
-        for blk in list(model.encoder.blocks) + list(model.decoder_blocks) + list(model.target_encoder.blocks):
-            blk.compile()
-    return model
 
 
 @dataclass
@@ -90,24 +66,34 @@ class Wiring:
 
 
 def train(cfg: Config) -> dict:
-    """Run (or resume) the pre-training described by `cfg`; returns a summary dict."""
+    """Run (or resume) the pre-training described by `cfg`; returns a summary dict.
+
+    Everything that can refuse the inputs runs before the run folder is touched: the config checks, the
+    device and precision, and the model build (which reads the teacher, decoder_init and init files);
+    their errors are `BadInput` (one line, exit 2 from the CLI) and nothing has been written."""
     t_start = time.perf_counter()
-    rt = init_runtime(cfg.run.device, cfg.run.precision, cfg.dist.backend)
-    check_fits(cfg, rt.world_size, rt.device)  # GPU only: refuse what cannot fit before anything is written
+    rank = os.environ.get("RANK", "0")
+    setup_logging(None, int(rank) if rank.isdigit() else 0)  # console only until the folder is ours
+    with _bad_input(), _held_records() as early:
+        cfg.validate()
+        check_inputs(cfg)
+        rt = init_runtime(cfg.run.device, cfg.run.precision, cfg.dist.backend)
+        check_fits(cfg, rt.world_size, rt.device)  # GPU only: refuse what cannot fit before anything is built
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        model = MCFModel.from_config(cfg.model, seed=cfg.run.seed)
     out = cfg.run.out
     lock = runfolder.claim(out, rt)  # before anything in the folder is read or written
     try:
-        setup_logging(None, rt.rank)  # console only until we know there is work to do
         latest = ckpt.latest(os.path.join(out, "checkpoints"))  # once: it verifies every file's digest
         done = runfolder.finished_summary(cfg, out, rt.world_size, latest)
         if done is not None:
             return _nothing_to_do(out, done)
         setup_logging(out, rt.rank)
+        _to_log_file(early)  # what building the model said (teacher, decoder_init, init) goes to train.log too
         log.info("device %s, precision %s (%s), world size %d", rt.device, rt.precision, rt.why, rt.world_size)
         runfolder.check_config(cfg, out, rt, latest is not None)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        w = wire(cfg, rt)
+        w = wire(cfg, rt, model)
         try:
             start, saved = resume(w, latest)
             prior = runfolder.read_summary(out)  # a finished run resumed with an allowed config change
@@ -122,9 +108,51 @@ def train(cfg: Config) -> dict:
         lock.release()
 
 
-def wire(cfg: Config, rt: Runtime) -> Wiring:
-    """Model (sharded under torchrun), loader, schedule lengths, optimizer, grad scaler."""
-    model = build_model(cfg.model, cfg.run.seed).to(rt.device)
+@contextlib.contextmanager
+def _bad_input():
+    """Errors about the inputs, raised before the run folder is touched, as `BadInput` (one line)."""
+    try:
+        yield
+    except BadInput:
+        raise
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise BadInput(" ".join(str(e).split())) from e
+
+
+class _Held(logging.Handler):
+    """Keeps records in memory (the build's log lines, written to train.log once the folder is ours)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _held_records():
+    """The INFO records logged inside the block, to copy them into train.log once it exists."""
+    held = _Held()
+    root = logging.getLogger("mcf_fast")
+    root.addHandler(held)
+    try:
+        yield held.records
+    finally:
+        root.removeHandler(held)
+
+
+def _to_log_file(records: list[logging.LogRecord]) -> None:
+    for h in logging.getLogger("mcf_fast").handlers:
+        if isinstance(h, logging.FileHandler):
+            for r in records:
+                h.handle(r)
+
+
+def wire(cfg: Config, rt: Runtime, model: MCFModel | None = None) -> Wiring:
+    """Model (built from the config unless given; sharded under torchrun), loader, schedule lengths,
+    optimizer, grad scaler."""
+    model = (model or MCFModel.from_config(cfg.model, seed=cfg.run.seed)).to(rt.device)
     model.train()
     if rt.distributed:
         from .fsdp import shard_model
@@ -302,4 +330,4 @@ def _finish(w: Wiring, start: int, t_start: float) -> dict:
     return summary
 
 
-__all__ = ["train", "build_model", "wire", "resume", "run_steps", "NonFiniteError", "Wiring"]
+__all__ = ["train", "wire", "resume", "run_steps", "NonFiniteError", "Wiring"]

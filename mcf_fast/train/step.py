@@ -15,14 +15,12 @@ from typing import Callable, Iterator
 import torch
 
 from mcf_fast.masking import build_mask_generator
-from mcf_fast.model.mcf import ema_update
+from mcf_fast.model.mcf import EMA_CADENCES, ema_update
 from mcf_fast.model.terms import NamedTerms
 
 from .config import Config
 from .optim import set_lr
 from .runtime import Runtime
-
-EMA_CADENCES = ("micro", "step")
 
 
 @dataclass

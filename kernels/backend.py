@@ -69,7 +69,8 @@ def set_backend(name: str) -> None:
                                + "; ".join(why) + f". Use {_ENV}=auto to fall back automatically.")
     _chosen = name
     if not torch.compiler.is_compiling():  # a logger call inside a traced region breaks the graph
-        _LOG.info("mcf_fast.kernels backend: %s", name)
+        # 'auto' is the default and says nothing new; a forced backend is worth a line in the run's log
+        _LOG.log(logging.DEBUG if name == "auto" else logging.INFO, "mcf_fast.kernels backend: %s", name)
 
 
 def get_backend() -> str:

@@ -87,7 +87,7 @@ def test_all_weights_zero_is_refused():
     from mcf_fast.train.config import from_preset
     cfg = from_preset("demo")
     cfg.model.perceptual_weight = cfg.model.contrastive_weight = 0.0
-    with pytest.raises(ValueError, match="--model.contrastive_weight 0.0: and --model.perceptual_weight are both 0"):
+    with pytest.raises(ValueError, match="--model.contrastive_weight 0.0: is 0 and so is --model.perceptual_weight"):
         cfg.validate()
     with pytest.raises(ValueError, match="perceptual_weight and --model.contrastive_weight are both 0"):
         MCFModel(**TINY, teacher="random", perceptual_weight=0.0, contrastive_weight=0.0)

@@ -65,7 +65,7 @@ def test_pretrain_refuses_before_the_run_folder_exists(small_gpu, monkeypatch, t
     code = pretrain.main(["--preset", "demo", "--out", str(out), "--max-steps", "1"])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
-    assert err.startswith("error: this setting needs") and len(err.strip().splitlines()) == 1
+    assert err.startswith("python -m mcf_fast.pretrain: error: this setting needs") and len(err.strip().splitlines()) == 1
 
 
 def test_memory_check_is_a_run_field():

@@ -9,8 +9,9 @@ full gradients. A sharded run (world > 1, `train/fsdp.py`) differs in what this 
     traced weight casts disappear and the gathered units take their place: the root unit for the whole
     step, two block units at a time (the current and the prefetched), two units' unsharded gradients
     plus their fp32 copies for the reduce-scatter.
-The units mirror `train/fsdp.py`'s layout: each block of the online encoder, decoder and target encoder,
-each MoCo head, the teacher's blocks and stem when sharded, and the root that holds everything else.
+The units mirror `train/fsdp.py`'s layout: each block of every ViT (online encoder, target encoder, and the
+teacher when sharded) and then the ViT itself (its stem and final norm), each decoder block, each MoCo
+head, and the root that holds everything else (the decoder's embed, mask token, norm and pixel head).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ CPU_FRAGMENTATION = 0.40
 _BLOCK = re.compile(r"^(encoder\.blocks|decoder_blocks|target_encoder\.blocks|perceptual\.teacher\.blocks)\.(\d+)\.")
 _HEADS = ("projector.", "predictor.", "target_projector.")
 TEACHER_PREFIX = "perceptual.teacher."
+_VITS = ("encoder.", "target_encoder.", TEACHER_PREFIX)  # a ViT's own unit holds its stem and final norm
 
 
 def unit_of(name: str, teacher_sharding: str) -> str | None:
@@ -45,8 +47,9 @@ def unit_of(name: str, teacher_sharding: str) -> str | None:
     for h in _HEADS:
         if name.startswith(h):
             return h[:-1]
-    if name.startswith(TEACHER_PREFIX):
-        return "perceptual.teacher"
+    for v in _VITS:
+        if name.startswith(v):
+            return v[:-1]
     return "root"
 
 

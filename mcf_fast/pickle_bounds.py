@@ -17,15 +17,16 @@ globals) stays the loaders' business; this module bounds what building it may co
 from __future__ import annotations
 
 import codecs
-import re
 import struct
+
+from .pickle_numpy import after_build, after_call
 
 # Objects one file may expand to: a floor every small file gets, plus a share per byte. A million
 # objects hash or walk in well under a second and hold ~100 MB at most when materialised.
 MAX_NODES_FLOOR = 1 << 20
-# Expansion allowed per byte of pickle beyond the floor. Real files expand 0.2-0.7 objects per byte
-# (measured on a ViT-B state dict, an MAE checkpoint with optimizer state and args, LAION-Face-style
-# detections: see tests/test_pickle_bounds.py); 4 leaves a wide margin and still caps amplification.
+# Expansion allowed per byte of pickle beyond the floor. Real files expand 0.18-0.35 objects per byte
+# (a ViT-B state dict, an MAE checkpoint with optimizer state and args, LAION-Face-style detections;
+# tests/test_pickle_bounds.py measures them): 4 is a margin of 10x that still caps amplification.
 NODES_PER_BYTE = 4
 # Nesting depth: checkpoints nest under 12 levels (file -> state dict -> tensor -> size tuple);
 # Python's recursive consumers (hash, repr, copy, json) fail near 1000.
@@ -34,18 +35,7 @@ MAX_DEPTH = 100
 BYTES_PER_NODE = 64
 # Integers: checkpoints hold steps, seeds and sizes (at most 9 bytes); huge ones only cost time.
 MAX_INT_BYTES = 32
-# numpy: an element (or a scalar) of at most this many bytes (numbers are <= 32 bytes; 'U256' is 1 KiB).
-NUMPY_MAX_ITEMSIZE = 1024
-# numpy / torch shapes: numpy allows 64 dimensions, real tensors use under 8.
-MAX_DIMS = 32
 PROTOCOL_MAX = 5
-
-_NUMPY_DTYPE = {"numpy.dtype"}
-_NUMPY_SCALAR = {"numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"}
-_NUMPY_ARRAY = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"}
-_ENCODE = "_codecs.encode"
-_TYPESTR = re.compile(r"^[<>|=]?([a-zA-Z])(\d*)$")
-_NUMPY_KINDS = set("biufcUSaMme?")  # bool, ints, floats, complex, strings, datetimes: no objects, no void
 
 
 class RefusedFile(ValueError):
@@ -80,7 +70,7 @@ class Walk:
         self.opcodes = self.max_size = self.max_depth = 0
         self.memo: dict[int, _Node] = {}
         self.pids: list = []
-        self.end = 0
+        self.end, self.root = 0, None
 
     def refuse(self, why: str, malformed: bool = False):
         raise PickleBoundsError(f"{self.source}: {why}; refused before unpickling anything (a file built to "
@@ -125,40 +115,31 @@ def budget(nbytes: int) -> int:
     return MAX_NODES_FLOOR + NODES_PER_BYTE * nbytes
 
 
-def _scalar(value=None, nbytes=0) -> _Node:
-    """A leaf: born frozen, since no opcode may grow a number or a string."""
-    node = _Node(1 + nbytes // BYTES_PER_NODE, 1, "scalar", value)
-    node.frozen = True
-    return node
-
-
-def _leaf(kind: str, value=None) -> _Node:
-    node = _Node(kind=kind, value=value)
+def _scalar(value=None, nbytes=0, kind="scalar") -> _Node:
+    """A leaf (number, string, None, global): born frozen, since no opcode may grow one."""
+    node = _Node(1 + nbytes // BYTES_PER_NODE, 1, kind, value)
     node.frozen = True
     return node
 
 
 def _text(r, n: int, is_str: bool) -> _Node:
     """A bytes or str argument of `n` bytes: keep short values (global names, dtype strings), weigh long ones."""
-    w, start = r.w, r.skip(n)
-    val = None
-    if n <= 256:
-        val = r.data[start:start + n]
-        if is_str:
-            try:
-                val = val.decode("utf-8", "surrogatepass")
-            except UnicodeDecodeError:
-                w.malformed("a str that is not UTF-8")
-    node = _scalar(val, n)
-    node.kind = "str" if is_str else "bytes"
-    node.items = n  # length in bytes
+    start = r.skip(n)
+    val = r.data[start:start + n] if n <= 256 else None
+    if val is not None and is_str:
+        try:
+            val = val.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            r.w.malformed("a str that is not UTF-8")
+    node = _scalar(val, n, "str" if is_str else "bytes")
+    node.items = n  # its length in bytes: numpy's data sizes are read from it
     return node
 
 
 def _text0(w: Walk, raw: bytes, quoted: bool) -> _Node:
     """Protocol 0 text: its escaped length bounds its real length; short values are decoded."""
-    node = _scalar(None, len(raw))
-    node.kind, node.items = "str", len(raw)
+    node = _scalar(None, len(raw), "str")
+    node.items = len(raw)
     if len(raw) <= 256:
         try:
             node.value = (codecs.escape_decode(raw[1:-1])[0].decode("latin-1") if quoted
@@ -166,89 +147,6 @@ def _text0(w: Walk, raw: bytes, quoted: bool) -> _Node:
         except (ValueError, UnicodeDecodeError):
             w.malformed("protocol-0 text that does not decode")
     return node
-
-
-# ---------------------------------------------------------------------- numpy: what building costs
-def _dtype_itemsize(w: Walk, args: _Node) -> int:
-    """The item size of `numpy.dtype(typestr, ...)`; object and void (raw, sub-array) dtypes are refused."""
-    first = args.items[0] if args.kind == "tuple" and args.items else None
-    m = _TYPESTR.match(first.value) if first is not None and isinstance(first.value, str) else None
-    if m is None or m.group(1) not in _NUMPY_KINDS:
-        w.refuse(f"a numpy dtype {getattr(first, 'value', None)!r} that is not a plain number or string type "
-                 "(object and void dtypes can build anything or allocate at will)")
-    size = int(m.group(2) or 1) * (4 if m.group(1) == "U" else 1)
-    if size > NUMPY_MAX_ITEMSIZE:
-        w.refuse(f"a numpy dtype of {size}-byte items (at most {NUMPY_MAX_ITEMSIZE})")
-    return size
-
-
-def _check_dtype_state(w: Walk, state: _Node) -> None:
-    items = state.items if state.kind == "tuple" else None
-    if not items or len(items) < 6:
-        w.refuse("a numpy dtype whose state is not numpy's 8-field tuple")
-    if items[2].kind != "none":
-        w.refuse("a numpy dtype with a sub-array shape (a scalar of it zero-fills the whole shape)")
-    if items[3].kind != "none":
-        w.refuse("a structured numpy dtype (named fields)")
-    elsize = items[5].value
-    if not isinstance(elsize, int) or elsize > NUMPY_MAX_ITEMSIZE:
-        w.refuse(f"a numpy dtype of {elsize!r}-byte items (at most {NUMPY_MAX_ITEMSIZE})")
-
-
-def _data_bytes(node: _Node) -> int | None:
-    """Upper bound of the bytes a node holds: a bytes object, or `_codecs.encode(str, 'latin1')`."""
-    if node.kind == "bytes":
-        return node.items
-    if node.kind == "call" and node.value == _ENCODE and node.items.items:
-        return node.items.items[0].items if node.items.items[0].kind == "str" else None
-    return None
-
-
-def _dtype_of(w: Walk, node: _Node) -> int:
-    if node.kind != "call" or node.value not in _NUMPY_DTYPE or node.info is None:
-        w.refuse("a numpy scalar or array whose dtype is not a plain numpy.dtype")
-    return node.info
-
-
-def _check_scalar(w: Walk, args: _Node) -> None:
-    items = args.items if args.kind == "tuple" else None
-    if not items:
-        w.refuse("a numpy scalar without a dtype")
-    _dtype_of(w, items[0])
-    if len(items) > 1 and (_data_bytes(items[1]) or 0) > NUMPY_MAX_ITEMSIZE:
-        w.refuse("a numpy scalar with more data than one item")
-
-
-def _check_array_state(w: Walk, state: _Node) -> None:
-    items = state.items if state.kind == "tuple" else None
-    if not items or len(items) not in (4, 5):
-        w.refuse("a numpy array whose state is not numpy's (version, shape, dtype, order, data)")
-    shape, dtype, data = items[-4], items[-3], items[-1]
-    dims = shape.items if shape.kind == "tuple" else None
-    if dims is None or len(dims) > MAX_DIMS or not all(isinstance(d.value, int) and d.value >= 0 for d in dims):
-        w.refuse(f"a numpy array whose shape is not up to {MAX_DIMS} non-negative integers")
-    count = 1
-    for d in dims:
-        count *= d.value
-    have = _data_bytes(data)
-    if have is None or count * _dtype_of(w, dtype) > have:
-        w.refuse("a numpy array whose shape needs more bytes than it carries (or object data)")
-
-
-def _after_call(w: Walk, node: _Node) -> None:
-    if node.value in _NUMPY_DTYPE:
-        node.info = _dtype_itemsize(w, node.items)
-    elif node.value in _NUMPY_SCALAR:
-        _check_scalar(w, node.items)
-
-
-def _after_build(w: Walk, target: _Node, state: _Node) -> None:
-    if target.kind != "call":
-        return
-    if target.value in _NUMPY_DTYPE:
-        _check_dtype_state(w, state)
-    elif target.value in _NUMPY_ARRAY:
-        _check_array_state(w, state)
 
 
 # ---------------------------------------------------------------------- the walk
@@ -332,7 +230,7 @@ class _Machine:
 
     def other_scalar(self, op):
         if op == 0x4e:
-            node = _leaf("none")
+            node = _scalar(kind="none")
         elif op in (0x88, 0x89):
             node = _scalar(op == 0x88)
         elif op == 0x47:
@@ -370,13 +268,16 @@ class _Machine:
         self.stack.append(_Node(kind=_SEQ_KIND[op], items=[] if op == 0x29 else None))
 
     def grow(self, op):
-        if op in (0x61, 0x73):  # APPEND SETITEM
-            parts = [self.pop() for _ in range(1 if op == 0x61 else 2)]
+        if op in (0x61, 0x73, 0x62):  # APPEND SETITEM BUILD
+            parts = [self.pop() for _ in range(2 if op == 0x73 else 1)]
         else:  # APPENDS SETITEMS ADDITEMS
             parts = self.from_mark()
             if op == 0x75 and len(parts) % 2:
                 self.w.malformed("a SETITEMS with an odd number of items")
-        self.w.grow(self.top(), parts)
+        target = self.top()
+        self.w.grow(target, parts)
+        if op == 0x62:
+            after_build(self.w, target, parts[0])
 
     def call(self, op):
         if op == 0x92:  # NEWOBJ_EX: cls, args, kwargs
@@ -393,24 +294,18 @@ class _Machine:
             fn = self.pop()
             parts = (fn, args)
         node = self.w.node(parts, "call", fn.value if fn.kind == "global" else None, args)
-        _after_call(self.w, node)
+        after_call(self.w, node)
         self.stack.append(node)
-
-    def build(self, op):
-        state = self.pop()
-        target = self.top()
-        self.w.grow(target, [state])
-        _after_build(self.w, target, state)
 
     def glob(self, op):
         if op == 0x93:  # STACK_GLOBAL
             name, module = self.pop(), self.pop()
             if not (isinstance(module.value, str) and isinstance(name.value, str)):
                 self.w.refuse("a STACK_GLOBAL whose module and name are not short strings")
-            self.stack.append(_leaf("global", f"{module.value}.{name.value}"))
+            self.stack.append(_scalar(f"{module.value}.{name.value}", kind="global"))
             return
         name = f"{self.line().decode('utf-8', 'replace')}.{self.line().decode('utf-8', 'replace')}"
-        glob = _leaf("global", name)
+        glob = _scalar(name, kind="global")
         if op == 0x63:  # GLOBAL
             self.stack.append(glob)
             return
@@ -449,7 +344,7 @@ class _Machine:
     def stop(self, op):
         if len(self.stack) != 1 or self.marks:
             self.w.malformed("it stops with a malformed stack")
-        self.w.end = self.pos
+        self.w.end, self.w.root = self.pos, self.stack[0]
 
     def refused(self, op):
         why = {0x82: "it uses the copyreg extension registry (EXT1/2/4), which no checkpoint needs",
@@ -475,8 +370,8 @@ _TABLE = {0x28: _M.mark, **dict.fromkeys(_FIXED_INT, _M.fixed_int), **dict.fromk
           **dict.fromkeys((0x68, 0x6a, 0x67), _M.get), **dict.fromkeys((0x71, 0x72, 0x70, 0x94), _M.put),
           **dict.fromkeys((0x74, 0x6c, 0x64, 0x91, 0x85, 0x86, 0x87), _M.build_seq),
           **dict.fromkeys((0x29, 0x5d, 0x7d, 0x8f), _M.empty),
-          **dict.fromkeys((0x61, 0x73, 0x65, 0x75, 0x90), _M.grow),
-          **dict.fromkeys((0x52, 0x81, 0x92, 0x6f), _M.call), 0x62: _M.build,
+          **dict.fromkeys((0x61, 0x73, 0x65, 0x75, 0x90, 0x62), _M.grow),
+          **dict.fromkeys((0x52, 0x81, 0x92, 0x6f), _M.call),
           **dict.fromkeys((0x63, 0x69, 0x93), _M.glob), 0x51: _M.persid, 0x50: _M.persid,
           **dict.fromkeys((0x30, 0x31, 0x32, 0x98), _M.stack_op), 0x80: _M.framing, 0x95: _M.framing,
           0x2e: _M.stop}
@@ -501,5 +396,4 @@ def check_pickle(data, source: str, *, persistent: bool = False, max_nodes: int 
     return w
 
 
-__all__ = ["RefusedFile", "PickleBoundsError", "Walk", "check_pickle", "budget", "MAX_NODES_FLOOR",
-           "NODES_PER_BYTE", "MAX_DEPTH", "BYTES_PER_NODE", "MAX_INT_BYTES", "NUMPY_MAX_ITEMSIZE", "MAX_DIMS"]
+__all__ = ["RefusedFile", "PickleBoundsError", "Walk", "check_pickle", "budget"]

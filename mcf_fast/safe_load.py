@@ -30,7 +30,8 @@ import torch
 from .pickle_bounds import PickleBoundsError, RefusedFile, check_pickle
 
 _ZIP_MAGIC = b"PK\x03\x04"  # what torch.load tests to pick its zip reader (torch.serialization._is_zipfile)
-# Bytes per element of the storage classes a legacy-format pickle names; others count 8 (the largest).
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c  # the first pickle of torch's pre-1.6 format (serialization.MAGIC_NUMBER)
+# Bytes per element of the storage classes a legacy-format pickle names; others count 16 (the largest).
 _STORAGE_BYTES = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
                   "Char": 1, "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16}
 
@@ -109,11 +110,13 @@ def _check_legacy(data, name: str) -> None:
         w = check_pickle(data, name, persistent=(i == 3), start=end,
                          max_nodes=None if i == 3 else 1 << 16)
         end = w.end
+        if i == 0 and w.root.value != _LEGACY_MAGIC:
+            return  # not a torch file: torch.load reads this one pickle (walked) and stops on its magic number
         for pid in w.pids:  # ('storage', StorageType, root key, location, numel, view)
             items = pid.items if pid.kind == "tuple" else []
             if len(items) >= 5 and items[1].kind == "global" and isinstance(items[4].value, int):
                 kind = items[1].value.rpartition(".")[2].removesuffix("Storage")
-                storages[items[2].value] = items[4].value * _STORAGE_BYTES.get(kind, 8)
+                storages[items[2].value] = items[4].value * _STORAGE_BYTES.get(kind, 16)
     if sum(storages.values()) > len(data) - end:
         raise RefusedFile(f"{name}: its pickles claim {sum(storages.values())} bytes of storage but only "
                           f"{len(data) - end} follow them: refused (a damaged or hostile file)")
@@ -186,5 +189,50 @@ def safe_torch_load(path, arrays: bool = False, name: str | None = None):
     return obj
 
 
-__all__ = ["safe_torch_load", "allowed_globals", "check_torch_file", "check_tensors_bounded", "RefusedFile",
-           "PickleBoundsError"]
+# ---------------------------------------------------------------------- safetensors
+SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors library's own cap on the JSON header
+
+
+def safetensors_header(path: str) -> dict:
+    """The JSON header of a .safetensors file, read bounded (its 8-byte length must fit the file and the
+    library's cap); RefusedFile (one line) for anything else, such as a pickle given that name."""
+    import json
+    import struct
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if not 1 < n <= min(size - 8, SAFETENSORS_MAX_HEADER):
+                raise RefusedFile(f"{path!r} is not a safetensors file (header length {n} in a {size}-byte file)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise RefusedFile(f"{path!r} cannot be read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, RefusedFile):
+            raise
+        raise RefusedFile(f"{path!r} is not a safetensors file (its header is not JSON: {type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise RefusedFile(f"{path!r} is not a safetensors file (its header is not a JSON object)")
+    return header
+
+
+def safetensors_metadata(path: str) -> dict:
+    """The `__metadata__` strings of a .safetensors file (checked header; {} when it has none)."""
+    meta = safetensors_header(path).get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def load_safetensors(path: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a .safetensors file; the library's own errors become one RefusedFile line."""
+    meta = safetensors_metadata(path)
+    from safetensors.torch import load_file
+    try:
+        return load_file(path), meta
+    except Exception as e:  # SafetensorError (not an OSError/ValueError): offsets, dtypes, a short file
+        raise RefusedFile(f"{path!r} is not a readable safetensors file ({(str(e).splitlines() or [''])[0][:200]})"
+                          ) from None
+
+
+__all__ = ["safe_torch_load", "safetensors_header", "safetensors_metadata", "load_safetensors", "allowed_globals",
+           "check_torch_file", "check_tensors_bounded", "RefusedFile", "PickleBoundsError"]

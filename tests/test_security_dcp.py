@@ -117,8 +117,8 @@ def test_storage_paths_outside_the_folder_are_refused(tmp_path, tiny):
         read_metadata_file(meta_path)
 
 
-def test_convert_refuses_hostile_metadata(tmp_path, tiny):
-    """`python -m mcf_fast.convert RUN` and `... STEP_DIR` refuse the hostile file with a one-line error."""
+def test_convert_refuses_hostile_metadata(tmp_path, tiny, capsys):
+    """`python -m mcf_fast.convert RUN` and `... STEP_DIR` refuse the hostile file with a one-line error, exit 4."""
     from mcf_fast import convert
     marker = tmp_path / "PWNED"
     run = tmp_path / "run"
@@ -127,8 +127,10 @@ def test_convert_refuses_hostile_metadata(tmp_path, tiny):
     for target in (str(run), path):
         with pytest.raises(UnsafeCheckpointError, match="posix.system"):
             convert.convert(target, out=str(tmp_path / "m.safetensors"))
-        with pytest.raises(SystemExit):
-            convert.main([target, "--out", str(tmp_path / "m.safetensors")])
+        capsys.readouterr()
+        assert convert.main([target, "--out", str(tmp_path / "m.safetensors")]) == 4
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "posix.system" in err
     assert not marker.exists() and not (tmp_path / "m.safetensors").exists()
 
 

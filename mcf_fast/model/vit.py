@@ -245,7 +245,7 @@ def save_encoder(encoder: VisionTransformer, out_dir: str, extra: dict | None = 
 
 def load_encoder(path: str) -> VisionTransformer:
     """Read an exported encoder (encoder.safetensors beside encoder.json, or the folder holding them)."""
-    from safetensors.torch import load_file
+    from mcf_fast.safe_load import load_safetensors
     if os.path.isdir(path):
         path = os.path.join(path, "encoder.safetensors")
     js = os.path.join(os.path.dirname(path) or ".", "encoder.json")
@@ -261,7 +261,7 @@ def load_encoder(path: str) -> VisionTransformer:
     arch = {k: meta[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
                                  "mlp_ratio", "qkv_bias")}
     model = VisionTransformer(**arch)
-    sd = load_file(path)
+    sd, _ = load_safetensors(path)  # a garbled or pickled file is one RefusedFile (ValueError) line
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the architecture in {js}: missing {missing}, unexpected {unexpected}")

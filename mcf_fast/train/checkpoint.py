@@ -80,8 +80,7 @@ def read_marker(path: str) -> dict:
     """The COMPLETE marker of a checkpoint folder; a missing, empty or garbled one is a CheckpointError."""
     p = os.path.join(path, MARKER)
     try:
-        with open(p) as f:
-            marker = json.load(f)
+        marker = integ.read_json(p)
     except FileNotFoundError:
         raise CheckpointError(f"{path} has no {MARKER} marker (deleted, or a half-written checkpoint)") from None
     except (OSError, ValueError) as e:

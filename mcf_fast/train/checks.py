@@ -11,13 +11,14 @@ a second after the arguments are parsed.
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import math
 import os
 import pickle
 import re
-import struct
 import zipfile
+
+from mcf_fast.pickle_bounds import RefusedFile, check_pickle
 
 SEED_MAX = 2**63 - 2  # the teacher's seed is seed + 1, and both must fit an int64
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -73,22 +74,37 @@ class _KeysOnly(pickle.Unpickler):
         return None
 
 
+def _safetensors_keys(path: str) -> list[str]:
+    """Tensor names from a safetensors header, read bounded (`safe_load.safetensors_header`)."""
+    from mcf_fast.safe_load import safetensors_header
+    return [k for k in safetensors_header(path) if k != "__metadata__"]
+
+
 def checkpoint_keys(path: str) -> list[str] | None:
     """Tensor names of a .safetensors or zip-format torch checkpoint from its header / pickle only
-    (nested {'state_dict'|'model': ...} flattened with dots); None when the format is not recognised."""
+    (nested {'state_dict'|'model': ...} flattened with dots); None when the format is not recognised.
+    The pickle is walked first (`pickle_bounds`: a bomb is a RefusedFile, one line) and read from the
+    record torch.load would read (PREFIX/data.pkl, PREFIX named by the first record)."""
     if path.endswith(".safetensors"):
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            if not 0 < n < 1 << 30:
-                raise ValueError(f"{path!r} is not a safetensors file (bad header length)")
-            return [k for k in json.loads(f.read(n)) if k != "__metadata__"]
-    if not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as z:
-        name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
-        if name is None:
+        return _safetensors_keys(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04" or not zipfile.is_zipfile(path):  # torch's own test for its zip reader
             return None
-        obj = _KeysOnly(z.open(name)).load()
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            name = names[0].split("/", 1)[0] + "/data.pkl"
+            if name not in names or z.getinfo(name).compress_type != zipfile.ZIP_STORED:
+                return None  # not torch's layout: the full load reports it
+            with z.open(name) as fh:
+                data = fh.read()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise RefusedFile(f"{path!r}: not a readable zip checkpoint ({e})") from None
+    check_pickle(data, path, persistent=True)
+    try:
+        obj = _KeysOnly(io.BytesIO(data)).load()
+    except Exception as e:  # stubs make any class "build"; what is left is a damaged stream
+        raise RefusedFile(f"{path!r}: its pickle does not read ({type(e).__name__}); re-save it with torch.save")
     keys: list[str] = []
 
     def walk(d, pre):

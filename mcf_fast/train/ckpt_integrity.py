@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -19,6 +20,7 @@ import torch
 DIGEST = "sha256"
 _CHUNK = 8 << 20
 MARKER = "COMPLETE"
+MAX_JSON_BYTES = 16 << 20  # COMPLETE, config.json, summary.json are a few KB; a bigger one is not ours
 
 
 def digest_and_sync(path: str) -> dict:
@@ -41,6 +43,29 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_json(path: str, obj) -> None:
+    """Write JSON atomically and durably: a crash leaves the old file or the new one, never an empty one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def read_json(path: str):
+    """A small JSON file of the run folder; ValueError (also for a huge or deeply nested one) when garbled."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"larger than {MAX_JSON_BYTES >> 20} MB")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def write_durable(path: str, text: str) -> None:

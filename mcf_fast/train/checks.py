@@ -18,7 +18,7 @@ import pickle
 import re
 import zipfile
 
-from mcf_fast.pickle_bounds import RefusedFile, check_pickle
+from mcf_fast.pickle_bounds import RefusedFile
 
 SEED_MAX = 2**63 - 2  # the teacher's seed is seed + 1, and both must fit an int64
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -90,21 +90,15 @@ def checkpoint_keys(path: str) -> list[str] | None:
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04" or not zipfile.is_zipfile(path):  # torch's own test for its zip reader
             return None
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-            name = names[0].split("/", 1)[0] + "/data.pkl"
-            if name not in names or z.getinfo(name).compress_type != zipfile.ZIP_STORED:
-                return None  # not torch's layout: the full load reports it
-            with z.open(name) as fh:
-                data = fh.read()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise RefusedFile(f"{path!r}: not a readable zip checkpoint ({e})") from None
-    check_pickle(data, path, persistent=True)
+    from mcf_fast.safe_load import check_torch_file
+    check_torch_file(path)  # stored records only, PREFIX/data.pkl walked: a RefusedFile line otherwise
+    with zipfile.ZipFile(path) as z:
+        with z.open(z.namelist()[0].split("/", 1)[0] + "/data.pkl") as fh:
+            data = fh.read()
     try:
         obj = _KeysOnly(io.BytesIO(data)).load()
     except Exception as e:  # stubs make any class "build"; what is left is a damaged stream
-        raise RefusedFile(f"{path!r}: its pickle does not read ({type(e).__name__}); re-save it with torch.save")
+        raise RefusedFile(f"{path!r}: its pickle does not read ({type(e).__name__}); re-save it with torch.save") from None
     keys: list[str] = []
 
     def walk(d, pre):

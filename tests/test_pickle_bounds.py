@@ -187,3 +187,22 @@ def test_expanded_tensor_view_is_refused(tmp_path):
         safe_torch_load(str(tmp_path / "v.pth"))
     torch.save({"ok": base[1:3], "tied": base}, tmp_path / "w.pth")
     assert safe_torch_load(str(tmp_path / "w.pth"))["ok"].shape == (2,)
+
+
+def test_reliability_page_names_every_limit_with_its_value():
+    """docs/reliability.md states each limit constant as `NAME` = value, the value the code uses."""
+    import os
+
+    import mcf_fast.data.decode as decode
+    import mcf_fast.pickle_bounds as pb
+    import mcf_fast.pickle_numpy as pn
+    import mcf_fast.safe_load as sl
+    import mcf_fast.train.ckpt_integrity as ci
+    import mcf_fast.train.dcp_values as dv
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    page = open(os.path.join(root, "docs", "reliability.md")).read()
+    for mod, names in ((pb, "MAX_NODES_FLOOR NODES_PER_BYTE MAX_DEPTH BYTES_PER_NODE MAX_INT_BYTES PROTOCOL_MAX"),
+                       (pn, "NUMPY_MAX_ITEMSIZE MAX_DIMS"), (decode, "MAX_PIXELS MAX_JPEG_SCANS JPEG_SCAN_WORK"),
+                       (ci, "MAX_JSON_BYTES"), (sl, "SAFETENSORS_MAX_HEADER"), (dv, "MAX_DIMS")):
+        for name in names.split():
+            assert f"`{name}` = {getattr(mod, name)}" in page, name

@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     if ns.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    from mcf_fast.pickle_bounds import RefusedFile
     from mcf_fast.train.dcp_safe import CheckpointError
     from mcf_fast.train.loop import NonFiniteError, train
     try:
@@ -31,6 +32,9 @@ def main(argv=None) -> int:
     except CheckpointError as e:  # damaged, hostile or unwritable checkpoints: the message says which and why
         print(f"error: {e}", file=sys.stderr)
         return 4
+    except RefusedFile as e:  # a reader refused an input file (out of bounds, code, not that format): one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():

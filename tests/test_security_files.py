@@ -131,3 +131,21 @@ def test_hostile_files_stay_small():
     assert not bad, bad
     assert len(report["cases"]) >= 20
     assert report["peak_growth_mb"] < 200, report
+
+
+def test_pretrain_on_an_lmdb_with_a_hostile_pickle_is_one_line(tmp_path, capsys):
+    """`pretrain --data.path DB` whose __keys__ pickles code or is a bomb: exit 2, one line naming the key
+    (was a 50-line chained traceback)."""
+    from test_data_hostile import _jpeg, _lmdb, _Plant
+    from test_pretrain_e2e import TINY
+
+    from mcf_fast import pretrain
+    good = [pickle.dumps((_jpeg(i), i), protocol=2) for i in range(16)]
+    for name, keys in (("code", pickle.dumps(_Plant(str(tmp_path / "PWNED")))), ("bomb", hostile.shared_tuple_bomb())):
+        _lmdb(tmp_path / name, keys_value=keys, values=good)
+        capsys.readouterr()
+        rc = pretrain.main(["--out", str(tmp_path / f"r-{name}"), "--max-steps", "1", *TINY, "--data.path",
+                            str(tmp_path / name), "--run.tensorboard", "false", "--run.export", "false"])
+        err = capsys.readouterr().err  # the run's INFO lines come first; the refusal is the one error line
+        assert rc == 2 and "Traceback" not in err and "__keys__ is not a plain pickle" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "PWNED").exists()

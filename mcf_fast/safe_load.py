@@ -27,7 +27,8 @@ import zipfile
 
 import torch
 
-from .pickle_bounds import PickleBoundsError, RefusedFile, check_pickle
+from .pickle_bounds import PickleBoundsError, RefusedFile
+from .pickle_walk import check_pickle
 
 _ZIP_MAGIC = b"PK\x03\x04"  # what torch.load tests to pick its zip reader (torch.serialization._is_zipfile)
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c  # the first pickle of torch's pre-1.6 format (serialization.MAGIC_NUMBER)

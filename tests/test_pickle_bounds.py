@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from mcf_fast.model.vit import VisionTransformer
-from mcf_fast.pickle_bounds import NODES_PER_BYTE, PickleBoundsError, RefusedFile, budget, check_pickle
+from mcf_fast.pickle_bounds import NODES_PER_BYTE, PickleBoundsError, RefusedFile, budget
+from mcf_fast.pickle_walk import check_pickle
 from mcf_fast.safe_load import check_torch_file, safe_torch_load
 
 PLAIN = [1, -5, 2**70, 1.5, "x" * 300, b"y" * 1000, None, True, (1, 2, 3), [1, [2, [3]]], {"a": {1, 2}},

@@ -26,7 +26,8 @@ import os
 import pickle
 from collections import Counter
 
-from mcf_fast.pickle_bounds import PickleBoundsError, RefusedFile, check_pickle
+from mcf_fast.pickle_bounds import PickleBoundsError, RefusedFile
+from mcf_fast.pickle_walk import check_pickle
 
 from .files import MAX_FILE_MB
 from .reasons import BadSample

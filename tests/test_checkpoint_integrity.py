@@ -360,3 +360,35 @@ def test_rerun_after_divergence_resumes_from_the_last_finite_checkpoint(tmp_path
     summary = train(cfg)
     assert summary["steps"] == 12 and summary["resumed_from"] == 4
     assert any("step_00000008 holds non-finite weights" in x and "step_00000004" in x for x in ckpt_log)
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink out", "fifo"])
+def test_complete_may_name_only_plain_files_in_its_folder(tmp_path, tiny, how):
+    """A COMPLETE naming ../FILE, /abs/FILE, a symlink out of the folder or a FIFO is damage, named, and the
+    file is never opened (a 200 GB file outside would have been hashed; a FIFO would block for ever)."""
+    import threading
+    path = _save(tmp_path / "ck", 1, tiny)
+    outside = tmp_path / "outside.bin"
+    with open(outside, "wb") as f:
+        f.truncate(200 << 30)  # sparse: 200 GB that cost no disk
+    name = {"dotdot": "../../outside.bin", "absolute": str(outside), "symlink out": "link", "fifo": "pipe"}[how]
+    if how == "symlink out":
+        os.symlink(outside, os.path.join(path, "link"))
+    if how == "fifo":
+        os.mkfifo(os.path.join(path, "pipe"))
+    m = json.load(open(os.path.join(path, "COMPLETE")))
+    m["files"][name] = {"bytes": 200 << 30, "sha256": "0" * 64}
+    json.dump(m, open(os.path.join(path, "COMPLETE"), "w"))
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("why", ckpt.damage(path)), daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "damage() opened what COMPLETE named"
+    assert "COMPLETE names" in box["why"] or "not a regular file" in box["why"], box["why"]
+
+
+def test_deeply_nested_complete_is_garbled_not_a_traceback(tmp_path, tiny):
+    """A COMPLETE of 100000 nested brackets reads as a garbled marker (RecursionError caught), named."""
+    path = _save(tmp_path, 1, tiny)
+    open(os.path.join(path, "COMPLETE"), "w").write("[" * 100_000 + "]" * 100_000)
+    assert "empty or garbled" in ckpt.damage(path)

@@ -434,11 +434,11 @@ def test_every_reason_has_a_meaning_and_unknown_reasons_are_refused():
     assert np.all([BadSample(r).reason == r for r in SKIP])
 
 
-def test_readme_documents_the_vocabulary():
-    """README's table of skip/convert reasons is the one in reasons.py, row for row."""
+def test_reliability_page_documents_the_vocabulary():
+    """docs/reliability.md's table of skip/convert reasons is the one in reasons.py, row for row."""
     from mcf_fast.data.reasons import table_markdown
-    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-    with open(readme) as f:
+    page = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "reliability.md")
+    with open(page) as f:
         assert table_markdown() in f.read()
 
 

@@ -183,3 +183,73 @@ def test_finished_run_with_an_allowed_config_change(tmp_path, capsys):
     (out / "summary.json").write_text(summary)
     fixed = loop.train(_cfg(out, 3, "--run.allow_config_change", "true"))
     assert fixed["steps"] == 3 and json.load(open(out / "summary.json"))["steps"] == 3
+
+
+# --- a run folder that cannot serve: one line, exit 4, nothing overwritten through it ----------------
+def _pretrain(out, capsys, *extra):
+    """`pretrain` on `out` in this process: (exit code, the one stderr line)."""
+    from test_pretrain_e2e import TINY
+
+    from mcf_fast import pretrain
+    capsys.readouterr()
+    rc = pretrain.main(["--out", str(out), "--max-steps", "1", *TINY, "--run.tensorboard", "false",
+                        "--run.export", "false", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return rc, err[-1]
+
+
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+def test_lock_that_is_a_link_is_refused_and_its_target_kept(tmp_path, capsys, link):
+    """OUT/.lock as a symlink (or a hard link) to another file: refused by name, exit 4; the other file keeps
+    its bytes (the lock used to write `pid N on host` through the link)."""
+    out, victim = tmp_path / "r", tmp_path / "precious.txt"
+    out.mkdir()
+    victim.write_text("do not overwrite\n")
+    (os.symlink if link == "symlink" else os.link)(victim, out / ".lock")
+    rc, line = _pretrain(out, capsys)
+    assert rc == 4 and ".lock" in line and ("is a symlink" if link == "symlink" else "hard links") in line
+    assert victim.read_text() == "do not overwrite\n" and sorted(os.listdir(out)) == [".lock"]
+
+
+def test_unwritable_out_is_one_line(tmp_path, capsys, monkeypatch):
+    """--out under a file, or on a read-only file system (EROFS when the lock is created): exit 4, one line
+    naming the folder and the fix."""
+    (tmp_path / "file").write_text("x")
+    rc, line = _pretrain(tmp_path / "file" / "run", capsys)
+    assert rc == 4 and "cannot write in the run folder" in line and "choose a writable --out" in line
+    real_open = os.open
+
+    def read_only(path, flags, *a):
+        if str(path).endswith(".lock"):
+            raise OSError(30, "Read-only file system")
+        return real_open(path, flags, *a)
+    monkeypatch.setattr(os, "open", read_only)
+    rc, line = _pretrain(tmp_path / "ro", capsys)
+    assert rc == 4 and "Read-only file system" in line
+
+
+@pytest.mark.parametrize("text", ["", "{not json", "[1, 2]", '{"model": 5}', "[" * 100_000])
+def test_garbled_config_json_is_one_line_with_the_fix(tmp_path, capsys, text):
+    """An empty (a crash before it reached the disk), garbled or deeply nested config.json: exit 4, one line
+    naming the file and what to do, instead of a JSONDecodeError / RecursionError traceback."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.json").write_text(text)
+    rc, line = _pretrain(out, capsys)
+    assert rc == 4 and "config.json is empty or garbled" in line and "delete it and rerun" in line
+
+
+def test_config_and_summary_are_written_atomically_and_durably(tmp_path, monkeypatch):
+    """config.json and summary.json go through write_json: a temp file fsynced, renamed, the folder fsynced."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("replace", str(b))), real_replace(a, b))[1])
+    out = tmp_path / "r"
+    loop.train(_cfg(out, 1))
+    for name in ("config.json", "summary.json"):
+        p = str(out / name)
+        i = calls.index(("replace", p))
+        assert calls[i - 1] == ("fsync", p + ".tmp") and calls[i + 1] == ("fsync", str(out)), calls[i - 1:i + 2]

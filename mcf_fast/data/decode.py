@@ -4,8 +4,14 @@
 image, else what was converted ("gray", "cmyk", "rgba", "palette", "16bit", ...), which the loaders
 count. Anything unusable raises `BadSample(reason)` with reason one of: "empty", "not_image",
 "corrupt" (truncated or damaged data), "too_small", "too_large" (header dimensions above
-`max_pixels`, checked before decoding), "unsupported_mode" (meanings in `reasons.SKIP`). Nothing is
-ever silent.
+`max_pixels`, checked before decoding), "too_many_scans" (decode work above the bound below, also
+checked before decoding), "unsupported_mode" (meanings in `reasons.SKIP`). Nothing is ever silent.
+
+Work, not only size: a progressive JPEG is decoded in one pass over the image per scan, so a file
+within every byte and pixel limit whose scans repeat 300 times took 71 s. The scans are counted
+from the markers (every SOS is `FF DA`, a pair the entropy-coded data cannot contain) and a JPEG
+may cost at most what a JPEG_SCAN_WORK-scan image of `max_pixels` costs, and at most MAX_JPEG_SCANS
+scans whatever its size.
 
 Decoders (JPEG only; other formats always go through pillow): simplejpeg (libjpeg-turbo, measured the
 fastest here, see docs/notes/issue-5.md), cv2, torchvision.io.decode_jpeg, pillow.
@@ -18,11 +24,19 @@ import numpy as np
 
 from .reasons import BadSample
 
-__all__ = ["IMAGE_EXTS", "MAX_PIXELS", "BadSample", "available_decoders", "decode_rgb", "resolve_decoder"]
+__all__ = ["IMAGE_EXTS", "MAX_PIXELS", "MAX_JPEG_SCANS", "JPEG_SCAN_WORK", "BadSample", "available_decoders",
+           "decode_rgb", "resolve_decoder"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # what readers take as images
 MAX_PIXELS = 89_478_485  # default data.max_pixels: Pillow's MAX_IMAGE_PIXELS (a 9459 x 9459 image)
 JPEG_MAGIC = b"\xff\xd8"
+# Scans of one JPEG: baseline has 1 (3 non-interleaved), libjpeg's progressive script 10 in colour and
+# 6 in gray, mozjpeg's optimised ones about 12; 100 leaves room for any encoder and bounds per-scan setup.
+MAX_JPEG_SCANS = 100
+# Decode work, in scans x pixels, allowed per image as a multiple of max_pixels: a 12-scan progressive
+# JPEG at the pixel limit is the most a real file needs (libjpeg's 10-scan script plus two).
+JPEG_SCAN_WORK = 12
+_SOS = b"\xff\xda"
 # Magic numbers of the formats pillow reads that we accept (tar members may hold anything).
 _MAGICS = (b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 
@@ -96,6 +110,14 @@ def _check_pixels(w: int, h: int, max_pixels: int) -> None:
         raise BadSample("too_large", f"{w}x{h} = {w * h} pixels > {max_pixels} (data.max_pixels)")
 
 
+def _check_scans(data: bytes, pixels: int, max_pixels: int) -> None:
+    """Refuse a JPEG whose scan count makes its decode too much work (see the module docstring)."""
+    scans = data.count(_SOS)
+    if scans > MAX_JPEG_SCANS or scans * pixels > JPEG_SCAN_WORK * max_pixels:
+        raise BadSample("too_many_scans", f"{scans} scans x {pixels} pixels > {JPEG_SCAN_WORK} x {max_pixels} "
+                        f"(data.max_pixels), or more than {MAX_JPEG_SCANS} scans")
+
+
 def _pillow(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
     from PIL import Image, UnidentifiedImageError
     try:
@@ -141,6 +163,7 @@ def decode_rgb(data: bytes | None, decoder: str = "simplejpeg", min_size: int = 
         if head is not None:
             _check_pixels(head[0], head[1], max_pixels)
             note = head[2]
+        _check_scans(data, head[0] * head[1] if head is not None else 0, max_pixels)
         try:
             arr = _jpeg(data, decoder) if decoder != "pillow" else None
         except Exception as e:  # the libraries raise ValueError/RuntimeError/OSError for damaged data

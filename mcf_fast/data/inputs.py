@@ -115,13 +115,8 @@ def input_folders(spec: str) -> list[str]:
 
 
 def check_apart(spec: str, out: str) -> None:
-    """Refuse an output folder that is, contains or lies inside an input folder (symlinks resolved):
-    writing there would replace or mix with the raw data (`--out` = `--input` once replaced 64 raw
-    images by 21 crops)."""
-    o = os.path.realpath(out)
-    for folder in input_folders(spec):
-        r = os.path.realpath(folder)
-        if os.path.commonpath([o, r]) in (o, r):
-            rel = "is" if o == r else "contains" if os.path.commonpath([o, r]) == o else "lies inside"
-            raise ValueError(f"--out {out} {rel} the input folder {folder}: writing there would overwrite or "
-                             "mix with the raw data; choose an output folder outside the input")
+    """Refuse an output folder that is, contains or lies inside an input folder, or lies in a checkpoint
+    folder (symlinks resolved; `mcf_fast.outputs`): writing there would replace or mix with the raw data
+    (`--out` = `--input` once replaced 64 raw images by 21 crops)."""
+    from mcf_fast.outputs import check_output
+    check_output(out, input_folders(spec), contains=True)

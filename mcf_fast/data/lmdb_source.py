@@ -9,11 +9,14 @@ with
   or a pickled dict holding them under "image", "img" or "jpg". pyarrow-serialised values (old
   forks) are refused with a message: re-export them with pickle.
 
-Pickles are untrusted: they are read by `safe_loads`, an unpickler that builds plain data only
-(bytes, str, numbers, bool, None, lists, tuples, dicts, sets) and refuses every global, so a hostile
-database cannot run code. The one global allowed is `_codecs.encode(str, "latin1")`, how protocol 2
-(Python 2 era) pickles spell bytes; it is checked to do exactly that. A value whose pickle needs
-anything else is skipped and counted as `unsafe_pickle`; such meta keys refuse the database.
+Pickles are untrusted: they are read by `safe_loads`, which first walks the opcodes without running
+them (`mcf_fast.pickle_bounds`: a 719-byte shared-tuple key that would hash for ever, or a memo index
+that makes the C unpickler allocate gigabytes, is refused there), then unpickles with an unpickler that
+builds plain data only (bytes, str, numbers, bool, None, lists, tuples, dicts, sets) and refuses every
+global, so a hostile database cannot run code. The one global allowed is `_codecs.encode(str, "latin1")`,
+how protocol 2 (Python 2 era) pickles spell bytes; it is checked to do exactly that. A value whose
+pickle needs anything else or is out of bounds is skipped and counted as `unsafe_pickle`; such meta
+keys refuse the database with one line.
 The environment is opened read-only, lock-free, once per process (LMDB handles do not survive fork).
 """
 from __future__ import annotations
@@ -23,6 +26,9 @@ import os
 import pickle
 from collections import Counter
 
+from mcf_fast.pickle_bounds import PickleBoundsError, RefusedFile
+from mcf_fast.pickle_walk import check_pickle
+
 from .files import MAX_FILE_MB
 from .reasons import BadSample
 from .sampling import pseudo_counts
@@ -31,7 +37,7 @@ META_KEYS = (b"__len__", b"__keys__")
 
 
 class UnsafePickle(pickle.UnpicklingError):
-    """The pickle asks for a callable: it is refused, never run."""
+    """The pickle asks for a callable, or is out of bounds: it is refused, never run."""
 
 
 def _latin1_encode(obj, encoding="utf-8"):
@@ -48,8 +54,14 @@ class _PlainUnpickler(pickle.Unpickler):
         raise UnsafePickle(f"pickle references {module}.{name}: only plain data is read")
 
 
-def safe_loads(data: bytes):
-    """pickle.loads for untrusted bytes: plain containers and scalars only (see the module docstring)."""
+def safe_loads(data: bytes, source: str = "pickle"):
+    """pickle.loads for untrusted bytes: bounded, plain containers and scalars only (see the module docstring)."""
+    try:
+        check_pickle(data, source)
+    except PickleBoundsError as e:
+        if e.malformed:
+            raise pickle.UnpicklingError(str(e)) from None
+        raise UnsafePickle(str(e)) from None
     return _PlainUnpickler(io.BytesIO(data)).load()
 
 
@@ -59,10 +71,11 @@ def is_lmdb(path: str) -> bool:
 
 def _meta(raw: bytes, what: str, path: str):
     try:
-        return safe_loads(raw)
+        return safe_loads(raw, what)
     except Exception as e:  # a hostile or damaged meta key: the database cannot be indexed
-        raise ValueError(f"{path}: {what} is not a plain pickle ({e}); rewrite it as a pickled list of "
-                         "bytes keys / an int (see mcf_fast/data/lmdb_source.py)") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise RefusedFile(f"{path}: {what} is not a plain pickle ({first}); rewrite it as a pickled list of "
+                          "bytes keys / an int (see mcf_fast/data/lmdb_source.py)") from None
 
 
 class LmdbSource:
@@ -81,7 +94,10 @@ class LmdbSource:
             self._keys = self._read_keys(raw) if raw else None
             n = txn.get(b"__len__")
             if n is not None:
-                n = int(n) if n.strip().isdigit() else _meta(n, "__len__", path)
+                digits = n.strip()
+                if digits.isdigit() and len(digits) > 18:
+                    raise RefusedFile(f"{path}: __len__ holds a {len(digits)}-digit number, not a sample count")
+                n = int(digits) if digits.isdigit() else _meta(n, "__len__", path)
                 if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                     raise ValueError(f"{path}: __len__ holds {n!r}, not a sample count; store an int")
             elif self._keys is not None:
@@ -125,7 +141,7 @@ class LmdbSource:
     @staticmethod
     def _unpickle_image(key: bytes, val: bytes) -> bytes:
         try:
-            obj = safe_loads(val)
+            obj = safe_loads(val, f"value {key!r}")
         except UnsafePickle as e:
             raise BadSample("unsafe_pickle", f"{key!r}: {e}") from None
         except Exception as e:  # a value that only looks like a pickle: treat as damaged

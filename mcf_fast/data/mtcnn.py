@@ -5,7 +5,7 @@ its three small networks run on a CPU at a few images per second, and its weight
 `facenet-pytorch` wheel (`facenet_pytorch/data/{pnet,rnet,onet}.pt`, plain state dicts, 2 MB). That
 package pins torch < 2.3, so it is installed with `pip install --no-deps facenet-pytorch==2.6.0` and
 nothing of it is imported: only its three weight files are read, with `torch.load(weights_only=True)`,
-into the networks defined here. `--detector-weights DIR` points at the three files anywhere else.
+into the networks defined here. `MTCNN(weights_dir=DIR)` reads the three files from any other folder.
 
 The cascade: an image pyramid (factor 0.709, smallest face `min_face` px) through the fully
 convolutional P-Net; candidates above 0.6 kept, NMS per scale (IoU 0.5) and over all scales (0.7);
@@ -28,8 +28,8 @@ from torch import nn
 THRESHOLDS = (0.6, 0.7, 0.7)
 PYRAMID_FACTOR = 0.709
 WEIGHT_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
-INSTALL_HINT = ("pip install --no-deps facenet-pytorch==2.6.0 (only its weight files are read), "
-                "or pass --detector-weights DIR holding pnet.pt, rnet.pt, onet.pt")
+INSTALL_HINT = ("pip install --no-deps facenet-pytorch==2.6.0 (only its weight files are read), or use "
+                "--detector haar or lbp")
 
 
 class PNet(nn.Module):

@@ -49,17 +49,23 @@ from .reasons import BadSample
 
 
 def square_crop(img: np.ndarray, box, margin: float, size: int) -> np.ndarray:
-    """Square of side max(w, h) * (1 + 2 * margin) centred on the box, edge-padded, resized to size."""
+    """Square of side max(w, h) * (1 + 2 * margin) centred on the box, resized to size, edge-padded where
+    it leaves the image. The part inside the image is resized and the padding added at output scale, so
+    a huge box never allocates more than the image and the output (a square padded first would)."""
     from .augment import _resize
     x, y, w, h = box
     side = max(1, int(round(max(w, h) * (1 + 2 * margin))))
     x0, y0 = int(round(x + w / 2 - side / 2)), int(round(y + h / 2 - side / 2))
     H, W = img.shape[:2]
-    pad = max(0, -x0, -y0, x0 + side - W, y0 + side - H)
-    if pad:
-        img = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-        x0, y0 = x0 + pad, y0 + pad
-    return _resize(np.ascontiguousarray(img[y0:y0 + side, x0:x0 + side]), size, size)
+    vx0, vy0 = min(max(x0, 0), W - 1), min(max(y0, 0), H - 1)  # the visible part (at least one pixel)
+    vx1, vy1 = max(min(x0 + side, W), vx0 + 1), max(min(y0 + side, H), vy0 + 1)
+    f = size / side
+    ox0, oy0 = min(int(round((vx0 - x0) * f)), size - 1), min(int(round((vy0 - y0) * f)), size - 1)
+    ox1, oy1 = max(min(int(round((vx1 - x0) * f)), size), ox0 + 1), max(min(int(round((vy1 - y0) * f)), size), oy0 + 1)
+    part = _resize(np.ascontiguousarray(img[vy0:vy1, vx0:vx1]), ox1 - ox0, oy1 - oy0)
+    if (ox0, oy0, ox1, oy1) == (0, 0, size, size):
+        return part
+    return np.pad(part, ((oy0, size - oy1), (ox0, size - ox1), (0, 0)), mode="edge")
 
 
 def _encode(rgb: np.ndarray, quality: int) -> bytes:
@@ -152,6 +158,8 @@ def _crop_unit(unit, tmp: str, opts: dict):
             skips.add("corrupt_shard", str(unit[1]))
             print(f"prepare: {unit[1]} is unreadable past some point ({e}); kept what was read", file=sys.stderr)
         sink.close()
+    if det.boxes is not None:  # given boxes left out (bad_box: not finite, or empty once clipped)
+        skips.update(det.boxes.skipped)
     return n_in, n_out, skips, converted
 
 

@@ -13,8 +13,9 @@ SKIP = {
     "corrupt": "truncated or damaged image data (the decoder failed)",
     "too_small": "shorter side below data.min_image_size",
     "too_large": "file or tar member above data.max_file_mb, or header dimensions above data.max_pixels",
+    "too_many_scans": "a JPEG whose scans x pixels exceed 12 x data.max_pixels (or over 100 scans): too much decode work",
     "unsupported_mode": "a pixel mode we do not convert to RGB",
-    "unsafe_pickle": "an LMDB value whose pickle would call code (only plain containers are read)",
+    "unsafe_pickle": "an LMDB value whose pickle would call code or is out of bounds (only plain data are read)",
     # files and folders
     "unreadable_file": "a file that cannot be opened or read (permissions, broken symlink, vanished)",
     "not_regular_file": "a FIFO, device or socket named like an image (never read: it could block or never end)",
@@ -30,6 +31,7 @@ SKIP = {
     # prepare only
     "no_face": "prepare: the detector found no face",
     "face_too_small": "prepare: every face found is below --min-face",
+    "bad_box": "prepare: a given face box (--boxes) that is not finite, or empty once clipped to its image",
 }
 
 CONVERT = {

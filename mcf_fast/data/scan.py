@@ -7,6 +7,9 @@ errors. Reasons are `reasons.SKIP`'s, the loader's and prepare's too; files are 
 guarded readers (regular files only, `--max-file-mb`, `--max-pixels` checked on the header), and a tar
 cut mid-member is scanned (and indexed) up to the cut.
 
+An LMDB database (`lmdb_source`) is scanned value by value the same way (its pickled values through the
+bounded, code-free reader: `unsafe_pickle` when refused).
+
 `--write-index` (shards only) writes each shard's DALI index `SHARD.tar.idx` listing only the samples
 whose image decodes, and records the shard in `manifest.json` (see `index`): from then on both loaders
 read exactly those samples and DALI accepts the shards. It is also the "small command for existing
@@ -25,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from .decode import MAX_PIXELS, decode_rgb, resolve_decoder
 from .files import MAX_FILE_MB, pread_member, read_regular
 from .index import image_member, read_manifest, update_manifest, walk_tar, write_index
+from .lmdb_source import LmdbSource, is_lmdb
 from .reasons import BadSample
 from .sources import FileListSource, ShardSource, expand_shards, open_source
 
@@ -114,6 +118,37 @@ def scan_files(paths: list[str], decoder: str = "auto", min_size: int = 8, max_b
     return st
 
 
+_WORKER_LMDB: list = []  # the LMDB a scan worker process reads, opened once there (handles do not survive fork)
+
+
+def _open_lmdb(path: str, max_bytes: int) -> None:
+    _WORKER_LMDB[:] = [LmdbSource(path, max_bytes)]
+
+
+def scan_lmdb_range(bounds: tuple, decoder: str = "auto", min_size: int = 8, max_pixels: int = MAX_PIXELS) -> dict:
+    """Scan samples [start, stop) of the LMDB this worker opened (`_open_lmdb`)."""
+    src, decoder, st = _WORKER_LMDB[0], resolve_decoder(decoder), _new_stats()
+    for i in range(*bounds):
+        try:
+            data, key = src.read(i)
+        except BadSample as e:
+            _bad(st, e.reason, f"{src.path}[{i}]: {e}")
+            continue
+        _check(data, decoder, min_size, max_pixels, st, f"{src.path}:{key}")
+    return st
+
+
+def _scan_lmdb(spec: str, total: dict, workers: int, write_index: bool, max_bytes: int, **kw) -> None:
+    if write_index:
+        raise ValueError(f"--write-index writes DALI indexes of tar shards; {spec} is an LMDB database (scan it "
+                         "without --write-index: the loader skips and counts its bad samples itself)")
+    n = LmdbSource(spec, max_bytes).num_samples  # meta keys checked here: one line when refused
+    ranges = [(i, min(i + 1024, n)) for i in range(0, n, 1024)]
+    with ProcessPoolExecutor(max(1, workers), initializer=_open_lmdb, initargs=(spec, max_bytes)) as pool:
+        for st in pool.map(functools.partial(scan_lmdb_range, **kw), ranges):
+            _merge(total, st)
+
+
 def _merge(total, st):
     total["ok"] += st["ok"]
     for k in ("skipped", "converted", "sizes"):
@@ -149,6 +184,11 @@ def scan(spec: str, *, workers: int = 1, decoder: str = "auto", min_size: int = 
     """Scan shards (pattern / folder of tars / list of tars) or image files; returns the merged report."""
     max_bytes = max_file_mb << 20
     total = _new_stats()
+    if spec and is_lmdb(spec):
+        _scan_lmdb(spec, total, workers, write_index, max_bytes, decoder=decoder, min_size=min_size,
+                   max_pixels=max_pixels)
+        total["bad"] = int(sum(total["skipped"].values()))
+        return total
     with ProcessPoolExecutor(max(1, workers)) as pool:
         if ".tar" in spec and not os.path.isdir(spec) and not spec.endswith(".txt"):
             shards = expand_shards(spec)
@@ -156,7 +196,8 @@ def scan(spec: str, *, workers: int = 1, decoder: str = "auto", min_size: int = 
             src = open_source(spec, seed=0, img_size=8, synthetic_size=1, cache_mb=0, max_bytes=max_bytes) if spec \
                 else None
             if not isinstance(src, (ShardSource, FileListSource)):
-                raise ValueError("scan needs a folder, a list file or shards, not synthetic data ('')")
+                raise ValueError("scan needs a folder, a list file, shards or an LMDB database; '' (synthetic "
+                                 "faces) has nothing to scan")
             shards = src.shards if isinstance(src, ShardSource) else None
         if shards is not None:
             job = functools.partial(scan_shard, decoder=decoder, min_size=min_size, write=write_index,

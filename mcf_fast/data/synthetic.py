@@ -34,6 +34,12 @@ def main(argv=None) -> int:
         ap.error("--num must be >= 1 and --size >= 32 (features vanish below 32 px)")
     if not 0 < a.train_fraction < 1:
         ap.error("--train-fraction must be in (0, 1)")
+    from mcf_fast.outputs import check_output
+    try:
+        check_output(a.out, [])  # never into a run's checkpoints/
+    except ValueError as e:
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 2
     from . import formats
     writer = {"wds": formats.write_wds, "aflw19": formats.write_aflw19, "lapa": formats.write_lapa}[a.format]
     kw = {"shard_size": a.shard_size} if a.format == "wds" else {"train_fraction": a.train_fraction}

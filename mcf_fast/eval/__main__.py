@@ -25,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _paper(args) -> int:
+    from mcf_fast.outputs import check_output, read_paths
+
     from .paper import paper_markdown, run_paper
     try:
+        check_output(args.out, read_paths(args.aflw19, args.lapa, args.encoder, args.arch))  # before any work
         out = run_paper(args)
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -41,9 +44,12 @@ def main(argv=None) -> int:
     if args.task == "paper":
         return _paper(args)
     cfg = EvalConfig(**vars(args))
+    from mcf_fast.outputs import check_output, read_paths
+
     from .train import run  # torch and friends load only once the arguments are known to be sane
     try:
         cfg.validate()
+        check_output(cfg.out, read_paths(cfg.data, cfg.encoder, cfg.arch))  # nothing written over an input
         out = run(cfg)
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

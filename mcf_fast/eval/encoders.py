@@ -72,9 +72,8 @@ def _is_export(encoder: str) -> bool:
     if not (encoder.endswith(".safetensors") and os.path.isfile(encoder)
             and os.path.exists(os.path.join(os.path.dirname(encoder) or ".", "encoder.json"))):
         return False
-    from safetensors import safe_open
-    with safe_open(encoder, "pt") as f:  # `convert --out model.safetensors` may sit beside an export
-        return (f.metadata() or {}).get("format") != "mcf_fast.model.v1"
+    from mcf_fast.safe_load import safetensors_metadata  # `convert --out model.safetensors` may sit beside an export
+    return safetensors_metadata(encoder).get("format") != "mcf_fast.model.v1"
 
 
 def _foreign_encoder(encoder: str, arch: str | None, img_size: int | None) -> tuple[VisionTransformer, dict]:

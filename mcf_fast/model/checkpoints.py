@@ -34,11 +34,9 @@ def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         path = cand
     meta: dict = {"path": path}
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        with safe_open(path, "pt") as f:
-            meta.update(f.metadata() or {})
-        sd = load_file(path)
+        from mcf_fast.safe_load import load_safetensors
+        sd, more = load_safetensors(path)  # a garbled or pickled file is one RefusedFile line
+        meta.update(more)
     else:
         obj = safe_torch_load(path)
         sd = obj

@@ -13,6 +13,34 @@ from .layouts import load_vit, split_spec, to_model_state
 from .vit import save_encoder
 
 
+def write_model_file(sd: dict, out: str, metadata: dict) -> None:
+    """`out` as safetensors (by its extension) or torch.save, through a temp file and a rename, with the
+    mode the umask gives every other file (safetensors alone would write it 0600)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    if out.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(sd, tmp, metadata=metadata)
+    else:
+        torch.save(sd, tmp)
+    os.chmod(tmp, _umask_mode())
+    os.replace(tmp, out)
+
+
+def _umask_mode() -> int:
+    """0666 less the process umask, read without changing it (os.umask can only read by setting)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def convert_file(spec: str, out: str | None, encoder_dir: str | None, num_heads: int | None) -> dict:
     """Write `out` (MCFModel names, teacher excluded) and/or `encoder_dir` (encoder.safetensors + .json)."""
     if not out and not encoder_dir:
@@ -22,15 +50,8 @@ def convert_file(spec: str, out: str | None, encoder_dir: str | None, num_heads:
     result = {"checkpoint": ck.path, "layout": ck.layout, "description": text,
               "epoch": ck.meta.get("epoch") if isinstance(ck.meta.get("epoch"), int) else None}
     if out:
-        sd = {k: v.contiguous() for k, v in to_model_state(ck).items()}
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        tmp = out + ".tmp"
-        if out.endswith(".safetensors"):
-            from safetensors.torch import save_file
-            save_file(sd, tmp, metadata={"format": "mcf_fast.model.v1", "source": ck.layout})
-        else:
-            torch.save(sd, tmp)
-        os.replace(tmp, out)
+        write_model_file({k: v.contiguous() for k, v in to_model_state(ck).items()}, out,
+                         {"format": "mcf_fast.model.v1", "source": ck.layout})
         result["out"] = out
     if encoder_dir:
         st, _ = save_encoder(vit, encoder_dir, extra={"source": "mcf_fast.convert", "checkpoint": ck.path,
@@ -39,4 +60,4 @@ def convert_file(spec: str, out: str | None, encoder_dir: str | None, num_heads:
     return result
 
 
-__all__ = ["convert_file"]
+__all__ = ["convert_file", "write_model_file"]

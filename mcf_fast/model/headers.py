@@ -10,15 +10,13 @@ against its weights), so a wrong file costs a header read, not a model build.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import stat
-import struct
 import zipfile
 
-# safetensors' own reader refuses headers over 100 MB; a ViT-L header is ~40 KB.
-MAX_SAFETENSORS_HEADER = 100 << 20
 # A config.json or encoder.json is a few KB; 1 MiB leaves room for any hand-written one and stops a
 # device or a huge file from being read into memory.
 MAX_JSON_BYTES = 1 << 20
@@ -26,20 +24,10 @@ MAX_JSON_BYTES = 1 << 20
 
 # ---------------------------------------------------------------------- safetensors
 def safetensors_header(path: str) -> dict:
-    """The JSON header of a .safetensors file (without `__metadata__`); ValueError when it is not one."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path!r} is not a safetensors file (shorter than its 8-byte header length)")
-        n = struct.unpack("<Q", head)[0]
-        if not 0 < n <= MAX_SAFETENSORS_HEADER:
-            raise ValueError(f"{path!r} is not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, RecursionError):
-            raise ValueError(f"{path!r} is not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path!r} is not a safetensors file (its header is not a JSON object)")
+    """The JSON header of a .safetensors file (without `__metadata__`), read bounded by
+    `safe_load.safetensors_header`; a RefusedFile (a ValueError, one line) when it is not one."""
+    from mcf_fast.safe_load import safetensors_header as checked
+    header = dict(checked(path))
     header.pop("__metadata__", None)
     return header
 
@@ -85,16 +73,24 @@ class _KeysOnly(pickle.Unpickler):
 
 def checkpoint_keys(path: str) -> list[str] | None:
     """Tensor names of a .safetensors or zip-format torch checkpoint from its header / pickle only
-    (nested {'state_dict'|'model': ...} flattened with dots); None when the format is not recognised."""
+    (nested {'state_dict'|'model': ...} flattened with dots); None when the format is not recognised.
+    The pickle is walked first (`pickle_bounds`: a bomb is a RefusedFile, one line) and read from the
+    record torch.load would read (PREFIX/data.pkl, PREFIX named by the first record)."""
     if path.endswith(".safetensors"):
         return list(safetensors_header(path))
-    if not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as z:
-        name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
-        if name is None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04" or not zipfile.is_zipfile(path):  # torch's own test for its zip reader
             return None
-        obj = _KeysOnly(z.open(name)).load()
+    from mcf_fast.pickle_bounds import RefusedFile
+    from mcf_fast.safe_load import check_torch_file
+    check_torch_file(path)  # stored records only, PREFIX/data.pkl walked: a RefusedFile line otherwise
+    with zipfile.ZipFile(path) as z:
+        with z.open(z.namelist()[0].split("/", 1)[0] + "/data.pkl") as fh:
+            data = fh.read()
+    try:
+        obj = _KeysOnly(io.BytesIO(data)).load()
+    except Exception as e:  # stubs make any class "build"; what is left is a damaged stream
+        raise RefusedFile(f"{path!r}: its pickle does not read ({type(e).__name__}); re-save it with torch.save") from None
     keys: list[str] = []
 
     def walk(d, pre):

@@ -359,13 +359,13 @@ def export_arch(path: str) -> tuple[dict, dict]:
 def load_encoder(path: str, attention: str | None = None) -> VisionTransformer:
     """Read an exported encoder (encoder.safetensors beside encoder.json, or the folder holding them);
     encoder.json is checked against the weights' header before the model is built."""
-    from safetensors.torch import load_file
+    from mcf_fast.safe_load import load_safetensors
 
     from .checkpoints import check_fit
     arch, _ = export_arch(path)
     path, js = export_paths(path)
     model = build_vit(arch, attention, source=js)
-    sd = load_file(path)
+    sd, _ = load_safetensors(path)  # a garbled or pickled file is one RefusedFile (ValueError) line
     check_fit(model.state_dict(), sd, f"{path} (architecture from {js})")
     model.load_state_dict(sd)
     return model

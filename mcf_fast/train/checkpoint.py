@@ -82,8 +82,7 @@ def read_marker(path: str) -> dict:
     """The COMPLETE marker of a checkpoint folder; a missing, empty or garbled one is a CheckpointError."""
     p = os.path.join(path, MARKER)
     try:
-        with open(p) as f:
-            marker = json.load(f)
+        marker = integ.read_json(p)
     except FileNotFoundError:
         raise CheckpointError(f"{path} has no {MARKER} marker (deleted, or a half-written checkpoint)") from None
     except (OSError, ValueError) as e:
@@ -133,9 +132,13 @@ def _check(path: str) -> str | None:
         if required not in files:
             return f"{MARKER} records no {required}"
     why = integ.check_sizes(path, files) or integ.check_digests(path, files, sorted(files))
-    if why is None:
-        read_metadata_file(os.path.join(path, ".metadata"))  # intact bytes can still be hostile ones
-    return why
+    if why is not None:
+        return why
+    try:  # intact bytes can still be hostile ones (raised), or metadata that does not fit its files
+        md = read_metadata_file(os.path.join(path, ".metadata"))
+    except (pickle.UnpicklingError, EOFError) as e:
+        return f".metadata is garbled ({str(e)[:120]})"
+    return integ.storage_shortfall(md, path)
 
 
 def latest(ckpt_dir: str, finite_only: bool = False) -> str | None:
@@ -347,8 +350,8 @@ def _load_extra(path: str) -> dict:
     if not os.path.exists(extra_path):  # resumed at a larger world size: this rank is new
         extra_path = os.path.join(path, "extra_rank0.pt")
     try:
-        return torch.load(extra_path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as e:
+        return integ.load_extra(extra_path)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as e:
         raise CheckpointError(f"{extra_path} does not load ({str(e).strip().splitlines()[0][:200]}): the "
                               "checkpoint is damaged") from e
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import pickle
 import shutil
+import stat
 
 import torch
 
 DIGEST = "sha256"
 _CHUNK = 8 << 20
 MARKER = "COMPLETE"
+MAX_JSON_BYTES = 16 << 20  # COMPLETE, config.json, summary.json are a few KB; a bigger one is not ours
 
 
 def digest_and_sync(path: str) -> dict:
@@ -42,6 +45,29 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def write_json(path: str, obj) -> None:
+    """Write JSON atomically and durably: a crash leaves the old file or the new one, never an empty one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def read_json(path: str):
+    """A small JSON file of the run folder; ValueError (also for a huge or deeply nested one) when garbled."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"larger than {MAX_JSON_BYTES >> 20} MB")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def write_durable(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -49,13 +75,33 @@ def write_durable(path: str, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def check_names(folder: str, files: dict) -> str | None:
+    """Why COMPLETE's file list is not a list of plain files inside `folder`, or None. Each name must be a
+    bare file name (no '/', no '..', not absolute) of a regular file, so the digest pass can never be
+    sent to hash a file elsewhere (a 200 GB file outside, a device, a symlink out of the folder)."""
+    if not isinstance(files, dict):
+        return f"{MARKER}'s file list is not a mapping"
+    for name, rec in sorted(files.items(), key=lambda kv: str(kv[0])):
+        if (not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name
+                or "\\" in name or "\0" in name or name == MARKER or not isinstance(rec, dict)):
+            return f"{MARKER} names {name!r}, which is not a file of this checkpoint folder"
+        p = os.path.join(folder, name)
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return f"{name} is missing"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{name} is not a regular file (a symlink, folder or device): {MARKER} may name only plain files"
+    return None
+
+
 def check_sizes(folder: str, files: dict) -> str | None:
     """Why the recorded files are not all present at their recorded sizes, or None (cheap: stat only)."""
+    why = check_names(folder, files)
+    if why:
+        return why
     for name, rec in sorted(files.items()):
-        p = os.path.join(folder, name)
-        if not os.path.isfile(p):
-            return f"{name} is missing"
-        size = os.path.getsize(p)
+        size = os.path.getsize(os.path.join(folder, name))
         if size != rec.get("bytes"):
             return f"{name} is {size} bytes, {rec.get('bytes')} were written (truncated or replaced)"
     return None
@@ -73,6 +119,21 @@ def check_digests(folder: str, files: dict, names: list[str]) -> str | None:
     return None
 
 
+def storage_shortfall(md, folder: str) -> str | None:
+    """Why the data files cannot hold every entry the metadata places in them (missing, or shorter than
+    the furthest offset + length), or None: DCP reads, and convert allocates, by these numbers."""
+    need: dict[str, int] = {}
+    for info in md.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(need.items()):
+        p = os.path.join(folder, name)
+        if not os.path.isfile(p):
+            return f"{name} is missing"
+        if os.path.getsize(p) < end:
+            return f"{name} is truncated ({os.path.getsize(p)} bytes, the metadata needs {end})"
+    return None
+
+
 def check_legacy(folder: str) -> str | None:
     """Structural checks for a checkpoint written before digests existed: metadata parses (safely), every
     file it names is long enough, extra_rank0.pt loads."""
@@ -86,26 +147,24 @@ def check_legacy(folder: str) -> str | None:
         raise
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError) as e:
         return f".metadata is garbled ({type(e).__name__}: {str(e)[:80]})"
-    need: dict[str, int] = {}
-    for info in md.storage_data.values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(need.items()):
-        p = os.path.join(folder, name)
-        if not os.path.isfile(p):
-            return f"{name} is missing"
-        if os.path.getsize(p) < end:
-            return f"{name} is truncated ({os.path.getsize(p)} bytes, the metadata needs {end})"
-    return check_extra(os.path.join(folder, "extra_rank0.pt"))
+    return storage_shortfall(md, folder) or check_extra(os.path.join(folder, "extra_rank0.pt"))
 
 
 def check_extra(path: str) -> str | None:
     if not os.path.isfile(path):
         return f"{os.path.basename(path)} is missing"
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        load_extra(path)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
         return f"{os.path.basename(path)} does not load ({str(e).splitlines()[0][:100]})"
     return None
+
+
+def load_extra(path: str) -> dict:
+    """A rank's extra state (step, loader position, RNG): plain data and tensors, through the bounded
+    weights-only reader (a RefusedFile, a ValueError, when it is out of bounds or asks for code)."""
+    from mcf_fast.safe_load import safe_torch_load
+    return safe_torch_load(path)
 
 
 def _mount_point(path: str) -> str:

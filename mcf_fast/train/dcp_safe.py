@@ -10,11 +10,16 @@ The allowed globals were listed by saving a checkpoint of the MCF model with fus
 (torch 2.14, 2026-12-01) and recording every `find_class` call of its `.metadata`:
 DCP's metadata dataclasses, `_StorageInfo`, `torch.Size`, torch dtypes, `torch.serialization._get_layout`
 (how `torch.strided` pickles) and `pathlib.PosixPath` (`StorageMeta.checkpoint_id`).
+
+Bounded as well as safe: `.metadata` and every entry of the data files pass the opcode walk
+(`mcf_fast.pickle_bounds`) before they are unpickled, and the metadata's values are checked
+(`dcp_values`) before anyone allocates by them, so a 2 KB folder cannot claim a 4 TB tensor.
 """
 from __future__ import annotations
 
 import io
 import os
+import pathlib
 import pickle
 from typing import Any
 
@@ -23,15 +28,21 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
+from mcf_fast.pickle_bounds import PickleBoundsError, RefusedFile
+from mcf_fast.pickle_walk import check_pickle
+from mcf_fast.safe_load import check_torch_file
+
 _DCP_META = "torch.distributed.checkpoint.metadata"
 _ALLOWED: dict[str, frozenset[str]] = {
     _DCP_META: frozenset({"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
                           "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"}),
     "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
     "torch.serialization": frozenset({"_get_layout"}),
-    # Building a path object from strings runs no user code; Windows names only fail to build on Linux.
-    "pathlib": frozenset({"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}),
 }
+# Paths build as pure paths: no file system access, and a checkpoint written on Windows (WindowsPath,
+# which cannot be instantiated on Linux) reads on Linux. Python 3.13 pickles them from pathlib._local.
+_PATHS = {"PosixPath": pathlib.PurePosixPath, "PurePosixPath": pathlib.PurePosixPath,
+          "WindowsPath": pathlib.PureWindowsPath, "PureWindowsPath": pathlib.PureWindowsPath}
 
 
 class CheckpointError(RuntimeError):
@@ -50,6 +61,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
+        if module in ("pathlib", "pathlib._local") and name in _PATHS:
+            return _PATHS[name]
         if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
@@ -62,7 +75,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _check_structure(md: Any, path: str) -> Metadata:
-    """The unpickled object must be DCP metadata whose storage entries name plain files in the same folder."""
+    """The unpickled object must be DCP metadata whose storage entries name plain files in the same folder
+    and whose values are in range (`dcp_values`)."""
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
         raise UnsafeCheckpointError(f"{path} does not hold DCP metadata (got {type(md).__name__}): refused")
     storage = md.storage_data
@@ -76,22 +90,53 @@ def _check_structure(md: Any, path: str) -> Metadata:
         if rel in ("", ".", "..") or os.path.basename(rel) != rel or "\\" in rel:
             raise UnsafeCheckpointError(f"{path}: storage entry {key.fqn!r} points outside the checkpoint "
                                         f"folder ({rel!r}): refused")
+    from .dcp_values import check_values
+    why = check_values(md)
+    if why:
+        raise UnsafeCheckpointError(f"{path}: {why}: refused (this is not metadata DCP writes; do not resume "
+                                    "from or convert this checkpoint)")
     return md
 
 
 def read_metadata_file(path: str) -> Metadata:
-    """Unpickle one `.metadata` file with the restricted unpickler and check its structure."""
+    """Walk, unpickle (restricted) and check one `.metadata` file. A stream that is not a pickle at all
+    raises pickle.UnpicklingError (damage); one out of bounds, asking for code or holding values DCP
+    never writes raises UnsafeCheckpointError."""
     with open(path, "rb") as f:
         data = f.read()
     if not data:
         raise pickle.UnpicklingError(f"{path} is empty")
-    md = _RestrictedUnpickler(io.BytesIO(data), path).load()
+    try:
+        check_pickle(data, path)
+    except PickleBoundsError as e:
+        if e.malformed:
+            raise pickle.UnpicklingError(str(e)) from None
+        raise UnsafeCheckpointError(str(e)) from None
+    try:
+        md = _RestrictedUnpickler(io.BytesIO(data), path).load()
+    except (UnsafeCheckpointError, pickle.UnpicklingError, EOFError):
+        raise
+    except Exception as e:  # a class built from values it refuses (torch.Size('abc')): not DCP's output
+        raise UnsafeCheckpointError(f"{path}: builds invalid values ({type(e).__name__}: "
+                                    f"{(str(e).splitlines() or [''])[0][:120]}): refused") from None
     return _check_structure(md, path)
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """`FileSystemReader` whose metadata comes from the restricted unpickler (tensors it already reads
-    with `torch.load(weights_only=True)`)."""
+    """`FileSystemReader` whose metadata comes from the restricted unpickler, and whose entries (tensors
+    and bytes, each a small torch zip) are walked before DCP's `torch.load(weights_only=True)` reads them."""
+
+    def _slice_file(self, file, sinfo) -> io.BytesIO:
+        file.seek(sinfo.offset)
+        data = file.read(sinfo.length)
+        where = f"{os.path.join(str(self.path), sinfo.relative_path)} at byte {sinfo.offset}"
+        if len(data) != sinfo.length:
+            raise CheckpointError(f"{where}: {len(data)} of {sinfo.length} bytes (the file is cut short)")
+        try:
+            check_torch_file(data, where)
+        except RefusedFile as e:
+            raise UnsafeCheckpointError(str(e)) from None
+        return io.BytesIO(data)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         from torch.distributed.checkpoint.metadata import StorageMeta

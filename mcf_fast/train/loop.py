@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -320,10 +319,7 @@ def _finish(w: Wiring, start: int, t_start: float) -> dict:
                                                    "preset": cfg.preset}, mean=cfg.data.mean, std=cfg.data.std)
             summary["encoder"] = st
     if rt.is_main:
-        path = os.path.join(out, "summary.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(path + ".tmp", path)
+        runfolder.write_json(os.path.join(out, "summary.json"), summary)  # atomic and fsynced
         log.info("done in %.1f s. Run folder %s: config.json, metrics.jsonl, train.log, summary.json, tb/ "
                  "(TensorBoard), checkpoints/, images/recon_latest.png%s", summary["wall_s"], out,
                  ", encoder.safetensors + encoder.json" if cfg.run.export else "")

@@ -5,18 +5,26 @@ checkpoint, not by a start that failed; a finished run is left alone; a fresh st
     config_diff(cfg, out, world)    what differs from OUT/config.json (empty when nothing, or none saved)
     check_config(...)               refuse a changed config once a checkpoint exists; save the resolved one
     finished_summary(...)           OUT/summary.json when the same config already ran to its end
+    write_json(path, obj)           atomic and durable: temp file, fsync, rename, fsync the folder
+
+A folder that cannot serve as a run folder (unwritable, read-only, a `.lock` that is a symlink or a
+hard link, a garbled `config.json`) is a RunFolderError: one line naming the path and the fix, exit 4.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import socket
+import stat
 
 import torch.distributed as dist
 
+from .ckpt_integrity import read_json, write_json
 from .config import Config
+from .dcp_safe import CheckpointError
 from .runtime import Runtime
 
 log = logging.getLogger("mcf_fast")
@@ -25,13 +33,24 @@ IGNORED = {("run", "allow_config_change"), ("run", "progress"),  # never part of
            ("run", "interrupt_ckpt_after_s"), ("run", "memory_check")}
 
 
+class RunFolderError(CheckpointError):
+    """The run folder cannot be used (unwritable, a hostile lock, a garbled config): one line, exit 4."""
+
+
+def _cannot_write(out: str, e: OSError) -> RunFolderError:
+    return RunFolderError(f"cannot write in the run folder {out} ({e.strerror or e}): choose a writable --out, "
+                          "or fix its permissions")
+
+
+
+
 class RunLock:
     """An exclusive `flock` on OUT/.lock, held for the process's life; the OS drops it when the process
     dies (SIGKILL included), so a killed run never leaves a stale lock. The file names the holder."""
 
     def __init__(self, out: str):
         self.path = os.path.join(out, LOCK_NAME)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = self._open(out)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -46,6 +65,27 @@ class RunLock:
             return
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def _open(self, out: str) -> int:
+        """OUT/.lock opened without following a symlink (its target would be overwritten with our pid)
+        and refused unless it is a plain file with one link (a hard link would write through too)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RunFolderError(f"{self.path} is a symlink; a run's lock must be a plain file (writing our "
+                                     "pid would overwrite its target): remove it and rerun") from None
+            if e.errno == errno.EISDIR:
+                raise RunFolderError(f"{self.path} is a folder; a run's lock must be a plain file: remove it "
+                                     "and rerun") from None
+            raise _cannot_write(out, e) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            what = "is not a plain file" if not stat.S_ISREG(st.st_mode) else f"has {st.st_nlink} hard links"
+            raise RunFolderError(f"{self.path} {what}; a run's lock must be a plain file of its own (writing "
+                                 "our pid would write through to the other name): remove it and rerun")
+        return fd
 
     def release(self) -> None:
         if self.fd is not None:
@@ -63,8 +103,14 @@ def claim(out: str, rt: Runtime):
     folder, and a second job's rank 0 fails here (torchrun then stops its other ranks)."""
     lock = _NoLock()
     if rt.is_main:
-        os.makedirs(out, exist_ok=True)
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise _cannot_write(out, e) from None
         lock = RunLock(out)
+        if not os.access(out, os.W_OK | os.X_OK):  # a read-only folder or mount, with a writable lock left in it
+            lock.release()
+            raise _cannot_write(out, PermissionError(errno.EACCES, "read-only"))
     if rt.distributed:
         dist.barrier()
     return lock
@@ -74,8 +120,18 @@ def _saved_config(out: str) -> dict | None:
     path = os.path.join(out, "config.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        cfg = read_json(path)
+    except (OSError, ValueError) as e:
+        cfg, why = None, (str(e).splitlines() or [type(e).__name__])[0][:120]
+    else:
+        why = "not a JSON object of config sections"
+    sections = ("model", "optim", "data", "run", "dist")
+    if (not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), dict) for k in ("model", "optim"))
+            or not all(isinstance(v, dict) for k, v in cfg.items() if k in sections)):
+        raise RunFolderError(f"{path} is empty or garbled ({why}); it records the run's settings: restore it "
+                             "from a copy, or delete it and rerun this command to resume with its settings")
+    return cfg
 
 
 def config_diff(cfg: Config, out: str, world_size: int) -> list[str]:
@@ -115,10 +171,10 @@ def check_config(cfg: Config, out: str, rt: Runtime, has_checkpoint: bool) -> No
         log.info("world size %d -> %d with the same global batch %d: resuming", old["world_size"], rt.world_size,
                  cfg.optim.batch_size * rt.world_size)
     if rt.is_main:
-        path = os.path.join(out, "config.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump({**cfg.to_dict(), "world_size": rt.world_size}, f, indent=2)
-        os.replace(path + ".tmp", path)
+        try:
+            write_json(os.path.join(out, "config.json"), {**cfg.to_dict(), "world_size": rt.world_size})
+        except OSError as e:
+            raise _cannot_write(out, e) from None
 
 
 def checkpoint_step(path: str) -> int:
@@ -127,12 +183,11 @@ def checkpoint_step(path: str) -> int:
 
 
 def read_summary(out: str) -> dict | None:
-    path = os.path.join(out, "summary.json")
     try:
-        with open(path) as f:
-            return json.load(f)
+        summary = read_json(os.path.join(out, "summary.json"))
     except (OSError, ValueError):
         return None
+    return summary if isinstance(summary, dict) else None
 
 
 def finished_summary(cfg: Config, out: str, world_size: int, latest: str | None) -> dict | None:
@@ -144,5 +199,5 @@ def finished_summary(cfg: Config, out: str, world_size: int, latest: str | None)
     return summary if checkpoint_step(latest) == summary.get("steps") else None
 
 
-__all__ = ["RunLock", "claim", "config_diff", "check_config", "finished_summary", "read_summary",
-           "checkpoint_step", "LOCK_NAME"]
+__all__ = ["RunLock", "RunFolderError", "claim", "config_diff", "check_config", "finished_summary", "read_summary",
+           "checkpoint_step", "write_json", "read_json", "LOCK_NAME"]

@@ -141,8 +141,10 @@ class CheckpointTeacher(FeatureTeacher):
         try:  # a reference-code checkpoint holds its own teacher: take it before the online encoder
             vit, text, _ = load_vit(spec.arg, prefer=("teacher", "online_encoder"), num_heads=spec.num_heads,
                                     attention=spec.attention)
-        except ValueError as e:
-            raise ValueError(f"--model.teacher checkpoint:{spec.arg}: {e}") from e
+        except ValueError as e:  # named by the option; a refused file stays a RefusedFile (still a ValueError)
+            from mcf_fast.pickle_bounds import RefusedFile
+            kind = RefusedFile if isinstance(e, RefusedFile) else ValueError
+            raise kind(f"--model.teacher checkpoint:{spec.arg}: {e}") from e
         log.info("teacher: %s", text)
         return vit
 

@@ -33,26 +33,31 @@ def _paper(sets, out, *extra):
 
 
 def test_paper_resumes_and_ends_with_the_table(sets, tmp_path, capsys):
-    """Stopped after 1 step it resumes to the end; the table has ours, the paper and FaRL, and the face counts;
-    a finished task is not run again."""
+    """Stopped after 1 step it resumes to the end; the table has ours (best and last), the paper and FaRL,
+    and the face counts; a finished task is not run again."""
     assert _paper(sets, tmp_path, "--max-steps", "2", "--stop-after", "1") == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stopped_at"] == 1
     assert not os.path.exists(tmp_path / "paper.md")
-    assert torch.load(tmp_path / "alignment" / "ckpt.pt", weights_only=True)["step"] == 1
+    assert torch.load(tmp_path / "seed0" / "alignment" / "ckpt.pt", weights_only=True)["step"] == 1
     assert _paper(sets, tmp_path, "--max-steps", "2") == 0
     md = open(tmp_path / "paper.md").read()
-    assert "| MCF paper | 0.932 | 93.96 |" in capsys.readouterr().out  # the table is also printed
-    for s in ("| MCF paper | 0.932 | 93.96 |", "| FaRL ep16 (FaRL README) | 0.943 | 93.88 |", "this checkpoint",
-              "9 train faces, 5 test faces", "6 train images, 3 test images", "FaRL's downstream protocol"):
+    assert "| MCF paper (states FaRL's protocol) | 0.932 | 93.96 |" in capsys.readouterr().out  # also printed
+    for s in ("| MCF paper (states FaRL's protocol) | 0.932 | 93.96 |",
+              "| FaRL ep16 (FaRL README: best test epoch) | 0.943 | 93.88 |",
+              "| FaRL ep16, last epoch (FaRL's logs) | 1.000 | 93.81 |", "this checkpoint, best test evaluation",
+              "this checkpoint, last step", "Which row stands beside FaRL's and MCF's numbers: best",
+              "best-of-test-epochs", "9 train faces, 5 test faces", "6 train images, 3 test images",
+              "FaRL's downstream protocol", "FaRL's computation in every item"):
         assert s in md, s
     t = json.load(open(tmp_path / "paper.json"))
-    ma = json.load(open(tmp_path / "alignment" / "metrics.json"))
-    mp = json.load(open(tmp_path / "parsing" / "metrics.json"))
-    assert t["this"] == [100 * ma["nme_diag"], 100 * mp["f1_mean"]]
+    ma = json.load(open(tmp_path / "seed0" / "alignment" / "metrics.json"))
+    mp = json.load(open(tmp_path / "seed0" / "parsing" / "metrics.json"))
+    assert t["this"] == [100 * ma["best"]["nme_diag"], 100 * mp["best"]["f1_mean"]]
+    assert t["rows"]["last"]["alignment"]["mean"] == 100 * ma["nme_diag"]
     assert ma["run"]["protocol"] == mp["run"]["protocol"] == "farl" and mp["run"]["warp_factor"] == 0.8
-    lines = len(open(tmp_path / "parsing" / "metrics.jsonl").readlines())
+    lines = len(open(tmp_path / "seed0" / "parsing" / "metrics.jsonl").readlines())
     assert _paper(sets, tmp_path, "--max-steps", "2") == 0  # both done: nothing retrains
-    assert len(open(tmp_path / "parsing" / "metrics.jsonl").readlines()) == lines
+    assert len(open(tmp_path / "seed0" / "parsing" / "metrics.jsonl").readlines()) == lines
     assert json.load(open(tmp_path / "paper.json"))["this"] == t["this"]
 
 
@@ -74,7 +79,7 @@ def test_paper_on_the_project_generator_sets(sets, tmp_path, capsys):
     assert main(["paper", "--encoder", str(sets / "enc"), "--aflw19", str(tmp_path / "aflw19"), "--lapa",
                  str(tmp_path / "lapa"), "--out", str(tmp_path / "out"), *TINY, "--max-steps", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| this checkpoint |" in out and "8 train faces, 2 test faces" in out and "8 train images, 1 test" in out
+    assert "| this checkpoint, best" in out and "8 train faces, 2 test faces" in out and "8 train images, 1 test" in out
 
 
 def test_module_entry_point_lists_paper():

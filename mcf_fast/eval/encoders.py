@@ -6,7 +6,6 @@ of the pre-trained encoder it is compared with.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,6 +13,8 @@ import re
 import torch
 
 from mcf_fast.model.vit import VisionTransformer, interpolate_pos_embed, load_encoder
+
+from .identity import read_encoder_json
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,7 @@ def parse_arch(spec: str) -> dict:
     """Architecture dict from a preset name or an encoder.json path (file or folder)."""
     path = os.path.join(spec, "encoder.json") if os.path.isdir(spec) else spec
     if path.endswith(".json") or os.path.exists(path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"architecture file not found: {path}")
-        with open(path) as f:
-            meta = json.load(f)
+        meta = read_encoder_json(path)
         missing = [k for k in ARCH_KEYS if k not in meta]
         if missing:
             raise ValueError(f"{path} lacks architecture keys {missing}")
@@ -103,8 +101,7 @@ def build_encoder(encoder: str, arch: str | None, img_size: int | None, seed: in
     else:
         enc = load_encoder(encoder)
         js = os.path.join(encoder if os.path.isdir(encoder) else os.path.dirname(encoder) or ".", "encoder.json")
-        with open(js) as f:
-            meta = json.load(f)
+        meta = read_encoder_json(js)
         mean, std = meta.get("norm_mean", IMAGENET_MEAN), meta.get("norm_std", IMAGENET_STD)
         source = os.path.abspath(encoder)
         if arch and parse_arch(arch) != {k: enc.arch[k] for k in ARCH_KEYS}:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from mcf_fast.data import build_pretrain_loader
+from mcf_fast.model.card import write_model_card
 from mcf_fast.model.checkpoints import load_mae_decoder
 from mcf_fast.model.init_from import init_from_checkpoint
 from mcf_fast.model.mcf import MCFModel
@@ -243,6 +244,9 @@ def _finish(w: Wiring, start: int, t_start: float) -> dict:
             st, js = save_encoder(enc, out, extra={"source": "mcf_fast.pretrain", "steps": w.total,
                                                    "preset": cfg.preset})
             summary["encoder"] = st
+            write_model_card(out, cfg.to_dict(), steps=w.total, steps_per_epoch=w.steps_per_epoch, eff_batch=w.eff_batch,
+                             num_samples=getattr(w.loader, "num_samples", None), world_size=rt.world_size,
+                             precision=rt.precision)
     if rt.is_main:
         path = os.path.join(out, "summary.json")
         with open(path + ".tmp", "w") as f:

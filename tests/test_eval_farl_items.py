@@ -217,7 +217,7 @@ def test_head_init_is_mmcv_kaiming_fan_out():
     head = FarlHead(64, 16, 11, 256, init="mmcv")
     for mod in head.uper.modules():
         if isinstance(mod, ConvBNReLU):
-            w = mod[0].weight
+            w = mod[0].weight.detach()
             fan_out = w.shape[0] * w.shape[2] * w.shape[3]
             assert float(w.std()) == pytest.approx(math.sqrt(2 / fan_out), rel=0.1)
     bound = 1 / math.sqrt(head.uper.cls.in_channels)  # PyTorch's Conv2d default: U(+-1/sqrt(fan_in))

@@ -1,6 +1,7 @@
 """`python -m mcf_fast.eval paper`: both tasks from one checkpoint, resumable, one table against the paper."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -88,3 +89,53 @@ def test_module_entry_point_lists_paper():
     r = subprocess.run([sys.executable, "-m", "mcf_fast.eval", "paper", "--help"], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 0 and all(f in r.stdout for f in ("--encoder", "--aflw19", "--lapa", "--out"))
+
+
+def test_paper_seeds_report_mean_sd_and_each_run_resumable_per_seed(sets, tmp_path, capsys):
+    """--seeds 2: one folder pair per seed, mean +- sd of best and of last over the seeds, each run listed;
+    raising to --seeds 3 runs only the new seed."""
+    assert _paper(sets, tmp_path, "--max-steps", "2", "--seeds", "2") == 0
+    t = json.load(open(tmp_path / "paper.json"))
+    assert t["seeds"] == [0, 1]
+    for which in ("best", "last"):
+        vals = [100 * json.load(open(tmp_path / f"seed{s}" / "alignment" / "metrics.json"))[which]["nme_diag"]
+                for s in (0, 1)]
+        agg = t["rows"][which]["alignment"]
+        assert [r["value"] for r in agg["runs"]] == vals
+        assert agg["mean"] == pytest.approx(statistics.fmean(vals)) and agg["sd"] == pytest.approx(statistics.stdev(vals))
+    md = open(tmp_path / "paper.md").read()
+    assert "mean ± sd of 2 seeds" in md and " ± " in md and "| 1 | " in md and "- computation: FaRL's" in md
+    before = len(open(tmp_path / "seed0" / "parsing" / "metrics.jsonl").readlines())
+    capsys.readouterr()
+    assert _paper(sets, tmp_path, "--max-steps", "2", "--seeds", "3") == 0
+    assert len(open(tmp_path / "seed0" / "parsing" / "metrics.jsonl").readlines()) == before
+    assert json.load(open(tmp_path / "paper.json"))["seeds"] == [0, 1, 2]
+    assert os.path.exists(tmp_path / "seed2" / "parsing" / "done.json")
+
+
+def test_new_weights_at_the_same_path_are_evaluated_again(sets, tmp_path, capsys):
+    """paper keys finished tasks by the encoder's content: new weights written over the old export are
+    fine-tuned and scored afresh (the old run folders start over); the single-task command refuses to resume
+    a checkpoint of other weights, naming the digest."""
+    enc = tmp_path / "enc"
+    torch.manual_seed(5)
+    save_encoder(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2), str(enc))
+    args = ["paper", "--encoder", str(enc), "--aflw19", str(sets / "aflw"), "--lapa", str(sets / "lapa"),
+            "--out", str(tmp_path / "p"), *TINY, "--max-steps", "1"]
+    assert main(args) == 0
+    first = json.load(open(tmp_path / "p" / "paper.json"))
+    torch.manual_seed(6)
+    save_encoder(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2), str(enc))
+    assert main(args) == 0
+    second = json.load(open(tmp_path / "p" / "paper.json"))
+    assert second["encoder_sha256"] != first["encoder_sha256"]
+    ma = json.load(open(tmp_path / "p" / "seed0" / "alignment" / "metrics.json"))
+    assert ma["run"]["encoder_sha256"] == second["encoder_sha256"] and second["this"] != first["this"]
+    single = ["alignment", "--data", str(sets / "aflw"), "--encoder", str(enc), "--out", str(tmp_path / "s"),
+              *TINY, "--max-steps", "2", "--stop-after", "1"]
+    assert main(single) == 0
+    torch.manual_seed(7)
+    save_encoder(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2), str(enc))
+    capsys.readouterr()
+    assert main(single[:-2]) == 2
+    assert "encoder_digest" in capsys.readouterr().err

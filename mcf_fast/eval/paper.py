@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -118,15 +119,21 @@ def _configs(a: argparse.Namespace, seed: int, digest: str) -> dict[str, EvalCon
 
 
 def _arch(cfg: EvalConfig) -> dict:
-    """The encoder's architecture without building it where the files say it (export, preset)."""
+    return dict(_encoder_arch(cfg.encoder, cfg.arch))
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder_arch(encoder: str, arch: str) -> tuple:
+    """The encoder's architecture, without building it where the files say it (export, preset); a foreign
+    checkpoint is read once per process."""
     from .encoders import ARCH_KEYS, _is_export, build_encoder, parse_arch
-    if cfg.encoder == "random":
-        return parse_arch(cfg.arch)
-    if _is_export(cfg.encoder):
-        meta = read_encoder_json(cfg.encoder if os.path.isdir(cfg.encoder) else
-                                 os.path.join(os.path.dirname(cfg.encoder) or ".", "encoder.json"))
-        return {k: meta[k] for k in ARCH_KEYS}
-    return dict(build_encoder(cfg.encoder, cfg.arch or None, None, cfg.seed)[0].arch)
+    if encoder == "random":
+        return tuple(parse_arch(arch).items())
+    if _is_export(encoder):
+        meta = read_encoder_json(encoder if os.path.isdir(encoder) else
+                                 os.path.join(os.path.dirname(encoder) or ".", "encoder.json"))
+        return tuple((k, meta[k]) for k in ARCH_KEYS)
+    return tuple(build_encoder(encoder, arch or None, None, 0)[0].arch.items())
 
 
 def _sizes(a: argparse.Namespace, digest: str) -> None:
@@ -146,9 +153,10 @@ def _sizes(a: argparse.Namespace, digest: str) -> None:
     cfgs = _configs(argparse.Namespace(**{**vars(a), "max_steps": 1}), a.seed, digest)
     a.batch_size = min(cpu_batch(c.resolved(), _arch(c), TASK_CLASSES[t]) for t, c in cfgs.items())
     size = a.img_size or _arch(cfgs["alignment"])["img_size"]
-    print(f"on a CPU: --img-size {size} (the encoder's) and --batch-size {a.batch_size} (fits the memory "
-          f"available) instead of FaRL's {FARL_INPUT} px / batch {FARL_BATCH}; pass --img-size / --batch-size "
-          "to choose", flush=True)
+    a.cpu_note = (f"on a CPU: --img-size {size} (the encoder's) and --batch-size {a.batch_size} (fits the memory "
+                  f"available) instead of FaRL's {FARL_INPUT} px / batch {FARL_BATCH}; pass --img-size / "
+                  "--batch-size to choose")
+    print(a.cpu_note, flush=True)
 
 
 def _preflight(cfgs: dict[str, EvalConfig]) -> None:
@@ -193,10 +201,23 @@ def _run_task(cfg: EvalConfig) -> dict:
     return m
 
 
+def _run_seeds(plans: dict[int, dict[str, EvalConfig]]) -> dict:
+    """{seed: {task: metrics}} (finished tasks read back), or where a --stop-after stopped."""
+    results: dict = {}
+    for seed, cfgs in plans.items():
+        results[seed] = {}
+        for task, cfg in cfgs.items():
+            m = _done(cfg) or _run_task(cfg)
+            if "stopped_at" in m:
+                return {"stopped_at": m["stopped_at"], "task": task, "seed": seed}
+            results[seed][task] = m
+    return results
+
+
 def run_paper(a: argparse.Namespace) -> dict:
     """Every seed's two tasks (skipping finished ones), then the table; returns paper.json's content."""
     from .paper_table import REFERENCE, aggregate, card_block, paper_markdown
-    from .runlog import atomic_json
+    from .runlog import atomic_json, run_log
     if a.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {a.seeds}")
     digest = encoder_digest(a.encoder, a.arch)
@@ -206,14 +227,13 @@ def run_paper(a: argparse.Namespace) -> dict:
     plans = {s: _configs(a, s, digest) for s in seeds}
     _preflight(plans[seeds[0]])
     os.makedirs(a.out, exist_ok=True)
-    results: dict[int, dict[str, dict]] = {}
-    for seed in seeds:
-        results[seed] = {}
-        for task, cfg in plans[seed].items():
-            m = _done(cfg) or _run_task(cfg)
-            if "stopped_at" in m:
-                return {"stopped_at": m["stopped_at"], "task": task, "seed": seed}
-            results[seed][task] = m
+    with run_log(a.out):  # OUT/eval.log: the whole command's story; each task folder keeps its own too
+        log.info("paper %s: seeds %s; %s", a.out, seeds, command)
+        if getattr(a, "cpu_note", ""):
+            log.info(a.cpu_note)
+        results = _run_seeds(plans)
+    if "stopped_at" in results:
+        return results
     first = results[seeds[0]]
     table = {"encoder": a.encoder, "encoder_sha256": digest, "protocol": a.protocol, "seeds": seeds,
              "choices": plans[seeds[0]]["alignment"].choices(), "eval_every": first["alignment"]["run"]["eval_every"],

@@ -100,6 +100,15 @@ def _commands(out: str, world_size: int) -> list[str]:
     return lines
 
 
+def _timm_args(meta: dict) -> str:
+    """timm.create_model's model name for this architecture, with the sizes spelled out when timm has no name
+    for them (any ViT config of timm accepts them as keyword overrides)."""
+    if meta.get("timm_name"):
+        return f'"{meta["timm_name"]}"'
+    sizes = ", ".join(f"{k}={meta[k]}" for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"))
+    return f'"vit_base_patch16_224", {sizes}'
+
+
 def _section(title: str, rows: list[str]) -> list[str]:
     return [f"## {title}", "", *rows, ""]
 
@@ -112,7 +121,7 @@ def write_model_card(out: str, config: dict, *, steps: int, steps_per_epoch: int
         meta = json.load(f)
     m, d, o = config.get("model", {}), config.get("data", {}), config.get("optim", {})
     params = _safetensors_params(st)
-    source = d.get("path") or f"synthetic faces (mcf_fast.data.synthetic, {d.get('synthetic_size')} per epoch)"
+    source = d.get("path") or "synthetic faces (mcf_fast.data.synthetic)"
     seen = steps * eff_batch
     lr = o.get("lr") or (o.get("blr", 0) * eff_batch / 256)
     lines = [f"# Model card: {os.path.basename(os.path.abspath(out))}", "",
@@ -122,12 +131,12 @@ def write_model_card(out: str, config: dict, *, steps: int, steps_per_epoch: int
     lines += _section("Load it", [
         "- `from mcf_fast.model.vit import load_encoder; encoder = load_encoder(\"encoder.safetensors\")`",
         "- `torch.hub.load(\"PATH/TO/mcf_fast\", \"mcf_encoder\", source=\"local\", weights=\"encoder.safetensors\")`",
-        f"- timm: `timm.create_model(\"{meta.get('timm_name')}\", pretrained=True, num_classes=0, "
-        "pretrained_cfg_overlay=dict(file=\"encoder.safetensors\"))` (docs/evaluation.md: other sizes)"])
+        f"- timm: `timm.create_model({_timm_args(meta)}, pretrained=True, num_classes=0, "
+        "pretrained_cfg_overlay=dict(file=\"encoder.safetensors\"))`"])
     lines += _section("What it is", [
         f"- architecture: ViT, {meta['embed_dim']}-d, {meta['depth']} blocks, {meta['num_heads']} heads, patch "
-        f"{meta['patch_size']}, MLP ratio {meta['mlp_ratio']}, input {meta['img_size']} px (timm name "
-        f"`{meta.get('timm_name')}`)",
+        f"{meta['patch_size']}, MLP ratio {meta['mlp_ratio']}, input {meta['img_size']} px"
+        + (f" (timm name `{meta['timm_name']}`)" if meta.get("timm_name") else ""),
         f"- parameters: {params:,}",
         f"- input: RGB in [0, 1], then (x - mean) / std with mean {meta.get('norm_mean')}, std {meta.get('norm_std')}"
         f" (encoder.json; the run's data section: mean {d.get('mean')}, std {d.get('std')})"])

@@ -79,3 +79,18 @@ def test_readme_paper_command_fits_under_its_estimate(sets, tmp_path):
     assert len(estimates) == 4  # both tasks before any work, then each task as it starts
     rss = usage.ru_maxrss * 1024  # Linux reports KiB
     assert rss <= max(estimates) * GB and rss < 3 * GB, (rss / GB, estimates)
+
+
+def test_gpu_runs_are_checked_against_the_devices_free_memory(monkeypatch):
+    """On a GPU the budget is the device's free memory and only activations, weights and workspace count."""
+    from mcf_fast.eval import memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(0.5 * GB), int(80 * GB)))
+    cfg = EvalConfig(task="alignment", data="d", encoder="e", out="o", head_width=16, batch_size=4,
+                     device="cuda").resolved()
+    limit, source = memory.budget(cfg)
+    assert limit == 0.5 * GB and source == "free on cuda"
+    e = estimate(cfg, ARCH, TASK_CLASSES["alignment"])
+    assert e.on_gpu and e.total == pytest.approx(e.activations() + e.weights + memory.SLACK)
+    with pytest.raises(memory.MemoryBudgetError, match="free on cuda"):
+        memory.check_memory(EvalConfig(**{**cfg.__dict__, "batch_size": 100000}), ARCH, TASK_CLASSES["alignment"])

@@ -150,6 +150,7 @@ class Estimate:
     process: float       # the process before the run (interpreter, torch, data already read)
     workers: int         # loader worker processes (training + scoring loaders)
     image_bytes: float   # one training sample as a loader holds it
+    on_gpu: bool = False  # the budget is a GPU's: only activations, weights and workspace count against it
 
     def activations(self, batch: int | None = None) -> float:
         return self.act_two + self.per_image * ((batch or self.batch) - 2)
@@ -158,6 +159,8 @@ class Estimate:
         return self.workers * (WORKER_BYTES + PREFETCH * (batch or self.batch) * self.image_bytes)
 
     def at_batch(self, batch: int) -> float:
+        if self.on_gpu:
+            return self.activations(batch) + self.weights + SLACK
         return self.activations(batch) + self.weights + self.process + SLACK + self.loaders(batch)
 
     @property
@@ -179,15 +182,27 @@ def estimate(cfg, arch: dict, task_cls) -> Estimate:
     size = cfg.img_size or arch["img_size"]
     image = 3 * size * size * 4 + (size * size * 8 if task_cls.name == "parsing" else 0)
     return Estimate(task_cls.name, size, cfg.batch_size, float(two), float(max(0, three - two)),
-                    float(params * 4 * copies), float(rss_bytes()), 2 * cfg.workers, float(image))
+                    float(params * 4 * copies), float(rss_bytes()), 2 * cfg.workers, float(image),
+                    on_gpu=_gpu(cfg.device) is not None)
+
+
+def _gpu(device: str) -> torch.device | None:
+    """The CUDA device a run will use, or None for a CPU run."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return None
+    return torch.device("cuda" if device == "auto" else device)
 
 
 def budget(cfg) -> tuple[float | None, str]:
-    """(bytes the run may use, where that number comes from); None: no check."""
+    """(bytes the run may use, where that number comes from); None: no check. On a GPU run the budget is
+    the device's free memory (host memory is rarely what stops it)."""
     if cfg.memory_budget_gb < 0:
         return None, "check off"
     if cfg.memory_budget_gb > 0:
         return cfg.memory_budget_gb * GB, "the --memory-budget-gb"
+    gpu = _gpu(cfg.device)
+    if gpu is not None:
+        return float(torch.cuda.mem_get_info(gpu)[0]), f"free on {gpu}"
     avail = available_bytes()
     if avail is None:
         return None, "available memory unknown"
@@ -212,8 +227,9 @@ def check_memory(cfg, arch: dict, task_cls) -> Estimate:
     if limit is None or e.total <= HEADROOM * limit:
         return e
     fit = fitting_batch(e, HEADROOM * limit, 2 if cfg.protocol == "farl" else 1)
+    p = arch["patch_size"]
     fix = (f"use --batch-size {fit} (about {e.at_batch(fit) / GB:.1f} GB)" if fit
-           else f"use a smaller --img-size (e.g. {max(arch['patch_size'], e.size // 2)})")
+           else f"use a smaller --img-size (e.g. {max(p, e.size // 2 // p * p)})")
     raise MemoryBudgetError(f"{e.text()}, but {limit / GB:.1f} GB is {source}: {fix}; "
                             "--memory-budget-gb -1 skips this check")
 

@@ -24,7 +24,7 @@ from .heads import dense_model
 from .identity import encoder_digest
 from .memory import check_memory
 from .results import write_results
-from .runlog import append_row, run_log, truncate_rows
+from .runlog import append_row, atomic_json, run_log, truncate_rows
 from .tasks import TASK_CLASSES
 from .transforms import StepBatches
 from .uper import farl_param_groups
@@ -241,7 +241,6 @@ def _run(cfg: EvalConfig, device, model, info: dict, task, train_ds) -> dict:
     model.to(device)
     opt = build_optimizer(model, cfg)
     ema = Ema(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
-    from .runlog import atomic_json
     atomic_json(os.path.join(cfg.out, "config.json"), {**vars(cfg), "encoder_info": info})
     spe = max(1, math.ceil(len(train_ds) / cfg.batch_size))
     r = Run(cfg, model, opt, ema, task, device, autocast_for(device, cfg.precision), EvalHistory(cfg.task), spe,

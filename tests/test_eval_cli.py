@@ -45,7 +45,8 @@ def test_alignment_artefacts(sets, tmp_path):
     assert [(r["kind"], r["step"]) for r in lines] == [("train", 1), ("train", 2), ("train", 3), ("eval", 3),
                                                       ("final", 3)] and lines[-1]["final"]
     assert "nme_diag" in open(tmp_path / "metrics.md").read()
-    assert "step 3" in open(tmp_path / "eval.log").read()
+    log = open(tmp_path / "eval.log").read()
+    assert "step 3" in log and "memory estimate: alignment at 32 px, batch 4" in log and "last nme_diag" in log
     with Image.open(tmp_path / "predictions.png") as im:
         assert im.width > 0 and im.height > 0
 

@@ -231,9 +231,10 @@ def run(cfg: EvalConfig) -> dict:
     task = task_cls(cfg, size, info["norm_mean"], info["norm_std"])
     train_ds = task.train_data()
     task.test_records()  # fail on a broken test split before spending time on training
-    check_memory(cfg, model.encoder.arch, task_cls)  # before anything is written
+    estimate = check_memory(cfg, model.encoder.arch, task_cls)  # before anything is written
     os.makedirs(cfg.out, exist_ok=True)
     with run_log(cfg.out):
+        log.info("memory estimate: %s", estimate.text())
         return _run(cfg, device, model, info, task, train_ds)
 
 

@@ -71,7 +71,9 @@ def protocol_line(t: dict) -> str:
 
 def choices_line(choices: dict) -> str:
     """Where the computation is FaRL's and where it is ours, item by item (docs/evaluation.md)."""
-    parts = [f"{CHOICE_NAMES[k]} {v} ({whose})" for k, (v, whose) in choices.items()]
+    def shown(v):
+        return ("on" if v else "off") if isinstance(v, bool) else v
+    parts = [f"{CHOICE_NAMES[k]} {shown(v)} ({whose})" for k, (v, whose) in choices.items()]
     mine = [CHOICE_NAMES[k] for k, (_, whose) in choices.items() if whose != "FaRL"]
     head = "FaRL's computation in every item" if not mine else f"FaRL's computation except: {', '.join(mine)}"
     return f"{head}: " + "; ".join(parts) + "; inter-pupil NME reported"

@@ -63,12 +63,17 @@ def test_paper_resumes_and_ends_with_the_table(sets, tmp_path, capsys):
 
 
 def test_paper_errors_name_the_problem(sets, tmp_path, capsys):
-    """A missing LaPa folder and a refused protocol value exit with a message, not a traceback."""
+    """A missing LaPa folder, a refused protocol value and a GPU that is not there exit with a message, not a
+    traceback, before anything is written."""
     assert main(["paper", "--encoder", str(sets / "enc"), "--aflw19", str(sets / "aflw"), "--lapa",
                  str(tmp_path / "no_lapa"), "--out", str(tmp_path / "o"), *TINY, "--max-steps", "1"]) == 2
     assert "no_lapa" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _paper(sets, tmp_path / "p", "--protocol", "resize-whole")
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert _paper(sets, tmp_path / "q", "--device", "cuda") == 2
+        assert "torch sees no GPU" in capsys.readouterr().err and not os.path.exists(tmp_path / "q")
 
 
 def test_paper_on_the_project_generator_sets(sets, tmp_path, capsys):

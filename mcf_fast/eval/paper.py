@@ -218,8 +218,10 @@ def run_paper(a: argparse.Namespace) -> dict:
     """Every seed's two tasks (skipping finished ones), then the table; returns paper.json's content."""
     from .paper_table import REFERENCE, aggregate, card_block, paper_markdown
     from .runlog import atomic_json, run_log
+    from .train import _device
     if a.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {a.seeds}")
+    _device(a.device)  # a --device that cannot run is named before sizes are picked for it
     digest = encoder_digest(a.encoder, a.arch)
     command = paper_command(a)
     _sizes(a, digest)

@@ -1,5 +1,9 @@
-"""Shared test setup: a seeded RNG per test, and the `slow` / `gpu` / `benchmark` markers."""
+"""Shared test setup: a seeded RNG per test, the `slow` / `gpu` / `benchmark` markers, and what several
+tests share so that the session starts fewer interpreters: two CPU ranks for the distributed tests,
+one fresh interpreter for the checks that need one."""
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -24,3 +28,25 @@ def _seeded():
 @pytest.fixture
 def python_exe():
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def two_ranks():
+    """Two gloo ranks started on first use and kept for the session (tests/runners.py: TwoRanks)."""
+    from runners import TwoRanks
+    pool = TwoRanks()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def fresh_child():
+    """tests/fresh_child.py run once: {'rc', 'stderr', and one result per check when rc is 0}."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fresh_child.py")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    res = {"rc": p.returncode, "stderr": p.stderr[-4000:]}
+    lines = p.stdout.strip().splitlines()
+    if p.returncode == 0 and lines:
+        res.update(json.loads(lines[-1]))
+    return res

@@ -1,6 +1,6 @@
-"""Shared test setup: a seeded RNG per test, the `slow` / `gpu` / `benchmark` markers, and what several
-tests share so that the session starts fewer interpreters: two CPU ranks for the distributed tests,
-one fresh interpreter for the checks that need one."""
+"""Shared test setup: a seeded RNG per test, the `slow` / `gpu` / `benchmark` markers, and what keeps the
+session short: two CPU ranks shared by the distributed tests, one fresh interpreter for the checks
+that need one, and background set-up (builds) started once the selected tests are known."""
 import json
 import os
 import subprocess
@@ -16,6 +16,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     config.addinivalue_line("markers", "benchmark: timing test, excluded from the default run")
+
+
+def pytest_collection_finish(session):
+    """A test module may start slow set-up that depends on nothing else (a build) as soon as the selected
+    tests are known: its `start_background(items)` gets its selected tests, and the work then overlaps
+    the tests that run before it."""
+    if session.config.option.collectonly:
+        return
+    by_module = {}
+    for item in session.items:
+        mod = getattr(item, "module", None)
+        if mod is not None and hasattr(mod, "start_background"):
+            by_module.setdefault(mod, []).append(item)
+    for mod, items in by_module.items():
+        mod.start_background(items)
 
 
 @pytest.fixture(autouse=True)

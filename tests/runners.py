@@ -103,15 +103,17 @@ class TwoRanks:
             q.put((self.count, fn, args))
         values, errors = {}, {}
         deadline = time.monotonic() + timeout
-        while len(values) + len(errors) < self.world:
-            # once a rank failed, the other gets a short grace: it may be stuck waiting for its peer
-            left = deadline - time.monotonic() if not errors else min(60.0, deadline - time.monotonic())
+        grace = None  # once a rank failed, the other gets a minute: it may be stuck waiting for its peer
+        while len(values) + len(errors) < self.world and time.monotonic() < min(deadline, grace or deadline):
             try:
-                n, rank, ok, value = self.results.get(timeout=max(1.0, left))
+                n, rank, ok, value = self.results.get(timeout=5.0)
             except queue.Empty:
-                break
+                if any(p.exitcode is not None for p in self.procs):  # a rank died (killed, crashed)
+                    break
+                continue
             if n == self.count:
                 (values if ok else errors)[rank] = value
+                grace = grace or (None if ok else time.monotonic() + 60.0)
         if errors or len(values) < self.world:
             self.close()
             missing = sorted(set(range(self.world)) - set(values) - set(errors))

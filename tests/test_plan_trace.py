@@ -27,15 +27,6 @@ def demo_fp32():
     return trace_step(_cfg("demo", 8), "fp32")
 
 
-def _step_suite_flops():
-    """The step benchmark's FLOP counter for the engine step, wherever the benchmark package keeps it."""
-    try:
-        from benchmarks.step_child import flops_of
-    except ImportError:
-        from benchmarks.suite_step import _flops_of as flops_of
-    return flops_of
-
-
 # ----------------------------------------------------------------------------- the tracer's bookkeeping
 def test_tracer_counts_each_storage_once_while_it_lives():
     """Views share their storage's bytes; a storage counts until its last view dies; pre-existing
@@ -123,11 +114,13 @@ def test_bf16_trace_sees_weight_casts_and_fp32_none(demo_fp32):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_flops_equal_the_step_suite_count(precision):
     """The plan's FLOPs per step are exactly the step benchmark's FlopCounterMode count."""
+    from benchmarks.step_child import flops_of
+
     from mcf_fast.model.mcf import MCFModel
     cfg = _cfg("demo", 4)
     tr = trace_step(cfg, precision)
     model = MCFModel.from_config(cfg.model, seed=0).train()
-    suite = _step_suite_flops()(model, cfg, torch.device("cpu"), precision, 4, "engine")["total"]
+    suite = flops_of(model, cfg, torch.device("cpu"), precision, 4, "engine")["total"]
     assert tr.flops == suite
 
 

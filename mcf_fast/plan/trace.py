@@ -240,7 +240,8 @@ class _Phases:
 
 def sdpa_cpu_flops() -> dict:
     """FlopCounterMode counts CUDA's attention kernels but not the CPU flash kernel the fake step
-    dispatches to: torch's own SDPA formulas for it (the step benchmark counts the same way)."""
+    dispatches to: torch's own SDPA formulas for it. The one statement of this mapping: the benchmarks'
+    `count_flops` (benchmarks/flops.py) uses it too, so the sheet and the step suite count alike."""
     from torch.utils import flop_counter as fc
     aten = torch.ops.aten
     if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):

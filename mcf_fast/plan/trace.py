@@ -50,6 +50,7 @@ class StepTrace:
     seconds: float | None = None  # how long the trace took (set by the caller)
     notes: list = field(default_factory=list)  # what the trace assumed in place of missing files
     accumulating: bool = False  # earlier micro-batches' gradients were live during the traced one
+    layouts: dict = field(default_factory=dict)  # teacher_sharding -> train/fsdp.py's UnitLayout of this model
 
     @property
     def flops_per_image(self) -> float:
@@ -185,6 +186,7 @@ def trace_step(cfg, precision: str) -> StepTrace:
     before it (made inside the trace, so they count), as in every micro-batch but the first."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mcf_fast.train.fsdp import unit_layout
     from mcf_fast.train.optim import build_optimizer
     from mcf_fast.train.runtime import Runtime
     from mcf_fast.train.step import TrainStep
@@ -197,6 +199,7 @@ def trace_step(cfg, precision: str) -> StepTrace:
     ids = torch.arange(B, dtype=torch.int64)  # real: made before the fake mode
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = _fake_model(cfg, mode)
+    layouts = {s: unit_layout(model, s) for s in ("replicate", "shard")}
     dev = torch.device("cpu")
     registry = FlopCounterMode(display=False, custom_mapping=sdpa_cpu_flops()).flop_registry
     with mode:
@@ -224,7 +227,7 @@ def trace_step(cfg, precision: str) -> StepTrace:
         rows = _inventory(model, optimizer)
     parts = {p: int(tracer.flops.get(p, 0)) for p in PARTS}
     return StepTrace(B, 1, precision, sum(parts.values()), parts, dict(tracer.flops_by_op), dict(tracer.peak),
-                     dict(tracer.at_peak), rows, missing, notes=notes, accumulating=accumulating)
+                     dict(tracer.at_peak), rows, missing, notes=notes, accumulating=accumulating, layouts=layouts)
 
 
 class _Phases:

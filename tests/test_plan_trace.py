@@ -104,6 +104,16 @@ def test_accumulation_keeps_every_gradient_live(demo_fp32):
     assert tr.peak["all"] >= demo_fp32.peak["act"] + tr.bytes_of("trainable")
 
 
+def test_masks_are_drawn_for_real_by_either_backend(demo_fp32, monkeypatch):
+    """With the torch mask ops (where mcf_fast._C is not built, e.g. a fresh GPU machine before its build)
+    the step still traces: the generator reads the sample ids' values outside the fake mode. Same FLOPs,
+    same peak but for the torch ops' own temporaries."""
+    import mcf_fast.masking as masking
+    monkeypatch.setattr(masking, "_DEFAULT", "torch")
+    tr = trace_step(_cfg("demo", 8), "fp32")
+    assert tr.flops == demo_fp32.flops and abs(tr.peak["all"] / demo_fp32.peak["all"] - 1) < 0.01
+
+
 def test_bf16_trace_sees_weight_casts_and_fp32_none(demo_fp32):
     """autocast's weight copies are a category of their own (FSDP2 bf16 runs do without them)."""
     bf = trace_step(_cfg("demo", 8), "bf16")

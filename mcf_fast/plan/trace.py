@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from .tracer import StepTracer
 
@@ -174,7 +174,8 @@ class _Batches:
     def __next__(self):
         from types import SimpleNamespace
         imgs = torch.empty(self.batch, 3, self.size, self.size, dtype=self.dtype)
-        ids = self.ids + self.i * self.batch
+        with unset_fake_temporarily():  # real values: the mask generator reads them
+            ids = self.ids + self.i * self.batch
         self.i += 1
         return SimpleNamespace(images=imgs, sample_ids=ids)
 
@@ -210,6 +211,7 @@ def trace_step(cfg, precision: str) -> StepTrace:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step = TrainStep(model, optimizer, cfg, Runtime(dev, precision, 0, 1, 0))
+        step.masks = _drawn_for_real(step.masks)
         persistent = (list(model.parameters()) + list(model.buffers()) + [step._zero]
                       + [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)])
         tracer = StepTracer(persistent, model.parameters(), registry)
@@ -228,6 +230,15 @@ def trace_step(cfg, precision: str) -> StepTrace:
     parts = {p: int(tracer.flops.get(p, 0)) for p in PARTS}
     return StepTrace(B, 1, precision, sum(parts.values()), parts, dict(tracer.flops_by_op), dict(tracer.peak),
                      dict(tracer.at_peak), rows, missing, notes=notes, accumulating=accumulating, layouts=layouts)
+
+
+def _drawn_for_real(generator):
+    """The step's mask generator run outside the fake mode: it reads the sample ids' values, whichever
+    backend draws them (the compiled op or the torch ops); the tracer still counts the masks' bytes."""
+    def draw(*args, **kwargs):
+        with unset_fake_temporarily():
+            return generator(*args, **kwargs)
+    return draw
 
 
 class _Phases:

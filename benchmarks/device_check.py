@@ -82,7 +82,11 @@ def _artifacts(work: str, out: str) -> None:
 
 def _print_predictions(plan_gpu: str) -> None:
     """The dry run's predictions: the plan step alone, every measurement 'not run'."""
-    plan = PR.plan_step(Context(ROOT, "", "", {}, "", False, sys.executable, plan_gpu=plan_gpu), 0.0)
+    try:
+        plan = PR.make_plan(plan_gpu)
+    except Exception as e:  # noqa: BLE001 - the dry run says so and still lists the steps
+        print(f"\npredictions: failed ({type(e).__name__}: {e})")
+        return
     print(f"\npredicted by the cost sheet ({plan['gpu']['why']}; {plan['plan_s']:.1f} s):")
     print(md_table(RP.CALIBRATION_COLUMNS, PR.compare({"plan": plan}, "not run: --dry-run")))
 

@@ -125,7 +125,6 @@ def test_bf16_trace_sees_weight_casts_and_fp32_none(demo_fp32):
 def test_flops_equal_the_step_suite_count(precision):
     """The plan's FLOPs per step are exactly the step benchmark's FlopCounterMode count."""
     from benchmarks.step_child import flops_of
-
     from mcf_fast.model.mcf import MCFModel
     cfg = _cfg("demo", 4)
     tr = trace_step(cfg, precision)

@@ -78,11 +78,16 @@ def predict(gpu: dict) -> list[dict]:
 
 def plan_step(ctx, deadline: float) -> dict:
     """The kit step: the predictions, in this process (a trace of seconds: nothing to time-box)."""
+    return make_plan(ctx.plan_gpu)
+
+
+def make_plan(gpu_choice: str) -> dict:
+    """The plan step's result: status, summary, the GPU planned for, the predictions, seconds taken."""
     t0 = time.perf_counter()
-    gpu = gpu_for(getattr(ctx, "plan_gpu", "auto"))
+    gpu = gpu_for(gpu_choice)
     preds = predict(gpu)
     each = "; ".join(f"{p['key']}: {p['images_per_s']['likely']:,.0f} img/s, {p['memory_allocated'] / 2**30:.1f} GiB"
-                     for p in preds)
+                     + ("" if p["fits"] else " (DOES NOT FIT)") for p in preds)
     return {"status": "passed", "gpu": gpu, "predictions": preds, "plan_s": round(time.perf_counter() - t0, 1),
             "summary": f"{preds[0]['machine']} x 1 ({gpu['why']}): {each}"}
 
@@ -154,5 +159,5 @@ def step_cell(step: str, results: dict) -> str:
                      f"{p['memory_allocated'] / 2**30:.2f} GiB" for p in preds) or "-"
 
 
-__all__ = ["gpu_for", "kit_configs", "predict", "plan_step", "compare", "measured", "step_cell",
+__all__ = ["gpu_for", "kit_configs", "predict", "plan_step", "make_plan", "compare", "measured", "step_cell",
            "predicted_flops_per_image", "DEFAULT_GPU", "GPU_CHOICES", "NO_PLAN"]

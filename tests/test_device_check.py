@@ -188,3 +188,17 @@ def test_parsers_read_junit_and_metrics(tmp_path):
     assert m["peak_mem_mb"] == 50.0
     with pytest.raises(ValueError, match="warm-up"):
         items.summarize_metrics(str(tmp_path / "m.jsonl"), skip=6)
+
+
+@pytest.mark.parametrize("name, kind", [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"),
+                                        ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA L40S", "h100")])
+def test_the_gpu_it_is_on_picks_the_sheets_machine(monkeypatch, name, kind):
+    """On a CUDA device the plan is for the device's kind (by its name; an unknown name at the H100's speed,
+    said so) and its reported memory; --plan-gpu overrides the kind only."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: name)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: type("P", (), {"total_memory": 3 << 30}))
+    g = predict.gpu_for("auto")
+    assert (g["kind"], g["memory_bytes"], g["device"]) == (kind, 3 << 30, name)
+    assert ("knows no GPU" in g["why"]) == (name == "NVIDIA L40S")
+    assert predict.gpu_for("a100")["kind"] == "a100" and predict.gpu_for("a100")["memory_bytes"] == 3 << 30

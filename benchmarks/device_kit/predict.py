@@ -31,7 +31,8 @@ def gpu_for(choice: str = "auto") -> dict:
         name = torch.cuda.get_device_name(0)
         mem = torch.cuda.get_device_properties(0).total_memory
         kind = gpu_kind(name) if choice == "auto" else choice
-        how = "named by the device" if choice == "auto" else "given by --plan-gpu"
+        how = "given by --plan-gpu" if choice != "auto" else "named by the device" if kind in name.lower() else \
+            "at the H100's speed: the sheet knows no GPU of this name"
         return {"kind": kind, "memory_bytes": mem, "device": name,
                 "why": f"this GPU ({name}): {kind} {how}, {mem / 2**30:.1f} GiB as the device reports"}
     kind = DEFAULT_GPU if choice == "auto" else choice

@@ -1,16 +1,22 @@
 """The checks that need an interpreter of their own, run in one (each start imports torch: seconds idle,
-up to a minute under load). conftest's `fresh_child` runs this file once per session and hands its
-JSON line to the tests:
+up to a minute under load). conftest starts this file once per session, in the background, with the
+checks the selected tests name (`@pytest.mark.fresh(...)`), and hands its JSON line to them through the
+`fresh_child` fixture:
 
     ext          `import mcf_fast._C` as the first import of the process works (the package loads torch
                  first, so the dynamic loader finds libc10.so): tests/test_ext_required.py
     nce_memory   info_nce's peak RSS against the naive path, measured on a heap that no other test has
                  grown (freed blocks the allocator keeps would hide new allocations from RSS):
                  tests/test_kernels_info_nce.py
+    plan_demo,   a real CPU training step's peak bytes beside the plan's traced peak for the same step
+    plan_vit_s   (demo batch 8, vit-s batch 8; fp32): tests/test_plan_trace.py. Here, no other test's
+                 threads or heap can move the resident-set peak the measurement reads.
 
-Usage: python tests/fresh_child.py   (prints one JSON line; the project root must be importable)
+Usage: python tests/fresh_child.py [CHECK ...]   (default: all; prints one JSON line; the project root
+must be importable). The checks run in the order above whatever the order given.
 """
 import json
+import sys
 
 
 def ext() -> dict:
@@ -57,6 +63,26 @@ def nce_memory(N: int = 8192, C: int = 256) -> dict:
     return res
 
 
+def _plan_peak(preset: str, batch: int) -> dict:
+    """{'measured', 'traced'}: bytes of one fp32 CPU step after a warm-up step (mcf_fast.plan.measure), and
+    the plan's traced transient peak of that step (mcf_fast.plan.trace); a random teacher of the preset's size."""
+    from mcf_fast.plan.measure import cpu_measurable, measure_step
+    from mcf_fast.plan.trace import trace_step
+    from mcf_fast.train.config import from_preset
+    ok, why = cpu_measurable()
+    if not ok:
+        return {"skip": why}
+    cfg = from_preset(preset)
+    cfg.model.teacher = "random"
+    cfg.optim.batch_size, cfg.optim.accum_steps = batch, 1
+    traced = trace_step(cfg, "fp32").peak["all"]
+    return {"traced": traced, "measured": measure_step(cfg, "fp32", "cpu", warmup=1)["peak_bytes"]}
+
+
+CHECKS = {"ext": ext, "nce_memory": nce_memory,
+          "plan_demo": lambda: _plan_peak("demo", 8), "plan_vit_s": lambda: _plan_peak("vit-s", 8)}
+
+
 def _guarded(fn) -> dict:
     try:
         return fn()
@@ -65,5 +91,9 @@ def _guarded(fn) -> dict:
 
 
 if __name__ == "__main__":
+    wanted = sys.argv[1:] or list(CHECKS)
+    unknown = sorted(set(wanted) - set(CHECKS))
+    if unknown:
+        sys.exit(f"fresh_child.py: unknown checks {unknown}; choose from {list(CHECKS)}")
     # order matters: the extension must be the process's first import from the project
-    print(json.dumps({"ext": _guarded(ext), "nce_memory": _guarded(nce_memory)}))
+    print(json.dumps({name: _guarded(fn) for name, fn in CHECKS.items() if name in wanted}))

@@ -5,10 +5,11 @@ import glob
 import importlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
-import tempfile
 
+import background
 import pytest
 import torch
 
@@ -87,22 +88,40 @@ def test_a_spent_budget_measures_nothing_and_says_what_it_skipped(tmp_path, caps
     assert sorted(os.listdir(out)) == ["memory.png", "report.json", "report.md", "speedups.png", "step_phases.png"]
 
 
-def _our_tmp_dirs():
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "mcf_bench_step_*")) +
-               glob.glob(os.path.join(tempfile.gettempdir(), "mcf_bench_data_????????*")))
+QUICK = ["--suite", "all", "--device", "cpu", "--quick", "--budget-s", "3000", "--step-batch", "2"]
 
 
-def test_quick_run_writes_every_artefact(tmp_path, capsys):
-    """`--suite all --quick` (CI): every artefact is written, every suite reports measured rows with
-    ratios, the step suite checks and times engine vs reference on the demo preset, every other row says
-    why it is not measured, the Markdown report is printed last, and no temporary folder is left. The
-    budget is large so that machine load cannot drop a measurement (that path is tested above)."""
-    before, out = _our_tmp_dirs(), tmp_path / "bench"
-    assert RUN.main(["--suite", "all", "--device", "cpu", "--quick", "--budget-s", "3000", "--out", str(out)]) == 0
-    stdout = capsys.readouterr().out
+def _quick_run(work: str, env: dict) -> tuple:
+    """`python -m benchmarks.run QUICK --out WORK/bench` as a user types it, with WORK/tmp as its TMPDIR:
+    (the finished process, the report folder, the temporary folder)."""
+    out, tmp = os.path.join(work, "bench"), os.path.join(work, "tmp")
+    os.makedirs(tmp)
+    p = background.run([sys.executable, "-m", "benchmarks.run", *QUICK, "--out", out], cwd=ROOT, timeout=1800,
+                       env=dict(env, TMPDIR=tmp))
+    return p, out, tmp
+
+
+def start_background(items) -> None:
+    """Called by conftest once the session's tests are known: the quick run starts now, at a lower CPU
+    priority, beside the other tests (tests/background.py); its test runs last."""
+    if items is None or any(i.name == "test_quick_run_writes_every_artefact" for i in items):
+        background.start("quick_run", _quick_run, os.path.join(background.workdir(), "quick_run"), dict(os.environ))
+
+
+@pytest.mark.late
+def test_quick_run_writes_every_artefact():
+    """`--suite all --quick` (CI; at batch 2, the smallest step): every artefact is written, every suite
+    reports measured rows with ratios, the step suite checks and times engine vs reference on the demo
+    preset, every other row says why it is not measured, the Markdown report is printed last, and no
+    temporary folder is left. The budget is large so that machine load cannot drop a measurement (that
+    path is tested above). The command runs in its own interpreter, started with the session."""
+    start_background(None)  # (already started by conftest)
+    p, out, tmp = background.result("quick_run")
+    assert p.returncode == 0, p.stderr[-6000:]
+    stdout, out = p.stdout, pathlib.Path(out)
     for f in ("report.json", "report.md", "speedups.png", "memory.png", "step_phases.png", "profile_step.txt"):
         assert (out / f).stat().st_size > 0, f
-    assert not (out / "step_tmp").exists() and _our_tmp_dirs() <= before
+    assert not (out / "step_tmp").exists() and not glob.glob(os.path.join(tmp, "mcf_bench_*")), os.listdir(tmp)
     rep = json.loads((out / "report.json").read_text())
     for k in ("cpu", "cores", "torch", "triton", "dali", "git", "date", "matmul_peak"):
         assert k in rep["machine"], k
@@ -126,5 +145,5 @@ def test_quick_run_writes_every_artefact(tmp_path, capsys):
     assert rep["budget"]["skipped"] == []
     md = (out / "report.md").read_text()
     assert "None" not in next(ln for ln in md.splitlines() if ln.startswith("Machine:")) and "not measured:" not in md
-    assert md.splitlines()[2] == f"`python -m benchmarks.run --suite all --device cpu --quick --budget-s 3000 --out {out}`"
+    assert md.splitlines()[2] == f"`python -m benchmarks.run {' '.join(QUICK)} --out {out}`"
     assert stdout.rstrip().splitlines()[-1].startswith("Times: median") and "| engine |" in stdout

@@ -47,6 +47,7 @@ def test_cuda_part_present_when_expected():
                                 "here: `MCF_FAST_BUILD_CUDA=1 pip install -v --no-build-isolation -e .` says why")
 
 
+@pytest.mark.fresh("ext")
 def test_extension_imports_in_a_fresh_interpreter(fresh_child):
     """`import mcf_fast._C` as a fresh interpreter's first import works: the package loads torch (libc10.so)
     first. (The interpreter is conftest's `fresh_child`, shared with other checks that need one.)"""

@@ -101,6 +101,7 @@ def test_info_nce_torch_compile_fullgraph():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS read from /proc/self/status")
+@pytest.mark.fresh("nce_memory")
 def test_info_nce_peak_memory_quarter_of_naive(fresh_child):
     """N = M = 8192, C = 256, fwd+bwd on CPU: peak RSS above the inputs < 1/4 of the naive logits path.
     Measured in a fresh interpreter (conftest's `fresh_child`: tests/fresh_child.py's nce_memory)."""

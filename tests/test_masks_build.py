@@ -6,24 +6,20 @@ Compiling against torch's headers costs about half a minute a file on 2 cores, s
 shared: the sm_90 check reads the install's own build when it is current (else compiles), and one
 build makes the ASan-instrumented CPU part through setup.py's CUDA-failure fallback, the strict-mode
 failure first so that the fallback's first attempt finds the C++ objects already built. That build
-starts in the background as soon as the session knows it will run these tests (conftest), so its
-compiles overlap the tests before it.
+starts in the background as soon as the session knows it will run these tests (conftest), at a lower
+CPU priority, and the tests that read it run last, so its compiles overlap the rest of the session.
 """
-import atexit
-import contextlib
 import glob
 import os
 import pathlib
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
-import tempfile
-import threading
 from types import SimpleNamespace
 
+import background
 import pytest
 import torch
 
@@ -155,34 +151,8 @@ print("RUN_OK")
 """
 
 
-_BG: dict = {}  # the background build: thread, tmp folder, and its result or error
-_PROCS: list = []  # live subprocesses of that build, stopped if the session ends first
-
-
-def _run(cmd, timeout=2400, **kw) -> subprocess.CompletedProcess:
-    """subprocess.run in its own process group (compilers included), killed if the session ends first."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         **kw)
-    _PROCS.append(p)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-    finally:
-        _PROCS.remove(p)
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
-
-
-@atexit.register
-def _stop_builds():
-    for p in list(_PROCS):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-
-
 def _setup_py(tmp, env):
-    p = _run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp / "lib"), "--build-temp",
+    p = background.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp / "lib"), "--build-temp",
               str(tmp / "tmp")], cwd=ROOT, env=env)
     return p.returncode, p.stdout + p.stderr
 
@@ -204,7 +174,7 @@ def _build_and_run(tmp: pathlib.Path, asan: str | None, cuda: bool) -> SimpleNam
               if f.startswith("_C") and f.endswith(".so")]
     if res.rc != 0 or len(res.so) != 1:
         return res
-    res.syms = _run(["nm", "-D", res.so[0]], timeout=300).stdout
+    res.syms = background.run(["nm", "-D", res.so[0]], timeout=300).stdout
     script = tmp / "run.py"
     script.write_text(RUN_SCRIPT)
     run_env = dict(os.environ, PYTHONPATH=ROOT)
@@ -214,44 +184,31 @@ def _build_and_run(tmp: pathlib.Path, asan: str | None, cuda: bool) -> SimpleNam
         libstdcxx = subprocess.run(["gcc", "-print-file-name=libstdc++.so"], capture_output=True,
                                    text=True, check=False).stdout.strip()
         run_env.update(LD_PRELOAD=f"{asan} {libstdcxx}", ASAN_OPTIONS="detect_leaks=0:abort_on_error=1")
-    res.run = _run([sys.executable, str(script), res.so[0]], env=run_env, timeout=600)
+    res.run = background.run([sys.executable, str(script), res.so[0]], env=run_env, timeout=600)
     return res
 
 
 def start_background(items) -> None:
     """Called by conftest once the session's tests are known: when a selected test needs `cpu_part`,
-    its build starts now in a thread. The compilers then use the core that the tests running first
-    leave idle, instead of a minute of their own later; the fixture waits for what is left."""
-    if "thread" in _BG or (items is not None and not any("cpu_part" in i.fixturenames for i in items)):
+    its build starts now in the background (tests/background.py). The compilers then use the core that
+    the other tests leave idle, instead of a minute of their own; these tests run last."""
+    if background.started("build") or (items is not None and not any("cpu_part" in i.fixturenames for i in items)):
         return
     asan, cuda = _libasan(), _cuda_buildable()
     if asan is None and not cuda:
         return  # nothing to build: the fixture skips
-
-    def work():
-        try:
-            _BG["res"] = _build_and_run(_BG["tmp"], asan, cuda)
-        except BaseException as e:  # noqa: BLE001 - raised again in the fixture, in the test that needs it
-            _BG["error"] = e
-
-    _BG["tmp"] = pathlib.Path(tempfile.mkdtemp(prefix="mcf_build_"))
-    _BG["thread"] = threading.Thread(target=work, name="mcf_fast build", daemon=True)
-    _BG["thread"].start()
+    tmp = pathlib.Path(background.workdir()) / "build"
+    tmp.mkdir()
+    background.start("build", _build_and_run, tmp, asan, cuda)
 
 
 @pytest.fixture(scope="module")
 def cpu_part():
     """The result of _build_and_run (started in the background by conftest, or here)."""
     start_background(None)
-    if "thread" not in _BG:
+    if not background.started("build"):
         pytest.skip("neither gcc with libasan nor nvcc with a CUDA torch: no build to check")
-    _BG["thread"].join()
-    try:
-        if "error" in _BG:
-            raise _BG["error"]
-        yield _BG["res"]
-    finally:
-        shutil.rmtree(_BG["tmp"], ignore_errors=True)
+    yield background.result("build")
 
 
 def _assert_built(res):
@@ -261,6 +218,7 @@ def _assert_built(res):
 
 
 @pytest.mark.slow
+@pytest.mark.late
 @pytest.mark.skipif(_libasan() is None, reason="gcc with libasan not found")
 def test_asan_build_runs_clean(cpu_part):
     """The CPU op built with -fsanitize=address runs every shape and bad input without a report."""
@@ -270,6 +228,7 @@ def test_asan_build_runs_clean(cpu_part):
 
 
 @pytest.mark.slow
+@pytest.mark.late
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
 @pytest.mark.skipif(torch.version.cuda is None, reason="CPU-only torch: the CUDA part is never tried")
 def test_cuda_build_failure_keeps_the_cpu_part(cpu_part):

@@ -5,7 +5,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from mcf_fast.plan.hardware import mae_b_flops_per_image
-from mcf_fast.plan.measure import cpu_measurable, measure_step
 from mcf_fast.plan.trace import PARTS, trace_step
 from mcf_fast.plan.tracer import StepTracer
 from mcf_fast.train.config import from_preset
@@ -75,26 +74,30 @@ def _within(measured, traced, tol=0.15):
     return abs(measured / traced - 1) <= tol
 
 
-@pytest.fixture
-def measurable():
-    ok, why = cpu_measurable()
-    if not ok:
-        pytest.skip(why)
+def _traced_and_measured(fresh_child, check):
+    """The fresh interpreter's (traced, measured) bytes of one fp32 CPU step (tests/fresh_child.py)."""
+    assert fresh_child["rc"] == 0, fresh_child["stderr"]
+    res = fresh_child[check]
+    assert "failed" not in res, res
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    return res["traced"], res["measured"]
 
 
-def test_traced_peak_matches_the_measured_demo_step(demo_fp32, measurable):
-    """The traced transient bytes of a demo step are within 15% of the measured step peak (CPU, fp32)."""
-    m = measure_step(_cfg("demo", 8), "fp32", "cpu", warmup=1)
-    assert _within(m["peak_bytes"], demo_fp32.peak["all"]), (m["peak_bytes"] / MiB, demo_fp32.peak["all"] / MiB)
+@pytest.mark.fresh("plan_demo")
+def test_traced_peak_matches_the_measured_demo_step(fresh_child):
+    """The traced transient bytes of a demo step are within 15% of the measured step peak (CPU, fp32;
+    both in a fresh interpreter, where no other test's heap or threads move the resident set)."""
+    traced, measured = _traced_and_measured(fresh_child, "plan_demo")
+    assert _within(measured, traced), (measured / MiB, traced / MiB)
 
 
 @pytest.mark.slow
-def test_traced_peak_matches_the_measured_vit_s_batch_8_step(measurable):
+@pytest.mark.fresh("plan_vit_s")
+def test_traced_peak_matches_the_measured_vit_s_batch_8_step(fresh_child):
     """vit-s at batch 8 (fp32, CPU): the traced peak is within 15% of the measured one (both ~855 MiB)."""
-    cfg = _cfg("vit-s", 8)
-    traced = trace_step(cfg, "fp32").peak["all"]
-    m = measure_step(cfg, "fp32", "cpu", warmup=1)
-    assert _within(m["peak_bytes"], traced), (m["peak_bytes"] / MiB, traced / MiB)
+    traced, measured = _traced_and_measured(fresh_child, "plan_vit_s")
+    assert _within(measured, traced), (measured / MiB, traced / MiB)
 
 
 def test_accumulation_keeps_every_gradient_live(demo_fp32):

@@ -9,9 +9,11 @@ concatenation of the ranks' batches in rank order, so the contrastive labels `ar
 refer to the same keys), and its position does not depend on the world size. The production
 loader's split is tested by the data helper's own tests.
 
-Only the SIGKILL test starts torchrun (its rank must die and the same command must resume); the other
-2-rank runs go to conftest's `two_ranks` and the 1-rank runs happen in this process: an interpreter
-start imports torch, which costs more than these 5-step runs.
+Only the SIGKILL test starts torchrun (its rank must die and the same command must resume), in the
+background from the session's start; the other 2-rank runs go to conftest's `two_ranks` and the 1-rank
+runs happen in this process: an interpreter start imports torch, which costs more than these 5-step
+runs. The whole module runs late, after the launches had the session to run in: its tests share the
+`runs` fixture, which a late test alone would have to make a second time.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import signal
 import subprocess
 import sys
 
+import background
 import pytest
 import torch
 
@@ -39,6 +42,7 @@ TINY = ["--preset", "demo", "--model.img_size", "32", "--model.patch_size", "8",
         "--run.tensorboard", "false", "--run.progress", "none", "--run.export", "false",
         "--optim.lr", "5e-4", "--optim.warmup_steps", "2", "--optim.clip_grad", "1.0",
         "--max-steps", str(STEPS)]
+pytestmark = pytest.mark.late  # (see the module docstring)
 
 
 # ----------------------------------------------------------------------------------- the worker
@@ -113,14 +117,39 @@ def _env():
     return env
 
 
-def launch(out: str, ranks: int, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`torchrun --standalone` with `ranks` workers: the user's command shape."""
+def launch(out: str, ranks: int, *extra: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` with `ranks` workers: the user's command shape (at a lower CPU priority)."""
     script = [os.path.abspath(__file__), "--out", out, *TINY, *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *script]
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    p = background.run(cmd, env=env, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
+
+
+def _killed_then_relaunched(out: str, env: dict) -> dict:
+    """The SIGKILL test's two torchrun launches and what it checks between them: rank 1 dies fetching the
+    batch of step index 4 (after checkpoint step_4); a half-written step-5 folder is then added, and the
+    same command is launched again."""
+    os.makedirs(out)
+    with open(os.path.join(out, "kill_at"), "w") as f:
+        f.write("1 4")
+    first = launch(out, 2, env=env, check=False)
+    ck = os.path.join(out, "checkpoints")
+    seen = {"out": out, "first": first, "kill_file_left": os.path.exists(os.path.join(out, "kill_at")),
+            "checkpoints": sorted(os.listdir(ck)) if os.path.isdir(ck) else None}
+    os.makedirs(os.path.join(ck, "step_00000005"))  # a checkpoint that never got its COMPLETE marker
+    open(os.path.join(ck, "step_00000005", "__0_0.distcp"), "w").close()
+    seen["second"] = launch(out, 2, env=env, check=False)
+    return seen
+
+
+def start_background(items) -> None:
+    """Called by conftest once the session's tests are known: the SIGKILL test's launches start now, in
+    the background (tests/background.py); this module's tests run last."""
+    if items is None or any(i.name == "test_sigkill_one_rank_then_relaunch" for i in items):
+        out = os.path.join(background.workdir(), "dist_killed")
+        background.start("dist_killed", _killed_then_relaunched, out, _env())
 
 
 def train_runs(pool, out: str, ranks: int, *extra: str) -> None:
@@ -224,20 +253,17 @@ def test_resume_at_other_world_size(runs, two_ranks):
 
 def test_sigkill_one_rank_then_relaunch(runs):
     """SIGKILL rank 1 after the step-4 checkpoint; a half-written step-5 folder is left behind; the same
-    torchrun command resumes from step 4 and writes the loss rows of the uninterrupted run."""
-    base, _, r2 = runs
-    out = str(base / "killed")
-    os.makedirs(out)
-    with open(os.path.join(out, "kill_at"), "w") as f:
-        f.write("1 4")  # rank 1 dies fetching the batch of step index 4, after checkpoint step_4
-    p = launch(out, 2, check=False)
-    assert p.returncode != 0, "the killed run should fail"
-    assert not os.path.exists(os.path.join(out, "kill_at"))
-    ck = os.path.join(out, "checkpoints")
-    assert sorted(os.listdir(ck)) == ["step_00000002", "step_00000004"]
-    os.makedirs(os.path.join(ck, "step_00000005"))  # a checkpoint that never got its COMPLETE marker
-    open(os.path.join(ck, "step_00000005", "__0_0.distcp"), "w").close()
-    launch(out, 2)
+    torchrun command resumes from step 4 and writes the loss rows of the uninterrupted run. (The launches
+    run in the background from the session's start.)"""
+    _, _, r2 = runs
+    start_background(None)  # (already started by conftest)
+    seen = background.result("dist_killed")
+    out = seen["out"]
+    assert seen["first"].returncode != 0, "the killed run should fail"
+    assert not seen["kill_file_left"]
+    assert seen["checkpoints"] == ["step_00000002", "step_00000004"]
+    p = seen["second"]
+    assert p.returncode == 0, f"the relaunch failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["resumed_from"] == 4
     assert_rows_close(rows(out), rows(r2), 1e-6)

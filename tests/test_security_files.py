@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 
+import background
 import hostile
 import pytest
 import torch
@@ -120,11 +121,24 @@ def test_eval_refuses_a_pickle_named_safetensors(tmp_path, capsys):
     assert rc == 2 and "is not a safetensors file" in _one_line(capsys.readouterr().err)
 
 
+def _probe(env: dict) -> subprocess.CompletedProcess:
+    return background.run([sys.executable, os.path.join(ROOT, "tests", "hostile_probe.py")], timeout=1200, env=env,
+                          cwd=ROOT)
+
+
+def start_background(items) -> None:
+    """Called by conftest once the session's tests are known: the memory probe's process starts now, in the
+    background (tests/background.py); its test runs last."""
+    if items is None or any(i.name == "test_hostile_files_stay_small" for i in items):
+        background.start("hostile_probe", _probe, {**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.late
 def test_hostile_files_stay_small():
     """Each hostile file through each entry point that reads it (tests/hostile_probe.py, one process):
     refused with one line, and the process's peak memory grows by under 200 MB over all of them."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "hostile_probe.py")], capture_output=True,
-                          text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    start_background(None)  # (already started by conftest)
+    proc = background.result("hostile_probe")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     bad = {k: v for k, v in report["cases"].items() if not v["refused"] or not v["one_line"]}

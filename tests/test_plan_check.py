@@ -61,6 +61,11 @@ def test_pretrain_refuses_before_the_run_folder_exists(small_gpu, monkeypatch, t
     from mcf_fast.train import loop
     from mcf_fast.train.runtime import Runtime
     monkeypatch.setattr(loop, "init_runtime", lambda *a, **k: Runtime(torch.device("cuda", 0), "bf16", 0, 1, 0))
+    # just short of what the demo step needs: the first switches traced already fit (with less room,
+    # every switch and their combinations are traced, a dozen traces, with the same refusal)
+    cfg, target = from_preset("demo"), sheet.Target(gpu="h100", context_in_use=True)
+    small_gpu["free"] = int(sheet.memory_sheet(sheet.traced(cfg, "bf16"), cfg, target, "bf16",
+                                               sheet.machine_for(target, "bf16"))["needed"] * 0.85)
     out = tmp_path / "run"
     code = pretrain.main(["--preset", "demo", "--out", str(out), "--max-steps", "1"])
     err = capsys.readouterr().err

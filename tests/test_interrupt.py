@@ -6,15 +6,18 @@ ranks stop after the same step; the demo stops the same way.
 Run as a script, this file is the training command with one change: the loader sends signals to its own
 process when it serves a given batch (`SIGNAL_AT="RANK:BATCH:SIG[,SIG...]"`; `SIG@group` signals the whole
 process group, as a terminal's Ctrl-C does), so a signal lands at a known step, whatever the machine's speed.
+The two tests that signal a real process launch it in the background from the session's start and run last.
 """
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
-import subprocess
 import sys
+from types import SimpleNamespace
 
+import background
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,24 +113,47 @@ def _train(out, *extra):
 
 
 KEYS = ("step", "loss", "loss_perceptual", "loss_contrastive", "grad_norm", "lr")
+CTRL_C = ("--run.interrupt_ckpt_after_s", "0", "--data.workers", "2")
+TORCHRUN = ("--run.interrupt_ckpt_after_s", "0", "--optim.batch_size", "4", "--run.precision", "fp32")
+# The real processes two tests signal, launched in the background when the session starts (they import
+# torch: seconds each); those tests run last and read the finished process: test -> (SIGNAL_AT, args, ranks).
+LAUNCHES = {"test_ctrl_c_checkpoints_says_where_and_the_rerun_resumes_exactly": ("0:2:INT@group", CTRL_C, 1),
+            "test_torchrun_ranks_stop_after_the_same_step": ("1:1:TERM", TORCHRUN, 2)}
+
+
+def _launch(out: str, extra: tuple, ranks: int, env: dict) -> tuple:
+    """(the finished command, its run folder); in its own session, so that INT@group reaches only it."""
+    return background.run(_cmd(out, *extra, ranks=ranks), env=env, timeout=600), pathlib.Path(out)
+
+
+def start_background(items) -> None:
+    """Called by conftest once the session's tests are known (tests/background.py)."""
+    names = set(LAUNCHES) if items is None else {i.name for i in items}
+    for name, (plan, extra, ranks) in LAUNCHES.items():
+        if name in names:
+            background.start(name, _launch, os.path.join(background.workdir(), name, "run"), extra, ranks, _env(plan))
+
+
+def _launched(name: str) -> tuple:
+    start_background([SimpleNamespace(name=name)])  # (already started by conftest)
+    return background.result(name)
 
 
 # ----------------------------------------------------------------------------------- the tests
+@pytest.mark.late
 def test_ctrl_c_checkpoints_says_where_and_the_rerun_resumes_exactly(tmp_path):
     """A real process with 2 loader workers, SIGINT to its process group (a terminal's Ctrl-C) during step 3
     of 6: it finishes step 3, writes checkpoint 3 (the threshold is 0 s here), prints the resume line
     (console and train.log), exits 130 with no traceback; rerunning the same command resumes at 3 and its
     metrics equal an uninterrupted run's (the window was mid-way)."""
-    out = tmp_path / "run"
-    p = subprocess.run(_cmd(out, "--run.interrupt_ckpt_after_s", "0", "--data.workers", "2"),
-                       env=_env("0:2:INT@group"), capture_output=True, text=True, timeout=600, start_new_session=True)
+    p, out = _launched("test_ctrl_c_checkpoints_says_where_and_the_rerun_resumes_exactly")
     line = "interrupted at step 3; rerun the same command to resume from step 3"
     assert p.returncode == 130, p.stderr[-3000:]
     assert line in p.stderr and "Traceback" not in p.stderr + p.stdout
     assert line in (out / "train.log").read_text()
     assert _checkpoints(out) == ["step_00000003"]
     assert not (out / "summary.json").exists()
-    _train(out, "--run.interrupt_ckpt_after_s", "0", "--data.workers", "2")
+    _train(out, *CTRL_C)
     _train(tmp_path / "ref")  # no workers: the same batches (the loader's order does not depend on them)
     assert [{k: r[k] for k in KEYS} for r in _rows(out)] == [{k: r[k] for k in KEYS} for r in _rows(tmp_path / "ref")]
 
@@ -199,14 +225,13 @@ def test_demo_stops_the_same_way(tmp_path, monkeypatch, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_torchrun_ranks_stop_after_the_same_step(tmp_path):
+@pytest.mark.late
+def test_torchrun_ranks_stop_after_the_same_step():
     """2 ranks under torchrun, SIGTERM to rank 1 only, during step 2: the ranks vote at each boundary and
     both stop after step 3 (the vote read at a boundary is the one started at the previous one), exit 130,
     write the interrupt checkpoint together (complete, world size 2), and rank 0's train.log has the line.
     (Resuming such a checkpoint is the single-process test above and tests/test_dist_train.py.)"""
-    out = tmp_path / "run"
-    extra = ("--run.interrupt_ckpt_after_s", "0", "--optim.batch_size", "4", "--run.precision", "fp32")
-    p = subprocess.run(_cmd(out, *extra, ranks=2), env=_env("1:1:TERM"), capture_output=True, text=True, timeout=600)
+    p, out = _launched("test_torchrun_ranks_stop_after_the_same_step")
     said = sorted(line for line in p.stdout.splitlines() if line.startswith("rank "))
     assert said == ["rank 0: exit 130 after 3 batches", "rank 1: exit 130 after 3 batches"], p.stderr[-4000:]
     assert "interrupted at step 3; rerun the same command to resume from step 3" in (out / "train.log").read_text()

@@ -221,13 +221,13 @@ def test_bad_data_is_one_line_before_anything_is_written(argv, needle, tmp_path,
 
 
 def test_the_real_command_refuses_dev_zero_in_one_line(tmp_path):
-    """`python -m mcf_fast.pretrain --data.path /dev/zero`: exit 2, one stderr line, nothing written."""
-    import subprocess
+    """`python -m mcf_fast.pretrain --data.path /dev/zero` (its main, run here as the interpreter would):
+    exit 2, one stderr line, nothing written."""
+    from runners import main_here
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "mcf_fast.pretrain", "--data.path", "/dev/zero", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "character device" in r.stderr and not out.exists()
+    rc, err = main_here(pretrain.main, ["--data.path", "/dev/zero", "--out", str(out)])
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "character device" in err and not out.exists()
 
 
 def test_the_data_page_documents_every_kind_and_reason():

@@ -1,10 +1,12 @@
 """Every export says what it holds: MODEL_CARD.md written by pre-training, scores added by eval, torch.hub and
-timm load it in one line."""
+timm load it in one line. The pre-training run the card tests read starts in the background with the session,
+so the module runs last."""
 import os
+import pathlib
 import re
-import subprocess
 import sys
 
+import background
 import pytest
 import torch
 
@@ -22,17 +24,30 @@ TINY = ["--model.img_size", "32", "--model.patch_size", "8", "--model.embed_dim"
         "--model.teacher_depth", "2", "--model.teacher_num_heads", "2", "--model.teacher_layers", "0,1",
         "--optim.batch_size", "8", "--data.synthetic_size", "24", "--run.progress", "none", "--run.threads", "1",
         "--run.tensorboard", "false", "--run.vis_every", "0"]
+pytestmark = pytest.mark.late  # (see the module docstring)
+
+
+def _pretrain(out: str, env: dict):
+    return background.run([sys.executable, "-m", "mcf_fast.pretrain", "--out", out, "--max-steps", "2", *TINY],
+                          timeout=900, env=env)
+
+
+def start_background(items) -> None:
+    """Called by conftest once the session's tests are known: the run behind `export` starts now, in the
+    background (tests/background.py); this module's tests run last."""
+    if items is None or any("export" in i.fixturenames for i in items):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        background.start("model_card_run", _pretrain, os.path.join(background.workdir(), "model_card_run"), env)
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """A 2-step pre-training run's folder (python -m mcf_fast.pretrain, as a user runs it)."""
-    out = tmp_path_factory.mktemp("card") / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-m", "mcf_fast.pretrain", "--out", str(out), "--max-steps", "2", *TINY],
-                       capture_output=True, text=True, timeout=900, env=env)
+def export():
+    """A 2-step pre-training run's folder (python -m mcf_fast.pretrain, as a user runs it; started with the
+    session)."""
+    start_background(None)  # (already started by conftest)
+    r = background.result("model_card_run")
     assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    return pathlib.Path(r.args[r.args.index("--out") + 1])
 
 
 def test_export_writes_the_card(export):

@@ -1,50 +1,69 @@
-"""Work a few tests wait for, started as soon as the session knows its tests, so that it runs beside the
-other tests instead of adding its minutes after them (test mechanics, not a test).
+"""Work a few tests wait for, started as soon as the session knows its tests, so that it runs in the CPU
+time the other tests leave idle instead of adding its minutes after them (test mechanics, not a test).
 
-    start(name, fn, *args)   fn(*args) in a thread, once per session
+    start(name, fn, *args)   queue fn(*args), once per session; WORKERS jobs run at a time, in the order
+                             they were queued
     result(name)             waits for it: fn's return value, or its exception raised here
-    run(cmd, ...)            subprocess.run at a lower CPU priority (nice 10), in its own process group,
-                             killed when the session ends first
+    run(cmd, ...)            subprocess.run at the idle CPU priority, in its own process group, killed at
+                             its timeout or when the session ends first
     workdir()                a folder for the session's background files, removed at exit
 
-conftest calls each test module's `start_background(items)` with its selected tests; the tests that
-read a result carry the `late` marker (or `fresh`), and conftest runs them after all the others.
-Why nice 10: the work then takes the CPU time the foreground tests leave idle (waiting on a
-subprocess, one-threaded Python) and yields a core whenever they need both, so it never slows them.
+conftest calls each test module's `start_background(items)` with its selected tests, in the order the
+tests that read the results will run; those tests carry the `late` marker (or `fresh`) and conftest runs
+them after all the others.
+
+Why the idle priority (SCHED_IDLE, else nice 19): the work then runs only on a core no foreground test
+wants, so it never slows them (at nice 10 it did: a preempted thread of a 2-thread torch op stalls the
+op). OMP_WAIT_POLICY=PASSIVE keeps the background's own torch threads from spinning on a core while their
+partner waits for one. Only subprocesses run here, never torch work in a thread: the foreground tests
+own the process's RNG and thread settings.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 
-NICE = ["nice", "-n", "10"] if shutil.which("nice") else []
+if shutil.which("chrt"):
+    IDLE = ["chrt", "--idle", "0"]
+elif shutil.which("nice"):
+    IDLE = ["nice", "-n", "19"]
+else:
+    IDLE = []
+WORKERS = 2  # two jobs at a time: both cores once the foreground waits, without crowding them before
 
-_JOBS: dict = {}    # name -> {"thread", and "value" or "error" once it ends}
-_PROCS: list = []   # live subprocesses started by run()
-_DIR: list = []     # the session's work folder, once made
+_JOBS: dict = {}              # name -> {"done": Event, and "value" or "error"}
+_QUEUE: queue.Queue = queue.Queue()
+_THREADS: list = []
+_PROCS: list = []             # live subprocesses started by run()
+_DIR: list = []               # the session's work folder, once made
 
 
-def start(name: str, fn, *args) -> None:
-    """Run fn(*args) in a daemon thread named `name`, unless a job of that name was already started."""
-    if name in _JOBS:
-        return
-    job: dict = {}
-
-    def work():
+def _worker() -> None:
+    while True:
+        job, fn, args = _QUEUE.get()
         try:
             job["value"] = fn(*args)
         except BaseException as e:  # noqa: BLE001 - raised again in the test that reads the result
             job["error"] = e
+        job["done"].set()
 
-    job["thread"] = threading.Thread(target=work, name=f"background {name}", daemon=True)
-    _JOBS[name] = job
-    job["thread"].start()
+
+def start(name: str, fn, *args) -> None:
+    """Queue fn(*args) as the job `name`, unless a job of that name was already queued."""
+    if name in _JOBS:
+        return
+    _JOBS[name] = job = {"done": threading.Event()}
+    _QUEUE.put((job, fn, args))
+    while len(_THREADS) < WORKERS:
+        _THREADS.append(threading.Thread(target=_worker, name=f"background {len(_THREADS)}", daemon=True))
+        _THREADS[-1].start()
 
 
 def started(name: str) -> bool:
@@ -54,17 +73,19 @@ def started(name: str) -> bool:
 def result(name: str):
     """Wait for the job `name`; its value, or the exception it ended with."""
     job = _JOBS[name]
-    job["thread"].join()
+    job["done"].wait()
     if "error" in job:
         raise job["error"]
     return job["value"]
 
 
-def run(cmd: list[str], timeout: float = 2400, **kw) -> subprocess.CompletedProcess:
-    """subprocess.run(cmd, capture_output=True, text=True, **kw), niced, its whole process group killed
-    at its timeout (the result then has returncode -9 and whatever it printed) or at the session's end."""
-    p = subprocess.Popen(NICE + list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True, **kw)
+def run(cmd: list[str], timeout: float = 2400, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True, **kw) at the idle priority, its whole process group
+    killed at its timeout (the result then has returncode -9 and whatever it printed) or at the session's end."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    p = subprocess.Popen(IDLE + list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env=env, **kw)
     _PROCS.append(p)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -92,4 +113,4 @@ def _stop():
         shutil.rmtree(d, ignore_errors=True)
 
 
-__all__ = ["start", "started", "result", "run", "workdir", "NICE"]
+__all__ = ["start", "started", "result", "run", "workdir", "IDLE", "WORKERS"]

@@ -34,21 +34,24 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_collection_finish(session):
     """A test module may start slow work that depends on nothing else (a build, a measurement in its own
-    process) as soon as the selected tests are known: its `start_background(items)` gets its selected
-    tests, and the work then overlaps the tests that run before the ones that read it. The fresh
-    interpreter starts here too, with the checks the selected tests name."""
+    process, a whole command) as soon as the selected tests are known: its `start_background(items)` gets
+    its selected tests. The fresh interpreter starts here too, with the checks the selected tests name.
+    Both are queued in the order of the first late test that reads them, the order the work is needed in."""
     if session.config.option.collectonly:
         return
-    checks = [c for i in session.items for m in i.iter_markers("fresh") for c in m.args]
-    if checks:
-        _start_fresh_child(sorted(set(checks)))
     by_module = {}
     for item in session.items:
         mod = getattr(item, "module", None)
         if mod is not None and hasattr(mod, "start_background"):
             by_module.setdefault(mod, []).append(item)
-    for mod, items in by_module.items():
-        mod.start_background(items)
+    checks = sorted({c for i in session.items for m in i.iter_markers("fresh") for c in m.args})
+    for item in [i for i in session.items if _late(i)] + session.items:
+        mod = getattr(item, "module", None)
+        if mod in by_module:
+            mod.start_background(by_module.pop(mod))
+        if checks and item.get_closest_marker("fresh") is not None:
+            _start_fresh_child(checks)
+            checks = []
 
 
 @pytest.fixture(autouse=True)

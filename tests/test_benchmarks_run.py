@@ -102,8 +102,8 @@ def _quick_run(work: str, env: dict) -> tuple:
 
 
 def start_background(items) -> None:
-    """Called by conftest once the session's tests are known: the quick run starts now, at a lower CPU
-    priority, beside the other tests (tests/background.py); its test runs last."""
+    """Called by conftest once the session's tests are known: the quick run is queued in the background
+    (tests/background.py); its test runs last."""
     if items is None or any(i.name == "test_quick_run_writes_every_artefact" for i in items):
         background.start("quick_run", _quick_run, os.path.join(background.workdir(), "quick_run"), dict(os.environ))
 

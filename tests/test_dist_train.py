@@ -118,7 +118,7 @@ def _env():
 
 
 def launch(out: str, ranks: int, *extra: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    """`torchrun --standalone` with `ranks` workers: the user's command shape (at a lower CPU priority)."""
+    """`torchrun --standalone` with `ranks` workers: the user's command shape (in the background, at the idle CPU priority)."""
     script = [os.path.abspath(__file__), "--out", out, *TINY, *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *script]
     p = background.run(cmd, env=env, timeout=300)
@@ -145,7 +145,7 @@ def _killed_then_relaunched(out: str, env: dict) -> dict:
 
 
 def start_background(items) -> None:
-    """Called by conftest once the session's tests are known: the SIGKILL test's launches start now, in
+    """Called by conftest once the session's tests are known: the SIGKILL test's launches are queued in
     the background (tests/background.py); this module's tests run last."""
     if items is None or any(i.name == "test_sigkill_one_rank_then_relaunch" for i in items):
         out = os.path.join(background.workdir(), "dist_killed")

@@ -6,7 +6,7 @@ Compiling against torch's headers costs about half a minute a file on 2 cores, s
 shared: the sm_90 check reads the install's own build when it is current (else compiles), and one
 build makes the ASan-instrumented CPU part through setup.py's CUDA-failure fallback, the strict-mode
 failure first so that the fallback's first attempt finds the C++ objects already built. That build
-starts in the background as soon as the session knows it will run these tests (conftest), at a lower
+starts in the background as soon as the session knows it will run these tests (conftest), at the idle
 CPU priority, and the tests that read it run last, so its compiles overlap the rest of the session.
 """
 import glob
@@ -190,7 +190,7 @@ def _build_and_run(tmp: pathlib.Path, asan: str | None, cuda: bool) -> SimpleNam
 
 def start_background(items) -> None:
     """Called by conftest once the session's tests are known: when a selected test needs `cpu_part`,
-    its build starts now in the background (tests/background.py). The compilers then use the core that
+    its build is queued in the background (tests/background.py). The compilers then use the core that
     the other tests leave idle, instead of a minute of their own; these tests run last."""
     if background.started("build") or (items is not None and not any("cpu_part" in i.fixturenames for i in items)):
         return

@@ -33,7 +33,7 @@ def _pretrain(out: str, env: dict):
 
 
 def start_background(items) -> None:
-    """Called by conftest once the session's tests are known: the run behind `export` starts now, in the
+    """Called by conftest once the session's tests are known: the run behind `export` is queued in the
     background (tests/background.py); this module's tests run last."""
     if items is None or any("export" in i.fixturenames for i in items):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -5,7 +5,7 @@ time the other tests leave idle instead of adding its minutes after them (test m
                              they were queued
     result(name)             waits for it: fn's return value, or its exception raised here
     run(cmd, ...)            subprocess.run at the idle CPU priority, in its own process group, killed at
-                             its timeout or when the session ends first
+                             its timeout or when the session ends first (popen: the same, a Popen)
     workdir()                a folder for the session's background files, removed at exit
 
 conftest calls each test module's `start_background(items)` with its selected tests, in the order the
@@ -41,7 +41,7 @@ WORKERS = 2  # two jobs at a time: both cores once the foreground waits, without
 _JOBS: dict = {}              # name -> {"done": Event, and "value" or "error"}
 _QUEUE: queue.Queue = queue.Queue()
 _THREADS: list = []
-_PROCS: list = []             # live subprocesses started by run()
+_PROCS: list = []             # subprocesses started by popen() and run()
 _DIR: list = []               # the session's work folder, once made
 
 
@@ -79,22 +79,26 @@ def result(name: str):
     return job["value"]
 
 
-def run(cmd: list[str], timeout: float = 2400, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    """subprocess.run(cmd, capture_output=True, text=True, **kw) at the idle priority, its whole process group
-    killed at its timeout (the result then has returncode -9 and whatever it printed) or at the session's end."""
+def popen(cmd: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+    """subprocess.Popen(cmd, **kw) at the idle priority, in its own process group (so killing it kills all
+    it started), killed when the session ends first."""
     env = dict(os.environ if env is None else env)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    p = subprocess.Popen(IDLE + list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True, env=env, **kw)
+    p = subprocess.Popen(IDLE + list(cmd), start_new_session=True, env=env, **kw)
     _PROCS.append(p)
+    return p
+
+
+def run(cmd: list[str], timeout: float = 2400, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True, **kw) through popen(); its whole process group is
+    killed at its timeout (the result then has returncode -9 and whatever it printed)."""
+    p = popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         out, err = p.communicate()
         err += f"\n[background.run: killed after {timeout:.0f} s]"
-    finally:
-        _PROCS.remove(p)
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
@@ -106,11 +110,12 @@ def workdir() -> str:
 
 @atexit.register
 def _stop():
-    for p in list(_PROCS):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, signal.SIGKILL)
+    for p in _PROCS:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
     for d in _DIR:
         shutil.rmtree(d, ignore_errors=True)
 
 
-__all__ = ["start", "started", "result", "run", "workdir", "IDLE", "WORKERS"]
+__all__ = ["start", "started", "result", "popen", "run", "workdir", "IDLE", "WORKERS"]

@@ -9,8 +9,10 @@ import sys
 import background
 import pytest
 import torch
+from runners import TwoRanks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_POOL = TwoRanks()
 
 
 def pytest_configure(config):
@@ -44,6 +46,8 @@ def pytest_collection_finish(session):
         mod = getattr(item, "module", None)
         if mod is not None and hasattr(mod, "start_background"):
             by_module.setdefault(mod, []).append(item)
+    if any("two_ranks" in i.fixturenames for i in session.items):
+        _POOL.start()  # the ranks import torch while the first tests run
     checks = sorted({c for i in session.items for m in i.iter_markers("fresh") for c in m.args})
     for item in [i for i in session.items if _late(i)] + session.items:
         mod = getattr(item, "module", None)
@@ -68,11 +72,10 @@ def python_exe():
 
 @pytest.fixture(scope="session")
 def two_ranks():
-    """Two gloo ranks started on first use and kept for the session (tests/runners.py: TwoRanks)."""
-    from runners import TwoRanks
-    pool = TwoRanks()
-    yield pool
-    pool.close()
+    """Two gloo ranks kept for the session (tests/runners.py: TwoRanks), started with the session when a
+    selected test uses them, else on first use."""
+    yield _POOL
+    _POOL.close()
 
 
 def _fresh_child(checks: list[str], env: dict) -> dict:

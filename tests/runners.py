@@ -83,7 +83,10 @@ class TwoRanks:
         self.procs = None
         self.count = 0
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Spawn the two ranks (if not running) and return at once: they import torch in the meantime."""
+        if self.procs is not None:
+            return
         import torch.multiprocessing as mp
         ctx = mp.get_context("spawn")
         self.store_dir = tempfile.mkdtemp(prefix="mcf_two_ranks_")
@@ -96,8 +99,7 @@ class TwoRanks:
 
     def run(self, fn, *args, timeout: float = 900.0) -> list:
         """fn(rank, world, *args) on both ranks at once (fn importable by name); the return values by rank."""
-        if self.procs is None:
-            self._start()
+        self.start()
         self.count += 1
         for q in self.jobs:
             q.put((self.count, fn, args))

@@ -1,9 +1,9 @@
 """The attention backend is a constructor argument: each ViT keeps the one it was built with, building
 another model changes nothing, and MCF_FAST_ATTENTION is only a default read once."""
 import os
-import subprocess
 import sys
 
+import background
 import pytest
 import torch
 
@@ -85,18 +85,31 @@ def test_xformers_without_the_package_is_refused_before_any_build(capsys):
     assert "xformers is not installed" in err and "--model.attention sdpa" in err
 
 
+ENV_DEFAULT = ("import os, torch.nn.functional as F\n"
+               "from mcf_fast.model.attention import ATTENTION\n"
+               "from mcf_fast.model.vit import VisionTransformer\n"
+               "class Toy:\n    name, summary = 'toy', 'toy'\n"
+               "    build = staticmethod(lambda: F.scaled_dot_product_attention)\n"
+               "ATTENTION.register(Toy)\n"
+               "a = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2)\n"
+               "os.environ['MCF_FAST_ATTENTION'] = 'sdpa'\n"
+               "b = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2)\n"
+               "from mcf_fast.train.config import ModelConfig\n"
+               "print(a.attention, b.attention, a.blocks[0].attn.attention, ModelConfig().attention)\n")
+
+
+def start_background(items) -> None:
+    """Called by conftest once the session's tests are known: the fresh interpreter that reads
+    MCF_FAST_ATTENTION is queued in the background (tests/background.py); its test runs last."""
+    if items is None or any(i.name == "test_environment_default_is_read_once" for i in items):
+        env = {**os.environ, "MCF_FAST_ATTENTION": "toy", "OMP_NUM_THREADS": "1"}
+        background.start("attention_env", background.run, [sys.executable, "-c", ENV_DEFAULT], 600, env)
+
+
+@pytest.mark.late
 def test_environment_default_is_read_once():
-    """MCF_FAST_ATTENTION sets the default at import; changing it later changes no model built afterwards."""
-    code = ("import os, torch.nn.functional as F\n"
-            "from mcf_fast.model.attention import ATTENTION\n"
-            "from mcf_fast.model.vit import VisionTransformer\n"
-            "class Toy:\n    name, summary = 'toy', 'toy'\n    build = staticmethod(lambda: F.scaled_dot_product_attention)\n"
-            "ATTENTION.register(Toy)\n"
-            "a = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2)\n"
-            "os.environ['MCF_FAST_ATTENTION'] = 'sdpa'\n"
-            "b = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2)\n"
-            "from mcf_fast.train.config import ModelConfig\n"
-            "print(a.attention, b.attention, a.blocks[0].attn.attention, ModelConfig().attention)\n")
-    env = {**os.environ, "MCF_FAST_ATTENTION": "toy", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    """MCF_FAST_ATTENTION sets the default at import; changing it later changes no model built afterwards
+    (a fresh interpreter, started in the background with the session)."""
+    start_background(None)  # (already started by conftest)
+    r = background.result("attention_env")
     assert r.stdout.split() == ["toy", "toy", "toy", "toy"], r.stderr[-2000:]

@@ -4,7 +4,8 @@ TRITON_INTERPRET=1 only takes effect if it is set before triton is first importe
 imports every collected module (test_kernels_aot.py imports triton) before any test runs, so an
 in-process switch would depend on collection order. Instead the checks run in one child process
 started with TRITON_INTERPRET=1 (this file executed as a script); the parent pytest session reads
-its per-case verdicts. The library itself never sets the variable.
+its per-case verdicts. The library itself never sets the variable. The child runs in the background from
+the session's start (tests/background.py), so this module runs last.
 
 Shapes are small on purpose: the interpreter costs about 1 ms per program instance.
 
@@ -19,13 +20,16 @@ GPU in tests/test_kernels_gpu.py (`test_bf16_narrowing_rounds_to_nearest_cuda`).
 operands is also wrong under the interpreter, so tl.dot paths are checked in fp32 only; other bf16
 cases are pure data movement or widen bf16 into fp32, and other mixed cases use fp16 (numpy rounds).
 """
+import importlib.util
 import json
 import os
-import subprocess
 import sys
 import zlib
 
+import background
 import pytest
+
+pytestmark = pytest.mark.late  # (see the module docstring)
 
 # case name -> kind and arguments (plain data, so the parent can parametrise without importing triton)
 CASES = {
@@ -153,12 +157,19 @@ def _child():
     print("RESULTS " + json.dumps(res))
 
 
+def start_background(items) -> None:
+    """Called by conftest once the session's tests are known: the interpreter child is queued in the
+    background (tests/background.py); this module's tests run last."""
+    if importlib.util.find_spec("triton") is not None:
+        env = dict(os.environ, TRITON_INTERPRET="1", MCF_FAST_KERNELS="triton")
+        background.start("triton_interpreter", background.run, [sys.executable, os.path.abspath(__file__)], 900, env)
+
+
 @pytest.fixture(scope="module")
 def verdicts():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", MCF_FAST_KERNELS="triton")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True,
-                         env=env, timeout=900)
+    start_background(None)  # (already started by conftest)
+    out = background.result("triton_interpreter")
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert out.returncode == 0 and lines, f"interpreter child failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return json.loads(lines[-1][len("RESULTS "):])

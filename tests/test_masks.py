@@ -3,9 +3,9 @@ bad input, torch.compile. Statistics live in test_masks_uniformity.py, build che
 test_masks_build.py."""
 import hashlib
 import os
-import subprocess
 import sys
 
+import background
 import pytest
 import torch
 
@@ -191,16 +191,27 @@ def test_thread_count_invariance():
             assert torch.equal(x, y)
 
 
+THREE_THREADS = ("import torch, hashlib; from mcf_fast.masking import random_masks as r; "
+                 "torch.set_num_threads(3); "
+                 "m = r(1024, 784, 0.75, views=2, seed=1, step=2); "
+                 "print(torch.get_num_threads(), "
+                 "hashlib.sha256(b''.join(t.numpy().tobytes() for t in m)).hexdigest())")
+
+
+def start_background(items) -> None:
+    """Called by conftest once the session's tests are known: the 3-thread process is queued in the
+    background (tests/background.py); its test runs last."""
+    if items is None or any(i.name == "test_thread_count_invariance_subprocess" for i in items):
+        env = dict(os.environ, OMP_NUM_THREADS="3")
+        background.start("masks_three_threads", background.run, [sys.executable, "-c", THREE_THREADS], 600, env)
+
+
+@pytest.mark.late
 def test_thread_count_invariance_subprocess():
-    """3 OpenMP threads in a fresh process give the bytes this process makes."""
-    code = ("import torch, hashlib; from mcf_fast.masking import random_masks as r; "
-            "torch.set_num_threads(3); "
-            "m = r(1024, 784, 0.75, views=2, seed=1, step=2); "
-            "print(torch.get_num_threads(), "
-            "hashlib.sha256(b''.join(t.numpy().tobytes() for t in m)).hexdigest())")
-    env = dict(os.environ, OMP_NUM_THREADS="3")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120, check=False)
+    """3 OpenMP threads in a fresh process (started in the background with the session) give the bytes this
+    process makes."""
+    start_background(None)  # (already started by conftest)
+    out = background.result("masks_three_threads")
     assert out.returncode == 0, out.stderr
     threads, digest = out.stdout.split()
     assert threads == "3"

@@ -1,15 +1,18 @@
 """End to end: `python -m mcf_fast.pretrain` trains, writes a self-explaining run folder, and resumes exactly.
 
 Three interpreter starts in all (each imports torch): the 20-step run, which the kill-and-resume test
-also takes as its uninterrupted reference, and the killed run and its rerun. Reruns that train
-nothing (a finished run, a changed config) call the same CLI main in this process."""
+also takes as its uninterrupted reference, and the killed run and its rerun. They run in the background
+from the session's start (tests/background.py), so this module runs last. Reruns that train nothing (a
+finished run, a changed config) call the same CLI main in this process."""
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
 import time
 
+import background
 import pytest
 import torch
 
@@ -23,9 +26,8 @@ TINY = ["--model.img_size", "32", "--model.patch_size", "8", "--model.embed_dim"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _run(out, *extra, steps=20, timeout=600):
-    cmd = [sys.executable, "-m", "mcf_fast.pretrain", "--out", str(out), "--max-steps", str(steps), *TINY, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+def _cmd(out, *extra, steps=20):
+    return [sys.executable, "-m", "mcf_fast.pretrain", "--out", str(out), "--max-steps", str(steps), *TINY, *extra]
 
 
 def _main_here(out, *extra, steps=20):
@@ -42,13 +44,41 @@ def _rows(out):
 
 
 RUN_ARGS = ("--run.log_every", "2", "--run.ckpt_every", "10", "--run.vis_every", "10")
+pytestmark = pytest.mark.late  # (see the module docstring)
+
+
+def _finished_run(out: str) -> tuple:
+    return pathlib.Path(out), background.run(_cmd(out, *RUN_ARGS), timeout=600, env=ENV)
+
+
+def _killed_then_rerun(out: str) -> dict:
+    """The same 20-step command, SIGKILLed once its step-10 checkpoint is complete, then run again."""
+    marker = pathlib.Path(out) / "checkpoints" / "step_00000010" / "COMPLETE"
+    p = background.popen(_cmd(out, *RUN_ARGS), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.time() + 300
+    while not marker.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    seen = {"out": pathlib.Path(out), "checkpointed": marker.exists()}
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    seen["finished_before_kill"] = os.path.exists(os.path.join(out, "encoder.safetensors"))
+    seen["rerun"] = background.run(_cmd(out, *RUN_ARGS), timeout=600, env=ENV)
+    return seen
+
+
+def start_background(items) -> None:
+    """Called by conftest once the session's tests are known: the runs are queued in the background."""
+    if items is None or any("finished" in i.fixturenames for i in items):
+        background.start("e2e_finished", _finished_run, os.path.join(background.workdir(), "e2e", "run"))
+    if items is None or any(i.name == "test_kill_and_resume_matches_uninterrupted" for i in items):
+        background.start("e2e_killed", _killed_then_rerun, os.path.join(background.workdir(), "e2e", "killed"))
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished():
     """The 20-step run (its folder and its process), shared by the tests below; none of them changes it."""
-    out = tmp_path_factory.mktemp("e2e") / "run"
-    return out, _run(out, *RUN_ARGS)
+    start_background(None)  # (already started by conftest)
+    return background.result("e2e_finished")
 
 
 def test_run_trains_and_writes_everything(finished):
@@ -107,25 +137,18 @@ def test_changed_config_on_resume_is_refused(finished):
     assert rc != 0 and "model.mask_ratio" in err
 
 
-def test_kill_and_resume_matches_uninterrupted(finished, tmp_path):
+def test_kill_and_resume_matches_uninterrupted(finished):
     """SIGKILL after a checkpoint, rerun the same command: metrics rows equal an uninterrupted run's."""
     ref, r = finished
     assert r.returncode == 0, r.stderr[-3000:]
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mcf_fast.pretrain", "--out", str(out), "--max-steps", "20", *TINY, *RUN_ARGS]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    marker = out / "checkpoints" / "step_00000010" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), "no checkpoint at step 10 before the deadline"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not (out / "encoder.safetensors").exists(), "the run finished before it was killed"
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    start_background(None)  # (already started by conftest)
+    seen = background.result("e2e_killed")
+    assert seen["checkpointed"], "no checkpoint at step 10 before the deadline"
+    assert not seen["finished_before_kill"], "the run finished before it was killed"
+    r = seen["rerun"]
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr and "step_00000010" in r.stderr
     keys = ("step", "loss", "loss_perceptual", "loss_contrastive", "grad_norm", "lr", "momentum")
     a = [{k: row[k] for k in keys} for row in _rows(ref)]
-    b = [{k: row[k] for k in keys} for row in _rows(out)]
+    b = [{k: row[k] for k in keys} for row in _rows(seen["out"])]
     assert a == b

@@ -1,16 +1,16 @@
 """Work a few tests wait for, started as soon as the session knows its tests, so that it runs in the CPU
 time the other tests leave idle instead of adding its minutes after them (test mechanics, not a test).
 
-    start(name, fn, *args)   queue fn(*args), once per session; WORKERS jobs run at a time, in the order
-                             they were queued
+    start(name, fn, *args, cost=S)   queue fn(*args), once per session; WORKERS jobs run at a time,
+                             the costliest first; begin() lets them start once all are queued
     result(name)             waits for it: fn's return value, or its exception raised here
     run(cmd, ...)            subprocess.run at the idle CPU priority, in its own process group, killed at
                              its timeout or when the session ends first (popen: the same, a Popen)
     workdir()                a folder for the session's background files, removed at exit
 
-conftest calls each test module's `start_background(items)` with its selected tests, in the order the
-tests that read the results will run; those tests carry the `late` marker (or `fresh`) and conftest runs
-them after all the others.
+conftest calls each test module's `start_background(items)` with its selected tests, then begin(); the
+tests that read the results carry the `late` marker (or `fresh`) and conftest runs them after all the
+others.
 
 Why the idle priority (SCHED_IDLE, else nice 19): the work then runs only on a core no foreground test
 wants, so it never slows them (at nice 10 it did: a preempted thread of a 2-thread torch op stalls the
@@ -39,7 +39,8 @@ else:
 WORKERS = 2  # two jobs at a time: both cores once the foreground waits, without crowding them before
 
 _JOBS: dict = {}              # name -> {"done": Event, and "value" or "error"}
-_QUEUE: queue.Queue = queue.Queue()
+_QUEUE: queue.PriorityQueue = queue.PriorityQueue()  # (-cost, order queued, job, fn, args)
+_BEGUN: list = []             # non-empty once the workers may start
 _THREADS: list = []
 _PROCS: list = []             # subprocesses started by popen() and run()
 _DIR: list = []               # the session's work folder, once made
@@ -47,7 +48,7 @@ _DIR: list = []               # the session's work folder, once made
 
 def _worker() -> None:
     while True:
-        job, fn, args = _QUEUE.get()
+        _, _, job, fn, args = _QUEUE.get()
         try:
             job["value"] = fn(*args)
         except BaseException as e:  # noqa: BLE001 - raised again in the test that reads the result
@@ -55,15 +56,28 @@ def _worker() -> None:
         job["done"].set()
 
 
-def start(name: str, fn, *args) -> None:
-    """Queue fn(*args) as the job `name`, unless a job of that name was already queued."""
-    if name in _JOBS:
-        return
-    _JOBS[name] = job = {"done": threading.Event()}
-    _QUEUE.put((job, fn, args))
+def _workers() -> None:
     while len(_THREADS) < WORKERS:
         _THREADS.append(threading.Thread(target=_worker, name=f"background {len(_THREADS)}", daemon=True))
         _THREADS[-1].start()
+
+
+def start(name: str, fn, *args, cost: float = 0.0) -> None:
+    """Queue fn(*args) as the job `name`, unless a job of that name was already queued. `cost`: its rough
+    CPU-seconds; the costliest queued job runs first (the session ends with the last job: long ones first
+    keep the end short)."""
+    if name in _JOBS:
+        return
+    _JOBS[name] = job = {"done": threading.Event()}
+    _QUEUE.put((-cost, len(_JOBS), job, fn, args))
+    if _BEGUN:
+        _workers()
+
+
+def begin() -> None:
+    """Start the workers (conftest, once every job of the session is queued; a result() asked for also does)."""
+    _BEGUN.append(True)
+    _workers()
 
 
 def started(name: str) -> bool:
@@ -73,6 +87,7 @@ def started(name: str) -> bool:
 def result(name: str):
     """Wait for the job `name`; its value, or the exception it ended with."""
     job = _JOBS[name]
+    begin()
     job["done"].wait()
     if "error" in job:
         raise job["error"]
@@ -118,4 +133,4 @@ def _stop():
         shutil.rmtree(d, ignore_errors=True)
 
 
-__all__ = ["start", "started", "result", "popen", "run", "workdir", "IDLE", "WORKERS"]
+__all__ = ["start", "begin", "started", "result", "popen", "run", "workdir", "IDLE", "WORKERS"]

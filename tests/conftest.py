@@ -37,8 +37,8 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_collection_finish(session):
     """A test module may start slow work that depends on nothing else (a build, a measurement in its own
     process, a whole command) as soon as the selected tests are known: its `start_background(items)` gets
-    its selected tests. The fresh interpreter starts here too, with the checks the selected tests name.
-    Both are queued in the order of the first late test that reads them, the order the work is needed in."""
+    its selected tests and queues the work (tests/background.py). The fresh interpreter is queued here
+    too, with the checks the selected tests name; then the queue starts, the costliest work first."""
     if session.config.option.collectonly:
         return
     by_module = {}
@@ -48,14 +48,12 @@ def pytest_collection_finish(session):
             by_module.setdefault(mod, []).append(item)
     if any("two_ranks" in i.fixturenames for i in session.items):
         _POOL.start()  # the ranks import torch while the first tests run
+    for mod, items in by_module.items():
+        mod.start_background(items)
     checks = sorted({c for i in session.items for m in i.iter_markers("fresh") for c in m.args})
-    for item in [i for i in session.items if _late(i)] + session.items:
-        mod = getattr(item, "module", None)
-        if mod in by_module:
-            mod.start_background(by_module.pop(mod))
-        if checks and item.get_closest_marker("fresh") is not None:
-            _start_fresh_child(checks)
-            checks = []
+    if checks:
+        _start_fresh_child(checks)
+    background.begin()
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +88,8 @@ def _fresh_child(checks: list[str], env: dict) -> dict:
 
 def _start_fresh_child(checks: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    background.start("fresh_child", _fresh_child, checks, env)
+    from fresh_child import COST
+    background.start("fresh_child", _fresh_child, checks, env, cost=sum(COST[c] for c in checks))
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,7 @@ def _plan_peak(preset: str, batch: int) -> dict:
 
 CHECKS = {"ext": ext, "nce_memory": nce_memory,
           "plan_demo": lambda: _plan_peak("demo", 8), "plan_vit_s": lambda: _plan_peak("vit-s", 8)}
+COST = {"ext": 3, "nce_memory": 5, "plan_demo": 3, "plan_vit_s": 50}  # rough CPU-seconds (background order)
 
 
 def _guarded(fn) -> dict:

@@ -103,7 +103,8 @@ def start_background(items) -> None:
     MCF_FAST_ATTENTION is queued in the background (tests/background.py); its test runs last."""
     if items is None or any(i.name == "test_environment_default_is_read_once" for i in items):
         env = {**os.environ, "MCF_FAST_ATTENTION": "toy", "OMP_NUM_THREADS": "1"}
-        background.start("attention_env", background.run, [sys.executable, "-c", ENV_DEFAULT], 600, env)
+        background.start("attention_env", background.run, [sys.executable, "-c", ENV_DEFAULT], 600, env,
+                         cost=2)
 
 
 @pytest.mark.late

@@ -105,7 +105,8 @@ def start_background(items) -> None:
     """Called by conftest once the session's tests are known: the quick run is queued in the background
     (tests/background.py); its test runs last."""
     if items is None or any(i.name == "test_quick_run_writes_every_artefact" for i in items):
-        background.start("quick_run", _quick_run, os.path.join(background.workdir(), "quick_run"), dict(os.environ))
+        background.start("quick_run", _quick_run, os.path.join(background.workdir(), "quick_run"), dict(os.environ),
+                         cost=55)
 
 
 @pytest.mark.late

@@ -149,7 +149,7 @@ def start_background(items) -> None:
     the background (tests/background.py); this module's tests run last."""
     if items is None or any(i.name == "test_sigkill_one_rank_then_relaunch" for i in items):
         out = os.path.join(background.workdir(), "dist_killed")
-        background.start("dist_killed", _killed_then_relaunched, out, _env())
+        background.start("dist_killed", _killed_then_relaunched, out, _env(), cost=20)
 
 
 def train_runs(pool, out: str, ranks: int, *extra: str) -> None:

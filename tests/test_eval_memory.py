@@ -61,7 +61,8 @@ def start_background(items) -> None:
     if items is None or any(i.name == "test_readme_paper_command_fits_under_its_estimate" for i in items):
         env = {**os.environ, "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])}
-        background.start("eval_readme", _readme_command, os.path.join(background.workdir(), "eval_readme"), env)
+        background.start("eval_readme", _readme_command, os.path.join(background.workdir(), "eval_readme"), env,
+                         cost=6)
 
 
 def test_estimate_is_linear_in_the_batch_and_counts_the_optimizer():

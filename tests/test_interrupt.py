@@ -131,7 +131,8 @@ def start_background(items) -> None:
     names = set(LAUNCHES) if items is None else {i.name for i in items}
     for name, (plan, extra, ranks) in LAUNCHES.items():
         if name in names:
-            background.start(name, _launch, os.path.join(background.workdir(), name, "run"), extra, ranks, _env(plan))
+            background.start(name, _launch, os.path.join(background.workdir(), name, "run"), extra, ranks, _env(plan),
+                             cost=4 * ranks)
 
 
 def _launched(name: str) -> tuple:

@@ -162,7 +162,8 @@ def start_background(items) -> None:
     background (tests/background.py); this module's tests run last."""
     if importlib.util.find_spec("triton") is not None:
         env = dict(os.environ, TRITON_INTERPRET="1", MCF_FAST_KERNELS="triton")
-        background.start("triton_interpreter", background.run, [sys.executable, os.path.abspath(__file__)], 900, env)
+        background.start("triton_interpreter", background.run, [sys.executable, os.path.abspath(__file__)], 900, env,
+                         cost=5)
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def start_background(items) -> None:
     """Called by conftest once the session's tests are known: the fresh interpreter is queued in the
     background (tests/background.py); its test runs last."""
     if items is None or any(i.name == "test_light_copy_loads_beside_the_full_package" for i in items):
-        background.start("kernels_light", background.run, [sys.executable, "-c", CHILD, KDIR], 300)
+        background.start("kernels_light", background.run, [sys.executable, "-c", CHILD, KDIR], 300, cost=3)
 
 
 @pytest.mark.late

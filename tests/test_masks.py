@@ -203,7 +203,8 @@ def start_background(items) -> None:
     background (tests/background.py); its test runs last."""
     if items is None or any(i.name == "test_thread_count_invariance_subprocess" for i in items):
         env = dict(os.environ, OMP_NUM_THREADS="3")
-        background.start("masks_three_threads", background.run, [sys.executable, "-c", THREE_THREADS], 600, env)
+        background.start("masks_three_threads", background.run, [sys.executable, "-c", THREE_THREADS], 600, env,
+                         cost=2)
 
 
 @pytest.mark.late

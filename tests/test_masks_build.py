@@ -199,7 +199,7 @@ def start_background(items) -> None:
         return  # nothing to build: the fixture skips
     tmp = pathlib.Path(background.workdir()) / "build"
     tmp.mkdir()
-    background.start("build", _build_and_run, tmp, asan, cuda)
+    background.start("build", _build_and_run, tmp, asan, cuda, cost=60)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,8 @@ def start_background(items) -> None:
     background (tests/background.py); this module's tests run last."""
     if items is None or any("export" in i.fixturenames for i in items):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        background.start("model_card_run", _pretrain, os.path.join(background.workdir(), "model_card_run"), env)
+        background.start("model_card_run", _pretrain, os.path.join(background.workdir(), "model_card_run"), env,
+                         cost=4)
 
 
 @pytest.fixture(scope="module")

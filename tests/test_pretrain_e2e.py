@@ -69,9 +69,10 @@ def _killed_then_rerun(out: str) -> dict:
 def start_background(items) -> None:
     """Called by conftest once the session's tests are known: the runs are queued in the background."""
     if items is None or any("finished" in i.fixturenames for i in items):
-        background.start("e2e_finished", _finished_run, os.path.join(background.workdir(), "e2e", "run"))
+        background.start("e2e_finished", _finished_run, os.path.join(background.workdir(), "e2e", "run"), cost=5)
     if items is None or any(i.name == "test_kill_and_resume_matches_uninterrupted" for i in items):
-        background.start("e2e_killed", _killed_then_rerun, os.path.join(background.workdir(), "e2e", "killed"))
+        background.start("e2e_killed", _killed_then_rerun, os.path.join(background.workdir(), "e2e", "killed"),
+                         cost=10)
 
 
 @pytest.fixture(scope="module")

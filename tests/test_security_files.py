@@ -130,7 +130,7 @@ def start_background(items) -> None:
     """Called by conftest once the session's tests are known: the memory probe's process is queued in the
     background (tests/background.py); its test runs last."""
     if items is None or any(i.name == "test_hostile_files_stay_small" for i in items):
-        background.start("hostile_probe", _probe, {**os.environ, "OMP_NUM_THREADS": "1"})
+        background.start("hostile_probe", _probe, {**os.environ, "OMP_NUM_THREADS": "1"}, cost=6)
 
 
 @pytest.mark.late

@@ -66,10 +66,13 @@ def test_pretrain_refuses_before_the_run_folder_exists(small_gpu, monkeypatch, t
     cfg, target = from_preset("demo"), sheet.Target(gpu="h100", context_in_use=True)
     small_gpu["free"] = int(sheet.memory_sheet(sheet.traced(cfg, "bf16"), cfg, target, "bf16",
                                                sheet.machine_for(target, "bf16"))["needed"] * 0.85)
-    out = tmp_path / "run"
-    code = pretrain.main(["--preset", "demo", "--out", str(out), "--max-steps", "1"])
+    # the preset's own --out (in a scratch folder): the run's config is then the preset's, whose traces the
+    # check shares (memoised) with the test above
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "demo"
+    code = pretrain.main(["--preset", "demo", "--out", "runs/demo"])
     err = capsys.readouterr().err
-    assert code == 2 and not out.exists()
+    assert code == 2 and not out.exists() and not (tmp_path / "runs").exists()
     assert err.startswith("python -m mcf_fast.pretrain: error: this setting needs") and len(err.strip().splitlines()) == 1
 
 

@@ -37,6 +37,8 @@ elif shutil.which("nice"):
 else:
     IDLE = []
 WORKERS = 2  # two jobs at a time: both cores once the foreground waits, without crowding them before
+# The environment as the session started: a job runs while foreground tests may have changed os.environ.
+ENV = dict(os.environ)
 
 _JOBS: dict = {}              # name -> {"done": Event, and "value" or "error"}
 _QUEUE: queue.PriorityQueue = queue.PriorityQueue()  # (-cost, order queued, job, fn, args)
@@ -96,8 +98,8 @@ def result(name: str):
 
 def popen(cmd: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
     """subprocess.Popen(cmd, **kw) at the idle priority, in its own process group (so killing it kills all
-    it started), killed when the session ends first."""
-    env = dict(os.environ if env is None else env)
+    it started), killed when the session ends first; `env` defaults to ENV."""
+    env = dict(ENV if env is None else env)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     p = subprocess.Popen(IDLE + list(cmd), start_new_session=True, env=env, **kw)
     _PROCS.append(p)
@@ -133,4 +135,4 @@ def _stop():
         shutil.rmtree(d, ignore_errors=True)
 
 
-__all__ = ["start", "begin", "started", "result", "popen", "run", "workdir", "IDLE", "WORKERS"]
+__all__ = ["start", "begin", "started", "result", "popen", "run", "workdir", "ENV", "IDLE", "WORKERS"]

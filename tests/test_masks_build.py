@@ -162,7 +162,7 @@ def _build_and_run(tmp: pathlib.Path, asan: str | None, cuda: bool) -> SimpleNam
     torch it is the auto mode's fallback after a CUDA part that cannot build (arch 1, which nvcc
     rejects at once), preceded by the strict mode's failing build in the same build folder; then the
     op runs every shape and bad input in one fresh interpreter."""
-    env = dict(os.environ, MCF_FAST_ASAN="1" if asan else "0")
+    env = dict(background.ENV, MCF_FAST_ASAN="1" if asan else "0")
     res = SimpleNamespace(strict_rc=None, strict_log="")
     if cuda:
         env.update(MCF_FAST_CUDA_ARCH="1")
@@ -177,7 +177,7 @@ def _build_and_run(tmp: pathlib.Path, asan: str | None, cuda: bool) -> SimpleNam
     res.syms = background.run(["nm", "-D", res.so[0]], timeout=300).stdout
     script = tmp / "run.py"
     script.write_text(RUN_SCRIPT)
-    run_env = dict(os.environ, PYTHONPATH=ROOT)
+    run_env = dict(background.ENV, PYTHONPATH=ROOT)
     if asan:
         # Python itself is not instrumented: preload the runtime, and libstdc++ so that ASan's
         # __cxa_throw interceptor finds the real one (else the first C++ exception aborts).

@@ -1,22 +1,23 @@
 """Work a few tests wait for, started as soon as the session knows its tests, so that it runs in the CPU
 time the other tests leave idle instead of adding its minutes after them (test mechanics, not a test).
 
-    start(name, fn, *args, cost=S)   queue fn(*args), once per session; WORKERS jobs run at a time,
-                             the costliest first; begin() lets them start once all are queued
-    result(name)             waits for it: fn's return value, or its exception raised here
-    run(cmd, ...)            subprocess.run at the idle CPU priority, in its own process group, killed at
-                             its timeout or when the session ends first (popen: the same, a Popen)
-    workdir()                a folder for the session's background files, removed at exit
+    start(name, fn, *args, cost=S)  queue fn(*args) once per session; WORKERS jobs run at a time, the
+                                    costliest first; begin() lets them start once all are queued
+    result(name)                    waits for it: fn's return value, or its exception raised here
+    run(cmd, ...)                   subprocess.run at the idle CPU priority, in its own process group,
+                                    killed at its timeout or when the session ends first
+    popen(cmd, ...)                 the same for a Popen
+    workdir()                       a folder for the session's background files, removed at exit
 
 conftest calls each test module's `start_background(items)` with its selected tests, then begin(); the
 tests that read the results carry the `late` marker (or `fresh`) and conftest runs them after all the
 others.
 
 Why the idle priority (SCHED_IDLE, else nice 19): the work then runs only on a core no foreground test
-wants, so it never slows them (at nice 10 it did: a preempted thread of a 2-thread torch op stalls the
-op). OMP_WAIT_POLICY=PASSIVE keeps the background's own torch threads from spinning on a core while their
-partner waits for one. Only subprocesses run here, never torch work in a thread: the foreground tests
-own the process's RNG and thread settings.
+wants, so it does not slow them (a 35-s set of plan tests took as long beside two idle-priority busy
+loops as alone). OMP_WAIT_POLICY=PASSIVE keeps the background's own torch threads from spinning on a
+core while their partner waits for one. Only subprocesses run here, never torch work in a thread: the
+foreground tests own the process's RNG and thread settings.
 """
 from __future__ import annotations
 

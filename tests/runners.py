@@ -2,7 +2,8 @@
 seconds on an idle 2-core machine, up to a minute under load).
 
     main_here(main, argv)      a CLI's main(argv) in this process, as `python -m` would run it
-    TwoRanks().run(fn, ...)    fn(rank, world, ...) on two spawned CPU ranks (gloo) kept for the session
+    TwoRanks().run(fn, ...)    fn(rank, world, ...) on two spawned CPU ranks (gloo) kept for the session;
+                               start() spawns them ahead of the first job (conftest: with the session)
 """
 from __future__ import annotations
 

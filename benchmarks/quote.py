@@ -6,6 +6,8 @@
 A quoted block in a Markdown file sits between `<!-- headline: PATH/report.json -->` and
 `<!-- /headline -->` (PATH relative to the repository root); `--update` rewrites what is between
 them from the report, and `stale(path)` (what the tests call) lists the blocks that differ from it.
+A `<!-- demo: PATH/demo_summary.json -->` ... `<!-- /demo -->` block quotes the summary a demo run
+wrote, exactly as the demo printed it (`mcf_fast.demo.summary_table`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .machine import ROOT  # noqa: E402
 from .tables import headline_table  # noqa: E402
 
 PROG = "python -m benchmarks.quote"
-BLOCK = re.compile(r"(<!-- headline: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /headline -->)", re.S)
+BLOCK = re.compile(r"(<!-- (?P<kind>headline|demo): (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /(?P=kind) -->)", re.S)
 
 
 def quote(report_path: str) -> str:
@@ -40,16 +42,29 @@ def quote(report_path: str) -> str:
     return f"{source}\n\n{headline_table(rep)}\n"
 
 
+def quote_demo(summary_path: str) -> str:
+    """The demo's closing summary, as it printed it, from a committed demo_summary.json."""
+    from mcf_fast.demo import summary_table
+    with open(os.path.join(ROOT, summary_path)) as f:
+        s = json.load(f)
+    return (f"From `{summary_path}` (seed {s['seed']}, {s['teacher_steps']} teacher-stage and {s['steps']} "
+            f"MCF-stage steps):\n\n```\n{summary_table(s)}\n```\n")
+
+
+def _generated(mt: re.Match) -> str:
+    return (quote_demo if mt.group("kind") == "demo" else quote)(mt.group("path"))
+
+
 def refresh(text: str) -> str:
     """`text` with every quoted block regenerated from its report."""
-    return BLOCK.sub(lambda mt: mt.group(1) + quote(mt.group("path")) + mt.group(4), text)
+    return BLOCK.sub(lambda mt: mt.group(1) + _generated(mt) + mt.group(5), text)
 
 
 def stale(doc_path: str) -> list[str]:
     """The reports whose quoted block in `doc_path` differs from what they generate now."""
     with open(doc_path) as f:
         text = f.read()
-    return [mt.group("path") for mt in BLOCK.finditer(text) if mt.group("body") != quote(mt.group("path"))]
+    return [mt.group("path") for mt in BLOCK.finditer(text) if mt.group("body") != _generated(mt)]
 
 
 def main(argv=None) -> int:
@@ -65,7 +80,7 @@ def main(argv=None) -> int:
     with open(a.path) as f:
         text = f.read()
     if not BLOCK.search(text):
-        refuse(PROG, f"{a.path}: no <!-- headline: REPORT --> ... <!-- /headline --> block to update")
+        refuse(PROG, f"{a.path}: no <!-- headline: REPORT --> ... <!-- /headline --> (or demo) block to update")
     with open(a.path, "w") as f:
         f.write(refresh(text))
     return 0

@@ -2,14 +2,16 @@
 
     python -m benchmarks.device_check --prep                       # here, with a registry: gpu_wheels/
     python -m benchmarks.device_check --out DIR [--budget-s 480]   # there (docs/gpu/README.md)
-    python -m benchmarks.device_check --out DIR --dry-run          # the plan and time boxes, nothing run
+    python -m benchmarks.device_check --out DIR --dry-run          # the steps, time boxes, predictions
 
 In order, each step time-boxed and its result written to DIR/report.{md,json} as it finishes: the
+cost sheet's predictions (mcf_fast.plan, on the CPU) for the pretrain and step runs on this GPU; the
 carried wheels installed offline; README's install building mcf_fast._C with CUDA for sm_90; every
 GPU-marked test; benchmarks.run's kernels and masks suites and its step suite (vit-s, vit-b-paper,
 bf16); a short vit-b-paper pre-training run (images/s, MFU, memory, data wait); the gather/scatter
-kernels' share of the copy bandwidth. Without a CUDA device every GPU step is reported
-'skipped: no CUDA device' and the exit status is 0. DIR holds at most 4 files (report.md,
+kernels' share of the copy bandwidth. The report sets each prediction beside its measurement
+(images/s, MFU, peak memory). Without a CUDA device every GPU step is reported
+'skipped: no CUDA device' (the predictions are still made) and the exit status is 0. DIR holds at most 4 files (report.md,
 report.json, logs.txt, artifacts.tar.gz), within what the device tool brings back.
 Exit status: 0 when no step failed or timed out, 1 otherwise, 2 for bad arguments.
 """
@@ -26,11 +28,13 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from .cli import Parser  # noqa: E402
+from .device_kit import predict as PR  # noqa: E402
 from .device_kit import prep  # noqa: E402
 from .device_kit import report as RP  # noqa: E402
 from .device_kit.items import STEPS  # noqa: E402
 from .device_kit.runner import Context, plan_deadlines, run_steps  # noqa: E402
 from .machine import ROOT  # noqa: E402
+from .tables import md_table  # noqa: E402
 
 PROG = "python -m benchmarks.device_check"
 
@@ -42,7 +46,10 @@ def _args(argv):
     ap.add_argument("--work", default="", help="scratch folder for builds, runs, logs (default: a new /tmp folder)")
     ap.add_argument("--only", default="", help="comma-separated step names to run (default: all, in order)")
     ap.add_argument("--prep", action="store_true", help="download gpu_wheels/ and record the git sha, then exit")
-    ap.add_argument("--dry-run", action="store_true", help="print the steps, time boxes and paths; run nothing")
+    ap.add_argument("--dry-run", action="store_true", help="print the steps, time boxes and paths, and the cost "
+                    "sheet's predictions (a few seconds of CPU); run nothing else")
+    ap.add_argument("--plan-gpu", default="auto", choices=PR.GPU_CHOICES,
+                    help="the machine the predictions are for (default auto: this CUDA device, else h200)")
     ap.add_argument("--no-skip", action="store_true", help="run the steps even without CUDA (to try the install "
                     "and build steps on a CPU machine; the GPU steps then fail)")
     a = ap.parse_args(argv)
@@ -73,6 +80,17 @@ def _artifacts(work: str, out: str) -> None:
     os.replace(os.path.join(out, "artifacts.tar.gz.tmp"), os.path.join(out, "artifacts.tar.gz"))
 
 
+def _print_predictions(plan_gpu: str) -> None:
+    """The dry run's predictions: the plan step alone, every measurement 'not run'."""
+    try:
+        plan = PR.make_plan(plan_gpu)
+    except Exception as e:  # noqa: BLE001 - the dry run says so and still lists the steps
+        print(f"\npredictions: failed ({type(e).__name__}: {e})")
+        return
+    print(f"\npredicted by the cost sheet ({plan['gpu']['why']}; {plan['plan_s']:.1f} s):")
+    print(md_table(RP.CALIBRATION_COLUMNS, PR.compare({"plan": plan}, "not run: --dry-run")))
+
+
 def main(argv=None) -> int:
     a = _args(argv)
     if a.prep:
@@ -82,6 +100,7 @@ def main(argv=None) -> int:
             print(f"{s.name:22s} box {box:5.0f} s (cap {s.cap_s:.0f}, kept free {s.floor_s:.0f})  {s.what}")
         print(f"wheels: {prep.WHEELS} ({'present' if os.path.isdir(prep.WHEELS) else 'missing: run --prep'}); "
               f"git sha: {prep.git_sha()}")
+        _print_predictions(a.plan_gpu)
         return 0
     import torch
     os.makedirs(a.out, exist_ok=True)
@@ -93,13 +112,15 @@ def main(argv=None) -> int:
     log = os.path.join(a.out, "logs.txt")
     open(log, "w").close()
     ctx = Context(root=ROOT, out=a.out, work=work, env=env, log_path=log, cuda=torch.cuda.is_available() or a.no_skip,
-                  python=sys.executable)
+                  python=sys.executable, plan_gpu=a.plan_gpu)
     t0 = time.monotonic()
     rep = {"command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]),
            "budget_s": a.budget_s, "machine": RP.machine(), "finished": False, "wall_s": 0.0, "steps": []}
 
     def flush():
-        rep.update(wall_s=time.monotonic() - t0, steps=[ctx.results[s.name] for s in a.steps if s.name in ctx.results])
+        rep.update(wall_s=time.monotonic() - t0, steps=[dict(ctx.results[s.name], predicted=PR.step_cell(s.name, ctx.results))
+                                                       for s in a.steps if s.name in ctx.results],
+                   predicted_vs_measured=PR.compare(ctx.results, "not run (--only)" if rep["finished"] else "not run yet"))
         RP.write(a.out, rep)
 
     flush()

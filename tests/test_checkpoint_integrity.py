@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 
 import pytest
 import torch
@@ -291,35 +290,25 @@ def test_estimate_is_close_to_what_is_written(tmp_path, tiny):
 
 # ---- two ranks: every rank hashes its own files, rank 0 gathers them into COMPLETE
 
-def _dist_worker(rank, world, port, out):
-    import torch.distributed as dist
+def _dist_worker(rank, world, out):
     from torch.distributed.fsdp import fully_shard
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
-        for layer in model:
-            fully_shard(layer)
-        fully_shard(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        model(torch.randn(4, 64)).sum().backward()
-        opt.step()
-        ckpt.save(out, 1, model, opt, {"step": 1, "rank": rank}, 2, True)
-        extra = ckpt.load(os.path.join(out, "step_00000001"), model, opt)
-        assert extra["rank"] == rank
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    ckpt.save(out, 1, model, opt, {"step": 1, "rank": rank}, 2, True)
+    extra = ckpt.load(os.path.join(out, "step_00000001"), model, opt)
+    assert extra["rank"] == rank
 
 
-@pytest.mark.slow  # two process starts on gloo: ~40 s on the loaded 2-core box; test_dist_train covers it too
-def test_two_ranks_gather_their_digests_into_one_marker(tmp_path):
+@pytest.mark.slow  # on the session's two ranks (conftest's two_ranks), started once for every distributed test
+def test_two_ranks_gather_their_digests_into_one_marker(tmp_path, two_ranks):
     """With 2 ranks each rank's shard and extra file is recorded in COMPLETE; a flip in rank 1's shard is caught."""
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    two_ranks.run(_dist_worker, str(tmp_path))
     path = str(tmp_path / "step_00000001")
     files = ckpt.read_marker(path)["files"]
     assert {"__0_0.distcp", "__1_0.distcp", "extra_rank0.pt", "extra_rank1.pt", ".metadata"} <= set(files)

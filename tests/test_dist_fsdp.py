@@ -2,14 +2,10 @@
 EMA without communication, per-rank memory, the full-encoder gather, the teacher placement, contrastive
 negatives, the pictures' reconstruction, and bf16 mixed precision.
 
-One `torch.multiprocessing` job with 2 ranks runs every check (a process start costs more than all
-the checks together) and rank 0 writes the measurements to JSON; the tests read them.
+One job on the session's two ranks (conftest's `two_ranks`) runs every check (a process start costs
+more than all the checks together) and returns each rank's measurements; the tests read them.
 """
 from __future__ import annotations
-
-import json
-import os
-import socket
 
 import pytest
 import torch
@@ -68,8 +64,8 @@ def _opt_state_bytes(opt, local) -> int:
     return sum(local([v]) for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
+def _checks(rank: int, world: int) -> dict:
+    """Every measurement of this file on one rank (the gloo group is already up)."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.debug import CommDebugMode
 
@@ -78,9 +74,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from mcf_fast.train.fsdp import full_encoder, local_numel_bytes, shard_model
     from mcf_fast.train.runtime import Runtime
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     rt = Runtime(torch.device("cpu"), "fp32", rank, world, rank)
     res: dict = {}
 
@@ -109,7 +102,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     real_nce = mcf.ops.info_nce
 
     def spy(q, k, t, label_offset=0, scale=None):
-        calls.append((q.shape[0], k.shape[0], label_offset))
+        calls.append([q.shape[0], k.shape[0], label_offset])
         return real_nce(q, k, t, label_offset=label_offset, scale=scale)
 
     mcf.ops.info_nce = spy
@@ -177,27 +170,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     res["bf16_grad_dtype"] = str(model_b.encoder.blocks[0].attn.qkv.weight.grad.dtype)
     res["bf16_loss_finite"] = bool(torch.isfinite(lb.float()))
 
-    all_res = [None] * world
-    dist.all_gather_object(all_res, res)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(all_res, f)
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return res
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    import torch.multiprocessing as mp
-    out = str(tmp_path_factory.mktemp("fsdp") / "res.json")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    with open(out) as f:
-        return json.load(f)
+def ranks(two_ranks):
+    return two_ranks.run(_checks)
 
 
 def test_everything_but_the_replicated_teacher_is_sharded(ranks):

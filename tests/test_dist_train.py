@@ -1,12 +1,17 @@
 """End-to-end multi-rank training on CPU (gloo): 2 ranks x B/2 == 1 rank x B, resume across world
 sizes, SIGKILL of one rank and relaunch of the same torchrun command.
 
-Run as a script, this file is the training worker (torchrun launches it): the real `train()` runs,
-with the data loader replaced by `GlobalSlice`, which builds the single-rank loader at the global
-batch and hands rank r its r-th slice. That pins down the data order the equivalence needs (the
-single-rank batch is the concatenation of the ranks' batches in rank order, so the contrastive
-labels `arange(N) + N * rank` refer to the same keys), and its position does not depend on the world
-size. The production loader's split is tested by the data helper's own tests.
+Run as a script, this file is the training worker (torchrun launches it; the session's two ranks and
+this process call the same `_worker`): the real `train()` runs, with the data loader replaced by
+`GlobalSlice`, which builds the single-rank loader at the global batch and hands rank r its r-th
+slice. That pins down the data order the equivalence needs (the single-rank batch is the
+concatenation of the ranks' batches in rank order, so the contrastive labels `arange(N) + N * rank`
+refer to the same keys), and its position does not depend on the world size. The production
+loader's split is tested by the data helper's own tests.
+
+Only the SIGKILL test starts torchrun (its rank must die and the same command must resume); the other
+2-rank runs go to conftest's `two_ranks` and the 1-rank runs happen in this process: an interpreter
+start imports torch, which costs more than these 5-step runs.
 """
 from __future__ import annotations
 
@@ -76,6 +81,7 @@ class GlobalSlice:
 
 
 def _worker(argv: list[str]) -> int:
+    """pretrain's main with GlobalSlice as the loader, at this world size's per-rank batch."""
     import mcf_fast.train.loop as loop
     from mcf_fast import pretrain
     from mcf_fast.data import build_pretrain_loader
@@ -88,8 +94,15 @@ def _worker(argv: list[str]) -> int:
         return GlobalSlice(inner, rank, world_size, os.path.join(out, "kill_at"))
 
     out = argv[argv.index("--out") + 1]
-    loop.build_pretrain_loader = build
-    return pretrain.main(argv + ["--batch-size", str(GLOBAL_BATCH // world)])
+    real, loop.build_pretrain_loader = loop.build_pretrain_loader, build
+    try:
+        return pretrain.main(argv + ["--batch-size", str(GLOBAL_BATCH // world)])
+    finally:
+        loop.build_pretrain_loader = real
+
+
+def _rank_worker(rank: int, world: int, argv: list[str]) -> int:
+    return _worker(argv)
 
 
 # ----------------------------------------------------------------------------------- the tests
@@ -101,16 +114,25 @@ def _env():
 
 
 def launch(out: str, ranks: int, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    """One rank: plain python; more: `torchrun --standalone` (the user's command shape)."""
+    """`torchrun --standalone` with `ranks` workers: the user's command shape."""
     script = [os.path.abspath(__file__), "--out", out, *TINY, *extra]
-    if ranks == 1:
-        cmd = [sys.executable, *script]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *script]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *script]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
+
+
+def train_runs(pool, out: str, ranks: int, *extra: str) -> None:
+    """The same run without starting an interpreter: 1 rank in this process, 2 on the session's ranks."""
+    argv = ["--out", out, *TINY, *extra]
+    if ranks == 2:
+        assert pool.run(_rank_worker, argv) == [0, 0]
+        return
+    from runners import main_here
+    assert "WORLD_SIZE" not in os.environ, "a 1-rank run here needs WORLD_SIZE unset"
+    rc, err = main_here(_worker, argv)
+    assert rc == 0, err[-6000:]
 
 
 def rows(out: str) -> list[dict]:
@@ -161,11 +183,11 @@ def max_param_diff(sa: dict, sb: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, two_ranks):
     base = tmp_path_factory.mktemp("dist")
     r1, r2 = str(base / "one"), str(base / "two")
-    launch(r1, 1)
-    launch(r2, 2, "--run.export", "true")  # the 2-rank run also gathers and exports its encoder
+    train_runs(two_ranks, r1, 1)
+    train_runs(two_ranks, r2, 2, "--run.export", "true")  # the 2-rank run also gathers and exports its encoder
     return base, r1, r2
 
 
@@ -184,7 +206,7 @@ def test_two_ranks_match_one_rank(runs):
     assert max_param_diff(final_state(r2), final_state(r1)) < PARAM_ATOL
 
 
-def test_resume_at_other_world_size(runs):
+def test_resume_at_other_world_size(runs, two_ranks):
     """A 2-rank checkpoint resumed by 1 rank (and a 1-rank one by 2 ranks) continues the same run:
     DCP re-shards model and optimizer, loss rows and final parameters match the uninterrupted run."""
     base, r1, r2 = runs
@@ -194,7 +216,8 @@ def test_resume_at_other_world_size(runs):
     for src, ranks, name, extra in ((r2, 1, "two_then_one", []), (r1, 2, "one_then_two", modes)):
         dst = str(base / name)
         keep_only(src, dst, 2)
-        launch(dst, ranks, "--run.allow_config_change", "true", *extra)  # per-rank batch changes with the world
+        # per-rank batch changes with the world
+        train_runs(two_ranks, dst, ranks, "--run.allow_config_change", "true", *extra)
         assert_rows_close(rows(dst), rows(src), 1e-5)
         assert max_param_diff(final_state(dst), final_state(src)) < PARAM_ATOL
 

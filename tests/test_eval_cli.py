@@ -33,15 +33,20 @@ def _run(task, data, enc, out, *extra):
 
 
 def test_alignment_artefacts(sets, tmp_path):
-    """alignment writes metrics.json with the five scores, metrics.md, a PNG and metrics lines."""
+    """alignment writes metrics.json with the six scores, metrics.md, a PNG, eval.log and metrics lines
+    (training rows, one scoring per epoch of 3 steps, the final row)."""
     assert _run("alignment", sets / "aflw", sets / "enc" / "encoder.safetensors", tmp_path, "--max-steps", "3") == 0
     m = json.load(open(tmp_path / "metrics.json"))
-    for k in ("nme_diag", "nme_box", "nme_inter_ocular", "auc_box_7", "fr_box_7"):
+    for k in ("nme_diag", "nme_box", "nme_inter_ocular", "nme_inter_pupil", "auc_box_7", "fr_box_7"):
         assert isinstance(m[k], float) and m[k] == m[k], k
     assert m["nme_box"] > m["nme_diag"] and m["num_images"] == 6 and m["run"]["steps"] == 3
+    assert m["last"]["step"] == m["best"]["step"] == 3 and m["last"]["nme_diag"] == m["nme_diag"]
     lines = [json.loads(s) for s in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in lines] == [1, 2, 3, 3] and lines[-1]["final"]
+    assert [(r["kind"], r["step"]) for r in lines] == [("train", 1), ("train", 2), ("train", 3), ("eval", 3),
+                                                      ("final", 3)] and lines[-1]["final"]
     assert "nme_diag" in open(tmp_path / "metrics.md").read()
+    log = open(tmp_path / "eval.log").read()
+    assert "step 3" in log and "memory estimate: alignment at 32 px, batch 4" in log and "last nme_diag" in log
     with Image.open(tmp_path / "predictions.png") as im:
         assert im.width > 0 and im.height > 0
 

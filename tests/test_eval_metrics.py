@@ -44,9 +44,10 @@ def test_nme_is_mean_of_per_image_means():
     np.testing.assert_allclose(nme, [0.1, 0.05], rtol=1e-12)
     boxes = np.array([[0, 6.0, 0, 8.0], [0, 24.0, 0, 32.0]])  # diagonals 10 and 40
     gt2 = gt.copy()
-    gt2[:, 11, 0] = 1.0  # non-degenerate eye distance
+    gt2[:, 11, 0] = gt2[:, 10, 0] = 1.0  # non-degenerate eye-corner and pupil distances
     pred2 = pred.copy()
     pred2[:, 11, 0] += 1.0
+    pred2[:, 10, 0] += 1.0
     assert alignment_metrics(pred2, gt2, boxes)["nme_diag"] == pytest.approx(0.075, rel=1e-12)
 
 
@@ -66,8 +67,8 @@ def test_box_sizes_and_bad_boxes():
     ([0.0701, 0.2], 0.0, 1.0),
 ])
 def test_auc_and_failure_rate(nmes, auc, fr):
-    """AUC = integral of the CED on [0, 0.07] / 0.07 (Simpson, step 1e-4); FR = share above 0.07."""
-    a, f = auc_fr(np.array(nmes), 0.07)
+    """Closed grid: AUC = integral of the CED on [0, 0.07] / 0.07 (Simpson, step 1e-4); FR = share above 0.07."""
+    a, f = auc_fr(np.array(nmes), 0.07, grid="closed")
     # Sampling a step-shaped CED every 1e-4 is exact only to about one step: 1e-4 / 0.07 = 1.4e-3.
     assert a == pytest.approx(auc, abs=1.5e-3)
     assert f == pytest.approx(fr, abs=1e-12)
@@ -94,14 +95,15 @@ def test_f1_from_one_confusion_over_all_pixels():
 
 
 def test_ignore_index_and_absent_class():
-    """Ignored pixels are not counted; a class absent from labels and predictions has no F1 and is
-    left out of the mean (and named)."""
+    """Ignored pixels are not counted; a class absent from labels and predictions has no F1: the mean is
+    NaN by FaRL's rule, or leaves it out (and names it) by ours."""
     conf = torch.zeros(3, 3, dtype=torch.int64)
     update_confusion(conf, torch.tensor([1, 1, 0, 2]), torch.tensor([1, 255, 0, 255]))
     assert int(conf.sum()) == 2
-    m = parsing_metrics(conf, class_names=("bg", "a", "b"))
+    m = parsing_metrics(conf, class_names=("bg", "a", "b"), absent="skip")
     assert m["f1_b"] is None and m["classes_without_f1"] == ["b"]
     assert m["f1_mean"] == pytest.approx(1.0)
+    assert math.isnan(parsing_metrics(conf, class_names=("bg", "a", "b"))["f1_mean"])
 
 
 def test_bad_inputs_are_named():

@@ -3,13 +3,10 @@ extension, or a missing CUDA part where nvcc and a CUDA torch were present at bu
 failure, not a skip. Also: the extension imports in a fresh interpreter on its own."""
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = os.environ.get("MCF_FAST_REQUIRE_EXT", "0") == "1"
 
 
@@ -50,10 +47,10 @@ def test_cuda_part_present_when_expected():
                                 "here: `MCF_FAST_BUILD_CUDA=1 pip install -v --no-build-isolation -e .` says why")
 
 
-def test_extension_imports_in_a_fresh_interpreter():
-    """`python -c "import mcf_fast._C"` works alone: the package loads torch (libc10.so) first."""
+def test_extension_imports_in_a_fresh_interpreter(fresh_child):
+    """`import mcf_fast._C` as a fresh interpreter's first import works: the package loads torch (libc10.so)
+    first. (The interpreter is conftest's `fresh_child`, shared with other checks that need one.)"""
     if _import_ext()[0] is None and not REQUIRED:
         pytest.skip("mcf_fast._C not built")
-    out = subprocess.run([sys.executable, "-c", "import mcf_fast._C as c; print('WITH_CUDA', c.WITH_CUDA)"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert out.returncode == 0 and "WITH_CUDA" in out.stdout, out.stderr[-2000:]
+    ext = fresh_child.get("ext", {})
+    assert fresh_child["rc"] == 0 and ext.get("ok") and "with_cuda" in ext, (ext, fresh_child["stderr"])

@@ -4,8 +4,6 @@ The Triton kernels are checked under the interpreter in test_kernels_interpret.p
 sm_90 in test_kernels_aot.py.
 """
 import importlib
-import json
-import subprocess
 import sys
 
 import mcf_fast.kernels as K
@@ -102,43 +100,13 @@ def test_info_nce_torch_compile_fullgraph():
     assert torch.allclose(loss, ref, rtol=1e-6) and torch.allclose(gq, rq, atol=1e-7) and torch.allclose(gk, rk, atol=1e-7)
 
 
-_CHILD = r"""
-import json, sys, torch
-torch.set_num_threads(2)
-import mcf_fast.kernels as K
-N, C = int(sys.argv[1]), int(sys.argv[2])
-def rss(key):
-    for line in open('/proc/self/status'):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-g = torch.Generator().manual_seed(0)
-q = torch.randn(N, C, generator=g).requires_grad_(True)
-k = torch.randn(N, C, generator=g)
-K.set_backend('cpu')
-res = {}
-# ours first: whatever small blocks the allocator keeps afterwards count in the naive run's base,
-# never in its peak above base
-for which, f in (('ours', K.info_nce), ('naive', K.info_nce_ref)):
-    f(q[:4], k[:8], 0.2, 0, 0.4).backward()      # lazy initialisation outside the measured peak
-    q.grad = None
-    open('/proc/self/clear_refs', 'w').write('5')  # reset VmHWM, the kernel's peak-RSS mark
-    base = rss('VmRSS')
-    loss = f(q, k, 0.2, 0, 0.4)
-    loss.backward()
-    res[which] = dict(peak=rss('VmHWM') - base, loss=loss.item(), g=q.grad.double().norm().item())
-    del loss
-    q.grad = None
-print(json.dumps(res))
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS read from /proc/self/status")
-def test_info_nce_peak_memory_quarter_of_naive():
-    """N = M = 8192, C = 256, fwd+bwd on CPU: peak RSS above the inputs < 1/4 of the naive logits path."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, "8192", "256"], capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+def test_info_nce_peak_memory_quarter_of_naive(fresh_child):
+    """N = M = 8192, C = 256, fwd+bwd on CPU: peak RSS above the inputs < 1/4 of the naive logits path.
+    Measured in a fresh interpreter (conftest's `fresh_child`: tests/fresh_child.py's nce_memory)."""
+    assert fresh_child["rc"] == 0, fresh_child["stderr"]
+    res = fresh_child["nce_memory"]
+    assert "failed" not in res, res
     naive, ours = res["naive"], res["ours"]
     print(f"\npeak above inputs: naive {naive['peak'] / 2**20:.0f} MiB, info_nce {ours['peak'] / 2**20:.0f} MiB")
     assert abs(naive["loss"] - ours["loss"]) <= 1e-4 * abs(naive["loss"])

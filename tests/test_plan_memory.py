@@ -37,8 +37,9 @@ def fake_world():
 
 @pytest.mark.parametrize("teacher_sharding", ["replicate", "shard"])
 def test_units_and_shards_are_those_fsdp2_makes(fake_world, traced, teacher_sharding):
-    """unit_of names the FSDP2 unit train/fsdp.py puts each parameter in, and shard_bytes the bytes rank 0
-    holds of it (the largest shard), checked on the sharded demo model."""
+    """unit_of (train/fsdp.py's unit_layout, as the trace records it) names the FSDP2 unit shard_model puts
+    each parameter in, and shard_bytes the bytes rank 0 holds of it (the largest shard), checked on the
+    sharded demo model: the layout as data and the layout applied agree."""
     from torch.distributed.fsdp import FSDPModule
 
     from mcf_fast.model.mcf import MCFModel
@@ -47,15 +48,16 @@ def test_units_and_shards_are_those_fsdp2_makes(fake_world, traced, teacher_shar
     cfg = _demo(teacher_sharding=teacher_sharding)
     model = shard_model(MCFModel.from_config(cfg.model, seed=0), cfg, Runtime(torch.device("cpu"), "bf16", 0, fake_world, 0))
     unit_names = [n for n, m in model.named_modules() if isinstance(m, FSDPModule) and n]
+    assert set(traced.layouts[teacher_sharding].units) == set(unit_names) | {""}
     for name, p in model.named_parameters():
         owner = max((u for u in unit_names if name.startswith(u + ".")), key=len, default="root")
         if hasattr(p, "to_local"):
-            assert memory.unit_of(name, teacher_sharding) == owner, name
+            assert memory.unit_of(traced, name, teacher_sharding) == owner, name
             local = p.to_local()
             assert memory.shard_bytes(p.numel(), p.shape[0], p.numel() * 4, fake_world) == \
                 local.numel() * local.element_size(), name
         else:  # a replicated teacher tensor: no unit
-            assert memory.unit_of(name, teacher_sharding) is None, name
+            assert memory.unit_of(traced, name, teacher_sharding) is None, name
 
 
 def test_shard_bytes_pads_rows_to_an_equal_count():

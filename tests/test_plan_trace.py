@@ -27,15 +27,6 @@ def demo_fp32():
     return trace_step(_cfg("demo", 8), "fp32")
 
 
-def _step_suite_flops():
-    """The step benchmark's FLOP counter for the engine step, wherever the benchmark package keeps it."""
-    try:
-        from benchmarks.step_child import flops_of
-    except ImportError:
-        from benchmarks.suite_step import _flops_of as flops_of
-    return flops_of
-
-
 # ----------------------------------------------------------------------------- the tracer's bookkeeping
 def test_tracer_counts_each_storage_once_while_it_lives():
     """Views share their storage's bytes; a storage counts until its last view dies; pre-existing
@@ -113,6 +104,16 @@ def test_accumulation_keeps_every_gradient_live(demo_fp32):
     assert tr.peak["all"] >= demo_fp32.peak["act"] + tr.bytes_of("trainable")
 
 
+def test_masks_are_drawn_for_real_by_either_backend(demo_fp32, monkeypatch):
+    """With the torch mask ops (where mcf_fast._C is not built, e.g. a fresh GPU machine before its build)
+    the step still traces: the generator reads the sample ids' values outside the fake mode. Same FLOPs,
+    same peak but for the torch ops' own temporaries."""
+    import mcf_fast.masking as masking
+    monkeypatch.setattr(masking, "_DEFAULT", "torch")
+    tr = trace_step(_cfg("demo", 8), "fp32")
+    assert tr.flops == demo_fp32.flops and abs(tr.peak["all"] / demo_fp32.peak["all"] - 1) < 0.01
+
+
 def test_bf16_trace_sees_weight_casts_and_fp32_none(demo_fp32):
     """autocast's weight copies are a category of their own (FSDP2 bf16 runs do without them)."""
     bf = trace_step(_cfg("demo", 8), "bf16")
@@ -123,11 +124,12 @@ def test_bf16_trace_sees_weight_casts_and_fp32_none(demo_fp32):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_flops_equal_the_step_suite_count(precision):
     """The plan's FLOPs per step are exactly the step benchmark's FlopCounterMode count."""
+    from benchmarks.step_child import flops_of
     from mcf_fast.model.mcf import MCFModel
     cfg = _cfg("demo", 4)
     tr = trace_step(cfg, precision)
     model = MCFModel.from_config(cfg.model, seed=0).train()
-    suite = _step_suite_flops()(model, cfg, torch.device("cpu"), precision, 4, "engine")["total"]
+    suite = flops_of(model, cfg, torch.device("cpu"), precision, 4, "engine")["total"]
     assert tr.flops == suite
 
 

@@ -1,4 +1,8 @@
-"""End to end: `python -m mcf_fast.pretrain` trains, writes a self-explaining run folder, and resumes exactly."""
+"""End to end: `python -m mcf_fast.pretrain` trains, writes a self-explaining run folder, and resumes exactly.
+
+Three interpreter starts in all (each imports torch): the 20-step run, which the kill-and-resume test
+also takes as its uninterrupted reference, and the killed run and its rerun. Reruns that train
+nothing (a finished run, a changed config) call the same CLI main in this process."""
 import json
 import os
 import signal
@@ -24,15 +28,32 @@ def _run(out, *extra, steps=20, timeout=600):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
+def _main_here(out, *extra, steps=20):
+    """The same command as _run, through pretrain's main in this process: (exit status, stderr)."""
+    from runners import main_here
+
+    from mcf_fast import pretrain
+    return main_here(pretrain.main, ["--out", str(out), "--max-steps", str(steps), *TINY, *extra])
+
+
 def _rows(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
-def test_run_trains_and_writes_everything(tmp_path):
+RUN_ARGS = ("--run.log_every", "2", "--run.ckpt_every", "10", "--run.vis_every", "10")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The 20-step run (its folder and its process), shared by the tests below; none of them changes it."""
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    return out, _run(out, *RUN_ARGS)
+
+
+def test_run_trains_and_writes_everything(finished):
     """A 20-step CPU run lowers the loss and leaves config, metrics, events, checkpoint, grid and export."""
-    out = tmp_path / "run"
-    r = _run(out, "--run.log_every", "2", "--run.ckpt_every", "10", "--run.vis_every", "10")
+    out, r = finished
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(out)
     assert [row["step"] for row in rows] == list(range(2, 21, 2))
@@ -56,8 +77,8 @@ def test_run_trains_and_writes_everything(tmp_path):
     assert meta["embed_dim"] == 32 and meta["depth"] == 2
     assert "resum" not in r.stderr.lower()
     # Rerunning a finished run says so and trains nothing more (tests/test_run_folder.py: files untouched).
-    r2 = _run(out, "--run.log_every", "2", "--run.ckpt_every", "10", "--run.vis_every", "10")
-    assert r2.returncode == 0 and "already finished at step 20" in r2.stderr
+    rc, err = _main_here(out, *RUN_ARGS)
+    assert rc == 0 and "already finished at step 20" in err
     assert _rows(out) == rows
 
 
@@ -78,34 +99,32 @@ def test_exported_encoder_loads_into_timm(tmp_path):
     torch.testing.assert_close(m.forward_features(x), ours.forward_features(x), rtol=1e-4, atol=1e-5)
 
 
-def test_changed_config_on_resume_is_refused(tmp_path):
+def test_changed_config_on_resume_is_refused(finished):
     """Reusing a run folder with another config is an error that names the difference."""
-    out = tmp_path / "run"
-    assert _run(out, steps=2).returncode == 0
-    r = _run(out, "--model.mask_ratio", "0.5", steps=2)
-    assert r.returncode != 0 and "model.mask_ratio" in r.stderr
+    out, r = finished
+    assert r.returncode == 0, r.stderr[-3000:]
+    rc, err = _main_here(out, *RUN_ARGS, "--model.mask_ratio", "0.5")
+    assert rc != 0 and "model.mask_ratio" in err
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path):
+def test_kill_and_resume_matches_uninterrupted(finished, tmp_path):
     """SIGKILL after a checkpoint, rerun the same command: metrics rows equal an uninterrupted run's."""
-    args = ["--run.log_every", "2", "--run.ckpt_every", "4", "--run.tensorboard", "false"]
-    ref = tmp_path / "ref"
-    r = _run(ref, *args, steps=12)
+    ref, r = finished
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mcf_fast.pretrain", "--out", str(out), "--max-steps", "12", *TINY, *args]
+    cmd = [sys.executable, "-m", "mcf_fast.pretrain", "--out", str(out), "--max-steps", "20", *TINY, *RUN_ARGS]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    marker = out / "checkpoints" / "step_00000008" / "COMPLETE"
+    marker = out / "checkpoints" / "step_00000010" / "COMPLETE"
     deadline = time.time() + 300
     while not marker.exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert marker.exists(), "no checkpoint at step 8 before the deadline"
+    assert marker.exists(), "no checkpoint at step 10 before the deadline"
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (out / "encoder.safetensors").exists(), "the run finished before it was killed"
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming from" in r.stderr and "step_00000008" in r.stderr
+    assert "resuming from" in r.stderr and "step_00000010" in r.stderr
     keys = ("step", "loss", "loss_perceptual", "loss_contrastive", "grad_norm", "lr", "momentum")
     a = [{k: row[k] for k in keys} for row in _rows(ref)]
     b = [{k: row[k] for k in keys} for row in _rows(out)]

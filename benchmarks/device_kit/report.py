@@ -8,6 +8,7 @@ import time
 
 from ..tables import md_table
 from . import prep
+from .predict import NO_PLAN
 
 
 def _version(mod: str) -> str:
@@ -48,6 +49,7 @@ MACHINE_COLUMNS = [("machine", "l", lambda kv: kv[0]), ("", "l", lambda kv: kv[1
 STEP_COLUMNS = [("step", "l", lambda r: r["step"]), ("what", "l", lambda r: r["what"]),
                 ("status", "l", lambda r: f"**{r['status']}**"),
                 ("seconds (box)", "r", lambda r: f"{r['seconds']:.0f} ({r['time_box_s']:.0f})"),
+                ("predicted (the cost sheet)", "l", lambda r: r.get("predicted") or "-"),
                 ("result", "l", lambda r: r["summary"])]
 BANDWIDTH_COLUMNS = [("op", "l", lambda k: k["op"]), ("shape", "l", lambda k: k["shape"]),
                      ("dtype", "l", lambda k: k["dtype"]), ("bytes", "r", lambda k: f"{k['bytes']:,}"),
@@ -55,11 +57,55 @@ BANDWIDTH_COLUMNS = [("op", "l", lambda k: k["op"]), ("shape", "l", lambda k: k[
                      ("of copy", "r", lambda k: f"{k['fraction_of_copy']:.0%}")]
 
 
+
+def _value(unit: str, v) -> str:
+    return {"rate": f"{v:,.0f}", "share": f"{v:.1%}", "bytes": f"{v / 2**30:.2f} GiB"}[unit]
+
+
+def _predicted(r: dict) -> str:
+    cell = _value(r["unit"], r["predicted"])
+    if r["low"] is not None:
+        cell += f" ({_value(r['unit'], r['low'])} to {_value(r['unit'], r['high'])})"
+    if r["needed"] is not None:
+        cell += f"; needs {r['needed'] / 2**30:.2f} of {r['capacity'] / 2**30:.1f}"
+    return cell
+
+
+def _ratio(r: dict) -> str:
+    if r["ratio"] is None:
+        return "-"
+    return f"{r['ratio']:.2f}x" + ("" if r["in_range"] is None else " (in range)" if r["in_range"] else " (OUT of range)")
+
+
+# The sheet beside the measurement: predicted = the likely value (low to high: the sheet's MFU range).
+CALIBRATION_COLUMNS = [("run", "l", lambda r: r["run"]), ("quantity", "l", lambda r: r["quantity"]),
+                       ("predicted", "r", _predicted),
+                       ("measured", "r", lambda r: "-" if r["measured"] is None else _value(r["unit"], r["measured"])),
+                       ("measured / predicted", "r", _ratio), ("note", "l", lambda r: r["note"])]
+
+
+def calibration_md(rows: list[dict], plan: dict | None) -> list[str]:
+    """The 'predicted vs measured' section: what the sheet assumed and the table."""
+    if not rows:
+        return ["", "## predicted vs measured", "", NO_PLAN + "."]
+    return ["", "## predicted vs measured", "",
+            f"Predicted: the cost sheet of `python -m mcf_fast.plan` (`plan_sheet`) for one {plan['predictions'][0]['machine']}"
+            f" ({plan['gpu']['why']}), one process, made on the CPU before any measurement (the training step "
+            "traced on fake tensors). Speed: the likely "
+            "MFU, in brackets the sheet's low to high range, both as shares of the datasheet peak; measured MFU = "
+            "measured images/s x the sheet's FLOPs per image / that peak. Memory: bytes allocated at the peak "
+            "(the sheet's 'needed' adds its fragmentation and context headroom, which this kit does not measure).",
+            "", md_table(CALIBRATION_COLUMNS, rows)]
+
+
 def to_markdown(rep: dict) -> str:
     lines = ["# mcf_fast device check", "",
              f"`{rep['command']}`: budget {rep['budget_s']:.0f} s, wall {rep['wall_s']:.0f} s"
-             f"{' (still running)' if not rep['finished'] else ''}. Every number below was measured in this run.", "",
+             f"{' (still running)' if not rep['finished'] else ''}. Every number below was measured in this run, "
+             "except the predictions of the cost sheet, made before the measurements.", "",
              md_table(MACHINE_COLUMNS, rep["machine"].items()), "", md_table(STEP_COLUMNS, rep["steps"])]
+    plan = next((r for r in rep["steps"] if r["step"] == "plan"), None)
+    lines += calibration_md(rep.get("predicted_vs_measured") or [], plan)
     for r in rep["steps"]:
         if r.get("report_md"):
             lines += ["", f"## {r['step']}: the benchmarks' report", "", r["report_md"]]

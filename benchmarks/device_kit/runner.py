@@ -30,6 +30,7 @@ class Context:
     cuda: bool
     python: str
     results: dict = field(default_factory=dict)
+    plan_gpu: str = "auto"  # the machine the plan step predicts for (predict.gpu_for)
 
     def log(self, text: str):
         with open(self.log_path, "a") as f:

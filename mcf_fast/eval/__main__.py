@@ -9,6 +9,7 @@ import sys
 
 from .config import EvalConfig, add_arguments
 from .paper import add_paper_arguments
+from .runlog import plain
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,14 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _paper(args) -> int:
     from mcf_fast.outputs import check_output, read_paths
 
-    from .paper import paper_markdown, run_paper
+    from .paper import run_paper
+    from .paper_table import paper_markdown
     try:
         check_output(args.out, read_paths(args.aflw19, args.lapa, args.encoder, args.arch))  # before any work
         out = run_paper(args)
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(out) if "stopped_at" in out else paper_markdown(out))
+    print(json.dumps(out) if "stopped_at" in out else paper_markdown(out), flush=True)
     return 0
 
 
@@ -54,8 +56,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    keys = [k for k in out if k.startswith(("nme", "auc", "fr_", "f1_mean", "stopped"))]
-    print(json.dumps({k: out[k] for k in keys}, indent=2))
+    keys = [k for k in out if k.startswith(("nme", "auc", "fr_", "f1_mean", "stopped", "best"))]
+    print(json.dumps(plain({k: out[k] for k in keys}), indent=2))
     return 0
 
 

@@ -7,24 +7,33 @@ from dataclasses import dataclass, field, fields
 
 TASKS = ("alignment", "parsing")
 PROTOCOLS = {"alignment": ("farl", "square-crop"), "parsing": ("farl", "resize-whole")}
+# How FaRL computes a score where ours differs (each choice's FaRL file is in docs/evaluation.md and beside
+# the code that implements it); under --protocol farl every one is FaRL's, and each stays selectable.
+FARL_CHOICES = dict(precision="fp32", head_init="mmcv", ema_warmup=False, warp_frame="blueprint", auc_grid="farl",
+                    absent_class="nan", eval_every="epoch")
+OUR_CHOICES = dict(precision="auto", head_init="torch", ema_warmup=True, warp_frame="centre", auc_grid="closed",
+                   absent_class="skip", eval_every="end")
+CHOICES = dict(precision=("fp32", "bf16", "auto"), head_init=("mmcv", "torch"), warp_frame=("blueprint", "centre"),
+               auc_grid=("farl", "closed"), absent_class=("nan", "skip"))
 # FaRL's values (farl/experiments/face_{alignment,parsing}/optimizers/refine_backbone.yaml, trainers/*.yaml),
 # then the simple protocols' (issue 8). Fields left at their sentinel take these.
 PROTOCOL_DEFAULTS = {
     ("farl", "alignment"): dict(lr=1e-2, backbone_lr_scale=0.01, weight_decay=1e-5, layer_decay=1.0, warmup_steps=0,
                                 schedule="step", clip_grad=0.0, ema_decay=0.999, head_width=768, warp_factor=0.0,
-                                heatmap_weight=1.0),
+                                heatmap_weight=1.0, **FARL_CHOICES),
     ("farl", "parsing"): dict(lr=1e-3, backbone_lr_scale=0.1, weight_decay=1e-5, layer_decay=1.0, warmup_steps=0,
                               schedule="step", clip_grad=0.0, ema_decay=0.999, head_width=768, warp_factor=0.8,
-                              heatmap_weight=1.0),
+                              heatmap_weight=1.0, **FARL_CHOICES),
     ("simple", ""): dict(lr=5e-4, backbone_lr_scale=1.0, weight_decay=0.05, layer_decay=0.75, warmup_steps=-1,
                          schedule="cosine", clip_grad=1.0, ema_decay=0.0, head_width=128, warp_factor=0.0,
-                         heatmap_weight=0.1),
+                         heatmap_weight=0.1, **OUR_CHOICES),
 }
 SENTINELS = dict(lr=0.0, backbone_lr_scale=0.0, weight_decay=-1.0, layer_decay=0.0, warmup_steps=-1, schedule="",
-                 clip_grad=-1.0, ema_decay=-1.0, head_width=0, warp_factor=-1.0, heatmap_weight=-1.0)
+                 clip_grad=-1.0, ema_decay=-1.0, head_width=0, warp_factor=-1.0, heatmap_weight=-1.0, precision="",
+                 head_init="", ema_warmup=None, warp_frame="", auc_grid="", absent_class="", eval_every="")
 # Fields that do not change what a run computes; a resumed run may change them freely.
 NOT_FINGERPRINTED = {"out", "workers", "device", "log_every", "ckpt_every", "num_viz", "resume",
-                     "eval_batch_size", "stop_after", "progress"}
+                     "eval_batch_size", "stop_after", "progress", "memory_budget_gb", "update_card"}
 
 
 def _f(default, help, **kw):
@@ -86,6 +95,27 @@ class EvalConfig:
     stop_after: int = _f(0, "stop (with a checkpoint, no scoring) after this many steps; the schedule "
                             "still follows --max-steps; 0 = off (for tests of resuming)")
     progress: bool = _f(True, "show a progress bar", negatable=True)
+    eval_every: str = _f("", "score the test split during training: epoch (FaRL: after every epoch) | end (only "
+                             "after the last step) | N (every N steps); the last step is always scored and both "
+                             "the last and the best score are reported; '' = the protocol's (farl epoch, simple end)")
+    precision: str = _f("", "fp32 | bf16 (autocast) | auto (bf16 on a GPU, fp32 on a CPU); '' = the protocol's: "
+                            "farl fp32 (FaRL fine-tunes in fp32: enable_amp False), simple auto")
+    head_init: str = _f("", "farl head's conv init: mmcv (Kaiming-normal fan_out on every conv+BN+ReLU block, as "
+                            "mmcv's ConvModule) | torch (PyTorch's default); '' = the protocol's")
+    ema_warmup: bool = _f(None, "ramp the EMA decay as min(decay, (1+t)/(10+t)); FaRL has none (decay from step 0, "
+                                "BN buffers averaged too); default: the protocol's (farl off)", negatable=True)
+    warp_frame: str = _f("", "tanh-warp frame: blueprint (pixel centres / 512, FaRL) | centre ((x + 0.5) / 512, "
+                             "symmetric); '' = the protocol's")
+    auc_grid: str = _f("", "AUC/FR grid: farl (np.arange(0, 0.0701, 1e-4), failures above 0.0701, FaRL) | closed "
+                           "([0, 0.07], failures above 0.07); '' = the protocol's")
+    absent_class: str = _f("", "parsing: a class absent from the test labels and predictions makes f1_mean NaN "
+                               "(nan, FaRL) or is left out of the mean (skip); '' = the protocol's")
+    memory_budget_gb: float = _f(0.0, "refuse before any work when the estimated peak memory exceeds this; "
+                                      "0 = the memory available now; < 0 = no check")
+    encoder_digest: str = _f("", "sha256 of the encoder's files (filled in by the run: changed weights at the "
+                                 "same path are a different configuration)", cli=False)
+    update_card: bool = _f(True, "write the scores into the encoder's MODEL_CARD.md (`paper` writes its table "
+                                 "there instead)", cli=False)
 
     def resolved(self) -> "EvalConfig":
         """A copy with every field left at its sentinel set to the protocol's value (see PROTOCOL_DEFAULTS)."""
@@ -99,6 +129,11 @@ class EvalConfig:
         if out.warmup_steps < 0:  # simple protocol: 5% of the steps
             out.warmup_steps = max(1, out.max_steps // 20)
         return out
+
+    def choices(self) -> dict:
+        """The resolved value of every choice where FaRL's computation and ours differ, and whose it is."""
+        r = self.resolved()
+        return {k: (getattr(r, k), "FaRL" if getattr(r, k) == v else "ours") for k, v in FARL_CHOICES.items()}
 
     def validate(self) -> "EvalConfig":
         def bad(msg):
@@ -129,16 +164,65 @@ class EvalConfig:
         splits = ("test", "frontal") if self.task == "alignment" else ("test", "val")
         if self.eval_split not in splits:
             bad(f"--eval-split for {self.task} must be one of {splits}, got {self.eval_split!r}")
+        for name, ok in CHOICES.items():
+            if getattr(r, name) not in ok:
+                bad(f"--{name.replace('_', '-')} must be one of {', '.join(ok)}, got {getattr(r, name)!r}")
+        if r.head_init == "mmcv" and self.protocol != "farl":
+            bad("--head-init mmcv applies to FaRL's head: use it with --protocol farl")
+        eval_every_steps(r.eval_every, 1)  # raises on a malformed value
         return self
 
     def fingerprint(self) -> dict:
+        """What a run computes from: every field that changes it, the encoder's content digest included."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
+
+
+def eval_every_steps(spec: str, steps_per_epoch: int) -> int:
+    """--eval-every as a step interval: epoch -> steps per epoch, end -> 0 (the last step only), N -> N."""
+    if spec == "epoch":
+        return max(1, steps_per_epoch)
+    if spec == "end":
+        return 0
+    try:
+        n = int(spec)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--eval-every must be epoch, end or a number of steps >= 1, got {spec!r}")
+    return n
+
+
+def _flag_value(v) -> str:
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def command_line(cfg: EvalConfig) -> str:
+    """The shortest `python -m mcf_fast.eval TASK ...` that runs `cfg` again: every field that differs from
+    both its default and its protocol's value (a protocol default is implied by --protocol)."""
+    import shlex
+    key = ("farl", cfg.task) if cfg.protocol == "farl" else ("simple", "")
+    implied = PROTOCOL_DEFAULTS[key]
+    args = ["python", "-m", "mcf_fast.eval", cfg.task]
+    for f in fields(EvalConfig):
+        v = getattr(cfg, f.name)
+        if f.name == "task" or f.metadata.get("cli") is False or v == f.default:
+            continue
+        if f.name in implied and v == implied[f.name]:
+            continue
+        if f.name == "warmup_steps" and cfg.protocol != "farl" and v == max(1, cfg.max_steps // 20):
+            continue  # the simple protocol's 5% of the steps
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + flag[2:])
+        else:
+            args += [flag, _flag_value(v)]
+    return shlex.join(args)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per field (task is the sub-command)."""
     for f in fields(EvalConfig):
-        if f.name == "task":
+        if f.name == "task" or f.metadata.get("cli") is False:
             continue
         flag = "--" + f.name.replace("_", "-")
         h = f.metadata["help"].replace("%", "%%")

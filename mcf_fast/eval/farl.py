@@ -11,6 +11,12 @@ FaRL warps to 512 x 512 and its backbone resizes that to 448 (`farl/network/tran
 `FaRLVisualFeatures.forward`, bilinear, align_corners=False: a pure scale in the continuous frame),
 so we warp straight to the network's input size S with the 512-frame geometry scaled by S / 512: one
 resampling instead of two, the same face placement.
+
+The tanh warp normalises coordinates to [-1, 1]. blueprint (`ml/augmenters/geometry.py`,
+`_tanh_warp_transform` / `_inverted_tanh_warp_transform`) divides pixel-centre coordinates by the width,
+u = x / 512 * 2 - 1, which is not symmetric about the image centre by half a pixel; facer and our
+`centre` frame use the continuous frame, u = (x + 0.5) / 512 * 2 - 1. `WARP_FRAMES` names the two; the
+`shift` argument below (`frame_shift`) is that half 512-pixel in input pixels.
 """
 from __future__ import annotations
 
@@ -29,6 +35,15 @@ LAPA_ALIGN_POINTS = (104, 105, 54, 84, 90)   # eye centres (image-left, image-ri
 _STD_FACE_512 = np.array([[196.0, 226.0], [316.0, 226.0], [256.0, 286.0], [220.0, 360.4], [292.0, 360.4]])
 LAPA_WARP_FACTOR = 0.8   # farl/experiments/face_parsing/trainers/lapa_farl.yaml: warp_factor default 0.8
 AFLW_WARP_FACTOR = 0.0   # farl/experiments/face_alignment/trainers/aflw19_farl.yaml: warp_factor=0.0
+WARP_FRAMES = ("blueprint", "centre")
+
+
+def frame_shift(frame: str, size: int) -> float:
+    """Input pixels subtracted before the tanh warp's normalisation: blueprint's x / 512 (pixel centres,
+    FaRL) is the continuous frame shifted by half a 512-pixel; 0 for the symmetric `centre` frame."""
+    if frame not in WARP_FRAMES:
+        raise ValueError(f"warp frame must be one of {WARP_FRAMES}, got {frame!r}")
+    return 0.5 * size / WARP_SIZE if frame == "blueprint" else 0.0
 
 
 def template_points(size: int) -> np.ndarray:
@@ -96,19 +111,25 @@ def _tanh_part(u: np.ndarray | torch.Tensor, f: float, inverse: bool):
     return lib.where(lo, g((u + 1.0 - f) / f) * f - 1.0 + f, out)
 
 
-def to_input(pts, m: np.ndarray, size: int, warp_factor: float):
+def _warp_axis(p, size: int, warp_factor: float, shift: float, inverse: bool):
+    """The tanh warp of input-pixel coordinates along one axis, normalised in the frame `shift` names."""
+    u = (p - shift) / size * 2 - 1
+    return (_tanh_part(u, warp_factor, inverse=inverse) + 1) / 2 * size + shift
+
+
+def to_input(pts, m: np.ndarray, size: int, warp_factor: float, shift: float = 0.0):
     """[..., 2] dataset points -> input pixels (continuous): the matrix, then the tanh warp."""
     p = np.asarray(pts, np.float64) @ m[:2, :2].T + m[:2, 2]
     if warp_factor > 0:
-        p = (_tanh_part(p / size * 2 - 1, warp_factor, inverse=False) + 1) / 2 * size
+        p = _warp_axis(p, size, warp_factor, shift, inverse=False)
     return p
 
 
-def from_input(pts, m: np.ndarray, size: int, warp_factor: float):
+def from_input(pts, m: np.ndarray, size: int, warp_factor: float, shift: float = 0.0):
     """[..., 2] input pixels (continuous) -> dataset points: the exact inverse of `to_input`."""
     p = np.asarray(pts, np.float64)
     if warp_factor > 0:
-        p = (_tanh_part(p / size * 2 - 1, warp_factor, inverse=True) + 1) / 2 * size
+        p = _warp_axis(p, size, warp_factor, shift, inverse=True)
     inv = np.linalg.inv(m)
     return p @ inv[:2, :2].T + inv[:2, 2]
 
@@ -129,14 +150,14 @@ def _sample(src: torch.Tensor, where: np.ndarray, mode: str, fill: float) -> tor
     return out + fill if fill else out
 
 
-def input_grid(m: np.ndarray, size: int, warp_factor: float) -> np.ndarray:
+def input_grid(m: np.ndarray, size: int, warp_factor: float, shift: float = 0.0) -> np.ndarray:
     """[size, size, 2] continuous source positions of the input's pixel centres: `from_input` on the grid.
 
     The tanh warp acts on x and y separately, so on the input grid it is undone on two 1-D axes and the
     inverse matrix is then broadcast (about 20x cheaper at 448 than mapping every pixel)."""
     c = np.arange(size) + 0.5
     if warp_factor > 0:
-        c = (_tanh_part(c / size * 2 - 1, warp_factor, inverse=True) + 1) / 2 * size
+        c = _warp_axis(c, size, warp_factor, shift, inverse=True)
     inv = np.linalg.inv(m)
     x = inv[0, 0] * c[None, :] + inv[0, 1] * c[:, None] + inv[0, 2]
     y = inv[1, 0] * c[None, :] + inv[1, 1] * c[:, None] + inv[1, 2]
@@ -144,23 +165,23 @@ def input_grid(m: np.ndarray, size: int, warp_factor: float) -> np.ndarray:
 
 
 def warp_to_input(src: torch.Tensor, m: np.ndarray, size: int, warp_factor: float, mode: str = "bilinear",
-                  fill: float = 0.0, grid: np.ndarray | None = None) -> torch.Tensor:
+                  fill: float = 0.0, grid: np.ndarray | None = None, shift: float = 0.0) -> torch.Tensor:
     """[C, H, W] image (or label map) in the dataset frame -> [C, size, size] network input.
 
     Each input pixel centre is taken back through `from_input` and sampled there (FaRL's GetTransformMap
     + TransformByMap, cv2.remap with a constant border); `grid` = a precomputed `input_grid`."""
-    return _sample(src, input_grid(m, size, warp_factor) if grid is None else grid, mode, fill)
+    return _sample(src, input_grid(m, size, warp_factor, shift) if grid is None else grid, mode, fill)
 
 
 def warp_to_original(maps: torch.Tensor, m: np.ndarray, size: int, warp_factor: float, hw: tuple[int, int],
-                     mode: str = "bilinear") -> torch.Tensor:
+                     mode: str = "bilinear", shift: float = 0.0) -> torch.Tensor:
     """[C, size, size] maps on the input grid (e.g. logits) -> [C, H, W] on the original image grid.
 
     Each original pixel centre goes forward through `to_input` and the maps are sampled there (FaRL's
     GetInvertedTransformMap + TransformByMap on the logits, then ArgMax: lapa/test_post.yaml)."""
     h, w = hw
     centres = _pixel_centres(h, w) - 0.5     # continuous pixel centres -> dataset (pixel-centre) frame
-    return _sample(maps, to_input(centres, m, size, warp_factor), mode, 0.0)
+    return _sample(maps, to_input(centres, m, size, warp_factor, shift), mode, 0.0)
 
 
 # ---------------------------------------------------------------- random geometry of training crops

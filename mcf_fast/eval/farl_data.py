@@ -84,9 +84,11 @@ def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
 class _FarlBase(torch.utils.data.Dataset):
     task = ""
 
-    def __init__(self, records, size: int, mean, std, augment: bool, seed: int, warp_factor: float):
+    def __init__(self, records, size: int, mean, std, augment: bool, seed: int, warp_factor: float,
+                 shift: float = 0.0):
         self.records, self.size, self.mean, self.std = records, size, mean, std
         self.augment, self.seed, self.warp_factor = augment, seed, warp_factor
+        self.shift = shift  # the tanh warp's frame (farl.frame_shift)
 
     def __len__(self):
         return len(self.records)
@@ -101,7 +103,7 @@ class _FarlBase(torch.utils.data.Dataset):
         return base if rng is None else farl_jitter(rng, self.size, self.task) @ base
 
     def _image(self, path: str, m: np.ndarray, rng, grid=None) -> torch.Tensor:
-        x = warp_to_input(_rgb01(path), m, self.size, self.warp_factor, grid=grid).clamp(0, 1)
+        x = warp_to_input(_rgb01(path), m, self.size, self.warp_factor, grid=grid, shift=self.shift).clamp(0, 1)
         if rng is not None:
             x = photometric(x, rng, self.task)
         return _normalise(x, self.mean, self.std)
@@ -112,14 +114,14 @@ class FarlAlignmentData(_FarlBase):
     task = "alignment"
 
     def __init__(self, records: list[FaceRecord], size: int, mean, std, augment: bool = False, seed: int = 0,
-                 warp_factor: float = AFLW_WARP_FACTOR):
-        super().__init__(records, size, mean, std, augment, seed, warp_factor)
+                 warp_factor: float = AFLW_WARP_FACTOR, shift: float = 0.0):
+        super().__init__(records, size, mean, std, augment, seed, warp_factor, shift)
 
     def __getitem__(self, key):
         i, rng = self._rng(key)
         r = self.records[i]
         m = self._matrix(aflw_box_matrix(r.box, self.size), rng)
-        pts = to_input(r.landmarks, m, self.size, self.warp_factor)
+        pts = to_input(r.landmarks, m, self.size, self.warp_factor, self.shift)
         return {"image": self._image(r.image, m, rng), "points": torch.from_numpy(pts).float(),
                 "matrix": torch.from_numpy(m), "index": i}
 
@@ -137,15 +139,15 @@ class FarlParsingData(_FarlBase):
     task = "parsing"
 
     def __init__(self, records: list[ParsingRecord], size: int, mean, std, augment: bool = False,
-                 seed: int = 0, warp_factor: float = 0.8, with_label: bool = True):
-        super().__init__(records, size, mean, std, augment, seed, warp_factor)
+                 seed: int = 0, warp_factor: float = 0.8, with_label: bool = True, shift: float = 0.0):
+        super().__init__(records, size, mean, std, augment, seed, warp_factor, shift)
         self.with_label = with_label
 
     def __getitem__(self, key):
         i, rng = self._rng(key)
         r = self.records[i]
         m = self._matrix(lapa_matrix(r, self.size), rng)
-        grid = input_grid(m, self.size, self.warp_factor)  # shared by the image and its label
+        grid = input_grid(m, self.size, self.warp_factor, self.shift)  # shared by the image and its label
         out = {"image": self._image(r.image, m, rng, grid), "matrix": torch.from_numpy(m), "index": i}
         if self.with_label:
             lab = torch.from_numpy(np.asarray(load_label(r.label), np.float32).copy())[None]

@@ -113,3 +113,18 @@ def heatmap_nll(heatmaps: torch.Tensor, points: torch.Tensor, stride: float, sig
     gy = -((ys.view(1, 1, h, 1) - points[..., 1, None, None]) ** 2) / s2
     target = (gx + gy).flatten(2).softmax(-1)
     return -(target * heatmaps.float().flatten(2).log_softmax(-1)).sum(-1).mean()
+
+
+def dense_model(encoder: VisionTransformer, out_channels: int, *, protocol: str, head_width: int, head_init: str,
+                freeze_backbone: bool, seed: int) -> DenseModel:
+    """The encoder with the protocol's head: FaRL's FPN + UPerHead on blocks 3/5/7/11 of 12 (`farl`), else
+    the light FPN. The head's initial weights depend on the seed alone, so a pre-trained encoder and its
+    scratch baseline start from the same head."""
+    from .uper import FarlHead, farl_level_blocks
+    torch.manual_seed(seed)
+    if protocol == "farl":
+        head = FarlHead(encoder.embed_dim, encoder.patch_embed.patch_size, out_channels, head_width, init=head_init)
+        return DenseModel(encoder, out_channels, freeze_backbone=freeze_backbone, head=head,
+                          blocks=farl_level_blocks(len(encoder.blocks)))
+    return DenseModel(encoder, out_channels, head_width, freeze_backbone)
+

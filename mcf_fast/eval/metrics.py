@@ -1,14 +1,23 @@
 """Downstream metrics, scored the way FaRL's scorers do it.
 
 Alignment (AFLW-19): per image, the mean over all 19 points of the Euclidean error divided by a unit
-distance, then the mean over images. Unit distances: the face box diagonal (`nme_diag`, the headline
-number), the box's sqrt(w*h) (`nme_box`) and the distance between the outer eye corners, points 6 and
-11 in 0-based order (`nme_inter_ocular`). AUC / failure rate at 0.07 use the box-normalised NMEs:
-the cumulative error distribution sampled every 1e-4 on [0, 0.07], integrated with Simpson's rule
-and divided by 0.07; the failure rate is the share of images whose NME exceeds 0.07.
+distance, then the mean over images. Unit distances (FaRL's face_alignment/scorers/aflw19.yaml): the
+face box diagonal (`nme_diag`, the headline number), the box's sqrt(w*h) (`nme_box`), the distance
+between the outer eye corners, points 6 and 11 in 0-based order (`nme_inter_ocular`), and between the
+eye centres, points 7 and 10 (`nme_inter_pupil`). AUC / failure rate at 0.07 use the box-normalised
+NMEs and one of two grids (`AUC_GRIDS`):
+- `farl` (FaRL's face_alignment/scorer.py, AUC_FR): the CED sampled on np.arange(0, 0.07 + 1e-4, 1e-4)
+  (702 points, the last one 0.0701), integrated with the Simpson rule FaRL's scipy applied to an even
+  number of samples (`simps`, even='avg': the mean of Simpson-on-the-first-701 + a trapezoid on the
+  last interval and a trapezoid on the first + Simpson-on-the-last-701), divided by 0.07; an image
+  fails only above 0.0701.
+- `closed` (ours): 701 points on [0, 0.07] exactly, plain Simpson, failures above 0.07.
 
 Parsing (LaPa): one confusion matrix over every test pixel at the original resolution; F1 per class
-from it; the mean over the 10 foreground classes (background excluded, hair included).
+from it; the mean over the 10 foreground classes (background excluded, hair included). A class absent
+from both labels and predictions has no F1: `absent="nan"` makes the mean NaN, as FaRL's
+face_parsing/scorer.py (F1Score: 0/0, then sum / count); `absent="skip"` (ours) leaves it out of the
+mean and lists it in `classes_without_f1`.
 
 All values are fractions (the paper prints them x100: 0.932 NME_diag means 0.00932 here).
 """
@@ -21,6 +30,9 @@ import torch
 
 AFLW_NUM_POINTS = 19
 AFLW_EYE_CORNERS = (6, 11)  # 0-based: the outer corners of the two eyes in AFLW-19's ordering
+AFLW_PUPILS = (7, 10)       # 0-based: the eye centres (FaRL's scorers/aflw19.yaml inter_pupil: left 7, right 10)
+AUC_GRIDS = ("farl", "closed")
+ABSENT_CLASS = ("nan", "skip")
 LAPA_CLASSES = ("background", "skin", "left_brow", "right_brow", "left_eye", "right_eye", "nose",
                 "upper_lip", "inner_mouth", "lower_lip", "hair")
 
@@ -55,31 +67,52 @@ def per_image_nme(pred: np.ndarray, gt: np.ndarray, unit: np.ndarray) -> np.ndar
     return np.linalg.norm(pred - gt, axis=-1).mean(axis=1) / unit
 
 
-def auc_fr(nmes: np.ndarray, threshold: float = 0.07, step: float = 1e-4) -> tuple[float, float]:
-    """AUC of the cumulative error distribution on [0, threshold] (normalised to 1) and failure rate."""
+def _simpson_even_avg(y: np.ndarray, x: np.ndarray) -> float:
+    """Simpson's rule on an even number of samples as scipy's `simps(..., even='avg')` (scipy < 1.11, the
+    version FaRL ran): Simpson needs an even number of intervals, so average (Simpson on all but the last
+    sample + a trapezoid on the last interval) and (a trapezoid on the first + Simpson on the rest)."""
     from scipy.integrate import simpson
+    first = simpson(y[:-1], x=x[:-1]) + 0.5 * (x[-1] - x[-2]) * (y[-1] + y[-2])
+    last = 0.5 * (x[1] - x[0]) * (y[1] + y[0]) + simpson(y[1:], x=x[1:])
+    return float(0.5 * (first + last))
+
+
+def auc_fr(nmes: np.ndarray, threshold: float = 0.07, step: float = 1e-4, grid: str = "farl") -> tuple[float, float]:
+    """AUC of the cumulative error distribution up to `threshold` (normalised to 1) and failure rate, on
+    FaRL's grid (`farl`) or the closed interval (`closed`); see the module docstring."""
+    from scipy.integrate import simpson
+    if grid not in AUC_GRIDS:
+        raise ValueError(f"AUC grid must be one of {AUC_GRIDS}, got {grid!r}")
     nmes = np.sort(np.asarray(nmes, np.float64).reshape(-1))
     if nmes.size == 0:
         raise ValueError("no NMEs to score")
-    n = int(round(threshold / step))
-    xs = np.linspace(0.0, threshold, n + 1)
+    if grid == "farl":
+        xs = np.arange(0.0, threshold + step, step)  # float steps: ends one step past the threshold
+    else:
+        xs = np.linspace(0.0, threshold, int(round(threshold / step)) + 1)
     ced = np.searchsorted(nmes, xs, side="right") / nmes.size  # share of images with NME <= x
-    auc = float(simpson(ced, x=xs) / threshold)
-    return auc, float(1.0 - ced[-1])
+    area = _simpson_even_avg(ced, xs) if len(xs) % 2 == 0 else float(simpson(ced, x=xs))
+    return area / threshold, float(1.0 - ced[-1])
 
 
-def alignment_metrics(pred: np.ndarray, gt: np.ndarray, boxes: np.ndarray) -> dict[str, float]:
+def _pair_distance(gt: np.ndarray, pair: tuple[int, int], what: str) -> np.ndarray:
+    a, b = pair
+    if gt.shape[1] <= max(a, b):
+        raise ValueError(f"{what} NME needs points {a} and {b}; landmarks have {gt.shape[1]} points")
+    return np.linalg.norm(gt[:, a] - gt[:, b], axis=-1)
+
+
+def alignment_metrics(pred: np.ndarray, gt: np.ndarray, boxes: np.ndarray, auc_grid: str = "farl") -> dict[str, float]:
     """All alignment scores for predictions and ground truth in original image coordinates."""
     pred, gt = _check_points(pred, gt)
     box, diag = box_sizes(boxes)
-    a, b = AFLW_EYE_CORNERS
-    if gt.shape[1] <= max(a, b):
-        raise ValueError(f"inter-ocular NME needs points {a} and {b}; landmarks have {gt.shape[1]} points")
-    ocular = np.linalg.norm(gt[:, a] - gt[:, b], axis=-1)
+    ocular = _pair_distance(gt, AFLW_EYE_CORNERS, "inter-ocular")
+    pupil = _pair_distance(gt, AFLW_PUPILS, "inter-pupil")
     nme_box = per_image_nme(pred, gt, box)
-    auc, fr = auc_fr(nme_box, 0.07)
+    auc, fr = auc_fr(nme_box, 0.07, grid=auc_grid)
     return {"nme_diag": float(per_image_nme(pred, gt, diag).mean()), "nme_box": float(nme_box.mean()),
             "nme_inter_ocular": float(per_image_nme(pred, gt, ocular).mean()),
+            "nme_inter_pupil": float(per_image_nme(pred, gt, pupil).mean()),
             "auc_box_7": auc, "fr_box_7": fr, "num_images": int(pred.shape[0])}
 
 
@@ -108,15 +141,20 @@ def f1_from_confusion(conf: np.ndarray | torch.Tensor) -> np.ndarray:
         return np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-300), np.nan)
 
 
-def parsing_metrics(conf, class_names=LAPA_CLASSES, background: int = 0) -> dict[str, float]:
-    """Per-class F1 (`f1_<name>`) and `f1_mean` over the non-background classes."""
+def parsing_metrics(conf, class_names=LAPA_CLASSES, background: int = 0, absent: str = "nan") -> dict[str, float]:
+    """Per-class F1 (`f1_<name>`, None when the class is absent) and `f1_mean` over the non-background
+    classes: NaN if one is absent (`absent="nan"`, FaRL) or the mean of the others (`"skip"`)."""
+    if absent not in ABSENT_CLASS:
+        raise ValueError(f"absent-class rule must be one of {ABSENT_CLASS}, got {absent!r}")
     f1 = f1_from_confusion(conf)
     if len(f1) != len(class_names):
         raise ValueError(f"confusion matrix has {len(f1)} classes, names list {len(class_names)}")
     out = {f"f1_{n}": (None if math.isnan(v) else float(v)) for n, v in zip(class_names, f1)}
     fg = np.delete(f1, background)
-    # A class missing from both labels and predictions has no F1; it is left out of the mean (reported).
-    out["f1_mean"] = float(np.nanmean(fg)) if np.any(~np.isnan(fg)) else float("nan")
+    if absent == "nan":
+        out["f1_mean"] = float(fg.sum() / len(fg))  # any NaN makes the mean NaN, as sum / count does
+    else:
+        out["f1_mean"] = float(np.nanmean(fg)) if np.any(~np.isnan(fg)) else float("nan")
     out["num_pixels"] = int(np.asarray(conf.cpu() if isinstance(conf, torch.Tensor) else conf).sum())
     out["classes_without_f1"] = [n for n, v in zip(class_names, f1) if math.isnan(v)]
     return out

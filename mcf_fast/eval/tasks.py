@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .config import EvalConfig
 from .datasets import read_aflw19, read_lapa
-from .farl import from_input, warp_to_original
+from .farl import frame_shift, from_input, warp_to_original
 from .farl_data import FarlAlignmentData, FarlParsingData
 from .heads import heatmap_nll, soft_argmax
 from .metrics import AFLW_NUM_POINTS, LAPA_CLASSES, alignment_metrics, parsing_metrics, update_confusion
@@ -28,6 +28,7 @@ class AlignmentTask:
     def __init__(self, cfg: EvalConfig, size: int, mean, std):
         self.cfg, self.size, self.mean, self.std = cfg, size, mean, std
         self.tc = cfg.train_count or None
+        self.shift = frame_shift(cfg.warp_frame or "centre", size)
 
     @property
     def farl(self) -> bool:
@@ -35,7 +36,8 @@ class AlignmentTask:
 
     def _data(self, recs, augment: bool):
         if self.farl:
-            return FarlAlignmentData(recs, self.size, self.mean, self.std, augment, self.cfg.seed, self.cfg.warp_factor)
+            return FarlAlignmentData(recs, self.size, self.mean, self.std, augment, self.cfg.seed, self.cfg.warp_factor,
+                                     self.shift)
         return AlignmentData(recs, self.size, self.mean, self.std, self.cfg.crop_scale, augment, self.cfg.seed)
 
     def train_data(self):
@@ -77,13 +79,14 @@ class AlignmentTask:
             crop = self.points(hm.float(), model.stride).double().cpu().numpy()
             # back to the original image through the exact inverse of the input warp
             for j, i in enumerate(b["index"].tolist()):
-                preds[i] = from_input(crop[j], b["matrix"][j].numpy(), self.size, wf)
+                preds[i] = from_input(crop[j], b["matrix"][j].numpy(), self.size, wf, self.shift)
         gt = np.stack([r.landmarks for r in recs])
         boxes = np.stack([r.box for r in recs])
-        m = alignment_metrics(preds, gt, boxes)
+        grid = self.cfg.auc_grid or "farl"
+        m = alignment_metrics(preds, gt, boxes, grid)
         frontal = np.array([r.visible.all() for r in recs])
         if self.cfg.eval_split == "test" and frontal.any():
-            mf = alignment_metrics(preds[frontal], gt[frontal], boxes[frontal])
+            mf = alignment_metrics(preds[frontal], gt[frontal], boxes[frontal], grid)
             m.update({f"{k}_frontal": v for k, v in mf.items() if k.startswith("nme") or k == "num_images"})
         viz = [(recs[i].image, recs[i].box, gt[i], preds[i]) for i in range(min(num_viz, len(recs)))]
         return m, viz
@@ -97,6 +100,7 @@ class ParsingTask:
 
     def __init__(self, cfg: EvalConfig, size: int, mean, std):
         self.cfg, self.size, self.mean, self.std = cfg, size, mean, std
+        self.shift = frame_shift(cfg.warp_frame or "centre", size)
 
     @property
     def farl(self) -> bool:
@@ -105,7 +109,7 @@ class ParsingTask:
     def _data(self, recs, augment: bool, with_label: bool):
         if self.farl:
             return FarlParsingData(recs, self.size, self.mean, self.std, augment, self.cfg.seed,
-                                   self.cfg.warp_factor, with_label)
+                                   self.cfg.warp_factor, with_label, self.shift)
         return ParsingData(recs, self.size, self.mean, self.std, augment, self.cfg.seed, with_label)
 
     def _records(self, split: str):
@@ -149,7 +153,7 @@ class ParsingTask:
                 update_confusion(conf, pred, gt, ignore_index=IGNORE)
                 if len(viz) < num_viz:
                     viz.append((recs[i].image, gt.numpy(), pred.numpy()))
-        m = parsing_metrics(conf)
+        m = parsing_metrics(conf, absent=self.cfg.absent_class or "nan")
         m["num_images"] = len(recs)
         m["confusion"] = conf.tolist()
         return m, viz
@@ -161,7 +165,8 @@ class ParsingTask:
             # FaRL (lapa/test_post.yaml): logits at the warped size, taken back through the inverted warp
             # (bilinear), then argmax.
             up = F.interpolate(logits[None], size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
-            return warp_to_original(up, b["matrix"][j].numpy(), self.size, self.cfg.warp_factor, hw).argmax(0)
+            return warp_to_original(up, b["matrix"][j].numpy(), self.size, self.cfg.warp_factor, hw,
+                                    shift=self.shift).argmax(0)
         # The logit grid spans the whole squeezed image, so resizing it to (h, w) is the exact inverse of
         # the input resize (corner-aligned coordinates on both sides).
         up = F.interpolate(logits[None], size=hw, mode="bilinear", align_corners=False)

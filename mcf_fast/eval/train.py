@@ -1,13 +1,15 @@
-"""The fine-tuning loop: build, (resume,) train for --max-steps, score, write the run folder.
+"""The fine-tuning loop: build, check memory, (resume,) train for --max-steps scoring on a schedule, write
+the run folder.
 
-A run folder explains itself: config.json, metrics.jsonl (one line per logged step and a final line
-with the scores), ckpt.pt (atomic; rerunning the same command resumes from it), metrics.json,
-metrics.md and predictions.png.
+A run folder explains itself: config.json, eval.log, metrics.jsonl (training rows every --log-every
+steps, a row per scoring of the test split, a final row with the last and the best score: see
+`runlog`), ckpt.pt (atomic; rerunning the same command resumes from it), metrics.json, metrics.md
+and predictions.png.
 """
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import math
 import os
@@ -15,13 +17,17 @@ import time
 
 import torch
 
-from .config import EvalConfig
+from .config import EvalConfig, eval_every_steps
 from .encoders import build_encoder, param_groups
-from .heads import DenseModel
+from .evaluation import EvalHistory, due, scored_weights
+from .heads import dense_model
+from .identity import encoder_digest
+from .memory import check_memory
+from .results import write_results
+from .runlog import append_row, atomic_json, run_log, truncate_rows
 from .tasks import TASK_CLASSES
 from .transforms import StepBatches
-from .uper import FarlHead, farl_level_blocks, farl_param_groups
-from .viz import alignment_sheet, parsing_sheet, summary_markdown
+from .uper import farl_param_groups
 
 log = logging.getLogger(__name__)
 CKPT = "ckpt.pt"
@@ -35,7 +41,7 @@ def _device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu")
+        raise ValueError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu")
     return dev
 
 
@@ -50,27 +56,20 @@ def lr_at(step: int, cfg: EvalConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _atomic_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 class Ema:
-    """Exponential moving average of every float parameter and buffer (FaRL scores `main_ema`, decay 0.999:
-    trainers/*_farl.yaml); integer buffers are copied.
+    """Exponential moving average of every float parameter and buffer; integer buffers are copied. FaRL
+    scores `main_ema` (decay 0.999, trainers/*_farl.yaml), updated after every optimizer step from the
+    first (blueprint ml/trainer.py `_optimizer_step`), BN buffers averaged too (blueprint ml/util.py
+    `accumulate`): `warmup=False`. With `warmup=True` (ours) the decay at update t is
+    min(decay, (1 + t) / (10 + t)), so a 1,000-step run is not scored on weights still 37% its initial ones."""
 
-    The decay at update t is min(decay, (1 + t) / (10 + t)) (TensorFlow's num_updates warm-up; ours, since
-    blueprint's EMAConfig was not available to read): at FaRL's 75,000+ steps this is 0.999 after the
-    first ~9,000, while a 1,000-step run is not scored on weights still 37% made of the initial ones."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = False):
+        self.decay, self.warmup = decay, warmup
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
         for k, v in model.state_dict().items():
             if v.is_floating_point():
                 self.state[k].mul_(d).add_(v.detach(), alpha=1 - d)
@@ -78,16 +77,18 @@ class Ema:
                 self.state[k].copy_(v)
 
 
-def save_checkpoint(path: str, model, opt, step: int, cfg: EvalConfig, ema: Ema | None = None) -> None:
+def save_checkpoint(path: str, model, opt, step: int, cfg: EvalConfig, ema: Ema | None = None,
+                    history: EvalHistory | None = None) -> None:
     state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-             "fingerprint": cfg.fingerprint()}
+             "fingerprint": cfg.fingerprint(), "evals": history.records if history else []}
     if ema is not None:
         state["ema"] = ema.state
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # a checkpoint counts only once it is complete
 
 
-def load_checkpoint(path: str, model, opt, cfg: EvalConfig, ema: Ema | None = None) -> int:
+def load_checkpoint(path: str, model, opt, cfg: EvalConfig, ema: Ema | None = None,
+                    history: EvalHistory | None = None) -> int:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("fingerprint") != cfg.fingerprint():
         old, new = state.get("fingerprint", {}), cfg.fingerprint()
@@ -100,20 +101,16 @@ def load_checkpoint(path: str, model, opt, cfg: EvalConfig, ema: Ema | None = No
         if "ema" not in state:
             raise ValueError(f"{path} holds no EMA weights; use another --out or --no-resume to start over")
         ema.state = state["ema"]
+    if history is not None:
+        history.records = list(state.get("evals", []))
     return int(state["step"])
 
 
 def build_model(cfg: EvalConfig, out_channels: int):
     enc, info = build_encoder(cfg.encoder, cfg.arch or None, cfg.img_size or None, cfg.seed)
-    # The head's initial weights depend on the seed alone: the pre-trained and scratch runs of a
-    # comparison start from the same head.
-    torch.manual_seed(cfg.seed)
-    if cfg.protocol == "farl":
-        head = FarlHead(enc.embed_dim, enc.patch_embed.patch_size, out_channels, cfg.head_width)
-        model = DenseModel(enc, out_channels, freeze_backbone=cfg.freeze_backbone, head=head,
-                           blocks=farl_level_blocks(len(enc.blocks)))
-    else:
-        model = DenseModel(enc, out_channels, cfg.head_width, cfg.freeze_backbone)
+    r = cfg.resolved()  # idempotent: callers may pass the command line's config
+    model = dense_model(enc, out_channels, protocol=r.protocol, head_width=r.head_width, head_init=r.head_init,
+                        freeze_backbone=cfg.freeze_backbone, seed=cfg.seed)
     return model, info
 
 
@@ -127,12 +124,13 @@ def build_optimizer(model, cfg: EvalConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
 
-def _autocast_for(device: torch.device):
+def autocast_for(device: torch.device, precision: str):
+    """fp32: no autocast (FaRL: enable_amp False, the network .float()); bf16: bf16 autocast; auto: bf16 on a
+    GPU, fp32 on a CPU (where bf16 autocast is slower on most machines)."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
     def autocast():
-        # bf16 on GPU (as pre-training); fp32 on CPU, where bf16 autocast is slower on most machines.
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     return autocast
 
 
@@ -155,8 +153,34 @@ def _step(cfg: EvalConfig, model, opt, ema, task, batch, device, step: int, auto
     return loss, logs, scale
 
 
-def _train(cfg: EvalConfig, model, opt, ema, task, train_ds, device, start: int, end: int, autocast) -> None:
-    """Steps start..end-1 with metrics lines, a progress bar and checkpoints."""
+@dataclasses.dataclass
+class Run:
+    """Everything one fine-tuning run holds while it trains and scores."""
+    cfg: EvalConfig
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    ema: Ema | None
+    task: object
+    device: torch.device
+    autocast: object
+    history: EvalHistory
+    steps_per_epoch: int
+    every: int
+
+    def score(self, step: int, num_viz: int = 0):
+        """Score the test split on the scored weights; record it (history + metrics.jsonl); (metrics, viz)."""
+        with scored_weights(self.model, self.ema.state if self.ema else None):
+            metrics, viz = self.task.evaluate(self.model, self.device, num_viz, self.autocast)
+        rec = self.history.add(step, step / self.steps_per_epoch, metrics)
+        append_row(os.path.join(self.cfg.out, "metrics.jsonl"), {"kind": "eval", **rec})
+        key = self.history.key
+        log.info("step %d (epoch %.2f): %s %s", step, rec["epoch"], key, rec.get(key))
+        return metrics, viz
+
+
+def _train(r: Run, train_ds, start: int, end: int) -> None:
+    """Steps start..end-1 with metrics rows, scoring on schedule, a progress bar and checkpoints."""
+    cfg, model = r.cfg, r.model
     model.train()
     sampler = StepBatches(len(train_ds), cfg.batch_size, cfg.seed, start, end)
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers)
@@ -164,45 +188,41 @@ def _train(cfg: EvalConfig, model, opt, ema, task, train_ds, device, start: int,
     if cfg.progress:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=start, desc=cfg.task, dynamic_ncols=True)
-    t0 = time.time()
-    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as mlog:
-        for step, batch in zip(range(start, end), loader):
-            loss, logs, scale = _step(cfg, model, opt, ema, task, batch, device, step, autocast)
-            last = step + 1 == end
-            if (step + 1) % cfg.log_every == 0 or last:
-                rec = {"step": step + 1, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in logs.items()},
-                       "lr": cfg.lr * scale, "elapsed_s": round(time.time() - t0, 3)}
-                if not math.isfinite(rec["loss"]):
-                    raise FloatingPointError(f"loss became {rec['loss']} at step {step + 1}; lower --lr "
-                                             "or raise --warmup-steps")
-                mlog.write(json.dumps(rec) + "\n")
-                mlog.flush()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+    t0, rows = time.time(), os.path.join(cfg.out, "metrics.jsonl")
+    for step, batch in zip(range(start, end), loader):
+        loss, logs, scale = _step(cfg, model, r.opt, r.ema, r.task, batch, r.device, step, r.autocast)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end:
+            rec = {"kind": "train", "step": done, "loss": float(loss.detach()),
+                   **{k: float(v.detach()) for k, v in logs.items()}, "lr": cfg.lr * scale,
+                   "elapsed_s": round(time.time() - t0, 3)}
+            if not math.isfinite(rec["loss"]):
+                raise FloatingPointError(f"loss became {rec['loss']} at step {done}; lower --lr "
+                                         "or raise --warmup-steps")
+            append_row(rows, rec)
             if bar is not None:
-                bar.update(1)
-            if last or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0):
-                save_checkpoint(os.path.join(cfg.out, CKPT), model, opt, step + 1, cfg, ema)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        if bar is not None:
+            bar.update(1)
+        if due(done, r.every, cfg.max_steps):
+            r.score(done)
+        if done == end or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
+            save_checkpoint(os.path.join(cfg.out, CKPT), model, r.opt, done, cfg, r.ema, r.history)
     if bar is not None:
         bar.close()
 
 
-def _write_results(cfg: EvalConfig, metrics: dict, viz, run_info: dict) -> dict:
-    out = {"task": cfg.task, **metrics, "units": "fraction", "run": run_info}
-    _atomic_json(os.path.join(cfg.out, "metrics.json"), out)
-    with open(os.path.join(cfg.out, "metrics.md"), "w") as f:
-        f.write(summary_markdown(cfg.task, metrics, run_info))
-    (alignment_sheet if cfg.task == "alignment" else parsing_sheet)(viz, os.path.join(cfg.out, "predictions.png"))
-    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as mlog:
-        mlog.write(json.dumps({"step": cfg.max_steps, "final": True,
-                               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}) + "\n")
-    return out
+def prepared(cfg: EvalConfig) -> EvalConfig:
+    """The resolved, validated configuration with the encoder's content digest in its fingerprint."""
+    cfg = cfg.validate().resolved()
+    if cfg.encoder_digest:  # given by `paper`, which hashed the files moments ago
+        return cfg
+    return dataclasses.replace(cfg, encoder_digest=encoder_digest(cfg.encoder, cfg.arch))
 
 
 def run(cfg: EvalConfig) -> dict:
-    """Train and score; returns the metrics (also written to OUT/metrics.json)."""
-    cfg = cfg.validate().resolved()
-    os.makedirs(cfg.out, exist_ok=True)
+    """Train and score; returns the last scores with the best one (also written to OUT/metrics.json)."""
+    cfg = prepared(cfg)
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     task_cls = TASK_CLASSES[cfg.task]
@@ -211,34 +231,43 @@ def run(cfg: EvalConfig) -> dict:
     task = task_cls(cfg, size, info["norm_mean"], info["norm_std"])
     train_ds = task.train_data()
     task.test_records()  # fail on a broken test split before spending time on training
+    estimate = check_memory(cfg, model.encoder.arch, task_cls)  # before anything is written
+    os.makedirs(cfg.out, exist_ok=True)
+    with run_log(cfg.out):
+        log.info("memory estimate: %s", estimate.text())
+        return _run(cfg, device, model, info, task, train_ds)
+
+
+def _run(cfg: EvalConfig, device, model, info: dict, task, train_ds) -> dict:
     model.to(device)
     opt = build_optimizer(model, cfg)
-    ema = Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    _atomic_json(os.path.join(cfg.out, "config.json"), {**vars(cfg), "encoder_info": info})
-
+    ema = Ema(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+    atomic_json(os.path.join(cfg.out, "config.json"), {**vars(cfg), "encoder_info": info})
+    spe = max(1, math.ceil(len(train_ds) / cfg.batch_size))
+    r = Run(cfg, model, opt, ema, task, device, autocast_for(device, cfg.precision), EvalHistory(cfg.task), spe,
+            eval_every_steps(cfg.eval_every, spe))
     ckpt = os.path.join(cfg.out, CKPT)
-    start = load_checkpoint(ckpt, model, opt, cfg, ema) if cfg.resume and os.path.exists(ckpt) else 0
+    start = load_checkpoint(ckpt, model, opt, cfg, ema, r.history) if cfg.resume and os.path.exists(ckpt) else 0
+    truncate_rows(os.path.join(cfg.out, "metrics.jsonl"), start, cfg.max_steps)
     end = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
-    if start:
-        log.info("resuming %s from step %d", cfg.out, start)
-    autocast = _autocast_for(device)
+    log.info("%s %s: %s; encoder %s (sha256 %s); %s, %d steps x batch %d, scoring %s", "resuming" if start else
+             "run", cfg.out, cfg.task, info["source"], cfg.encoder_digest[:16], cfg.protocol, cfg.max_steps,
+             cfg.batch_size, f"every {r.every} steps" if r.every else "after the last step")
     t0 = time.time()
     if start < end:
-        _train(cfg, model, opt, ema, task, train_ds, device, start, end, autocast)
+        _train(r, train_ds, start, end)
     train_s = time.time() - t0
     if end < cfg.max_steps:
         log.info("stopped after step %d of %d (--stop-after); rerun without it to finish", end, cfg.max_steps)
         return {"stopped_at": end}
-
-    if ema is not None:  # score the averaged weights, as FaRL does
-        model.load_state_dict(ema.state)
-    model.eval()
     t1 = time.time()
-    metrics, viz = task.evaluate(model, device, cfg.num_viz, autocast)
-    run_info = {"encoder": info["source"], "arch": info["arch"], "img_size": size, "freeze_backbone": cfg.freeze_backbone,
-                "steps": cfg.max_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "layer_decay": cfg.layer_decay,
+    metrics, viz = r.score(cfg.max_steps, cfg.num_viz)
+    run_info = {"encoder": info["source"], "encoder_sha256": cfg.encoder_digest, "arch": info["arch"],
+                "img_size": task.size, "freeze_backbone": cfg.freeze_backbone, "steps": cfg.max_steps,
+                "steps_per_epoch": spe, "batch_size": cfg.batch_size, "lr": cfg.lr, "layer_decay": cfg.layer_decay,
                 "seed": cfg.seed, "train_images": len(train_ds), "train_seconds": round(train_s, 2),
                 "eval_seconds": round(time.time() - t1, 2), "device": str(device), "eval_split": cfg.eval_split,
                 "protocol": cfg.protocol, "warp_factor": cfg.warp_factor, "ema_decay": cfg.ema_decay,
-                "head_width": cfg.head_width, "backbone_lr_scale": cfg.backbone_lr_scale, "schedule": cfg.schedule}
-    return _write_results(cfg, metrics, viz, run_info)
+                "head_width": cfg.head_width, "backbone_lr_scale": cfg.backbone_lr_scale, "schedule": cfg.schedule,
+                "eval_every": cfg.eval_every, "choices": cfg.choices()}
+    return write_results(cfg, metrics, viz, run_info, r.history)

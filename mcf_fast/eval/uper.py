@@ -36,9 +36,27 @@ def farl_fpns(patch: int, dim: int) -> tuple[nn.ModuleList, float]:
                      f"the encoder has patch {patch}: use --protocol resize-whole/square-crop")
 
 
-def _cbr(cin: int, cout: int, k: int) -> nn.Sequential:
-    """mmcv ConvModule with BN: conv without bias, BN, ReLU."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+HEAD_INITS = ("mmcv", "torch")
+
+
+def mmcv_kaiming_(conv: nn.Conv2d) -> None:
+    """mmcv's ConvModule.init_weights for a conv followed by ReLU: kaiming_init(conv, a=0, mode='fan_out',
+    nonlinearity='relu', distribution='normal'), bias 0 (mmcv/cnn/bricks/conv_module.py, mmcv 1.3.14 as
+    FaRL's README pins; it runs inside ConvModule.__init__, so FaRL's UPerHead starts from it)."""
+    nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class ConvBNReLU(nn.Sequential):
+    """mmcv ConvModule with BN: conv without bias, BN (weight 1, bias 0), ReLU; `init` mmcv or torch."""
+
+    def __init__(self, cin: int, cout: int, k: int, init: str = "mmcv"):
+        if init not in HEAD_INITS:
+            raise ValueError(f"head init must be one of {HEAD_INITS}, got {init!r}")
+        super().__init__(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+        if init == "mmcv":  # at construction, as ConvModule does: the RNG order follows the build order
+            mmcv_kaiming_(self[0])
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
@@ -49,15 +67,17 @@ class UperHead(nn.Module):
     """mmseg's UPerHead: PPM on the coarsest level, FPN top-down, 3x3 smoothing, fuse, 1x1 classifier."""
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, pool_scales=(1, 2, 3, 6),
-                 levels: int = 4, dropout: float = 0.1):
+                 levels: int = 4, dropout: float = 0.1, init: str = "mmcv"):
         super().__init__()
         self.pool_scales = pool_scales
-        self.ppm = nn.ModuleList([_cbr(in_channels, channels, 1) for _ in pool_scales])
-        self.bottleneck = _cbr(in_channels + len(pool_scales) * channels, channels, 3)
-        self.lateral = nn.ModuleList([_cbr(in_channels, channels, 1) for _ in range(levels - 1)])
-        self.fpn = nn.ModuleList([_cbr(channels, channels, 3) for _ in range(levels - 1)])
-        self.fuse = _cbr(levels * channels, channels, 3)
+        self.ppm = nn.ModuleList([ConvBNReLU(in_channels, channels, 1, init) for _ in pool_scales])
+        self.bottleneck = ConvBNReLU(in_channels + len(pool_scales) * channels, channels, 3, init)
+        self.lateral = nn.ModuleList([ConvBNReLU(in_channels, channels, 1, init) for _ in range(levels - 1)])
+        self.fpn = nn.ModuleList([ConvBNReLU(channels, channels, 3, init) for _ in range(levels - 1)])
+        self.fuse = ConvBNReLU(levels * channels, channels, 3, init)
         self.dropout = nn.Dropout2d(dropout)
+        # mmseg's conv_seg is a plain Conv2d: FaRL never calls the head's init_weights (its normal(0.01)
+        # init_cfg), so it keeps PyTorch's default, as do the FPN resamplers (farl/network/transformers.py).
         self.cls = nn.Conv2d(channels, num_classes, 1)
 
     def _psp(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,10 +97,10 @@ class UperHead(nn.Module):
 class FarlHead(nn.Module):
     """Four [N, D, g, g] ViT maps -> FaRL's FPN resamplers -> UPerHead -> [N, out, h, w] at `out_stride`."""
 
-    def __init__(self, dim: int, patch: int, out_channels: int, channels: int = 768):
+    def __init__(self, dim: int, patch: int, out_channels: int, channels: int = 768, init: str = "mmcv"):
         super().__init__()
         self.fpns, self.out_stride = farl_fpns(patch, dim)
-        self.uper = UperHead(dim, channels, out_channels)
+        self.uper = UperHead(dim, channels, out_channels, init=init)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         return self.uper([fpn(f) for fpn, f in zip(self.fpns, feats)])

@@ -1,12 +1,9 @@
-"""Pictures and the Markdown summary of a downstream run."""
+"""Pictures of a downstream run's predictions."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .metrics import LAPA_CLASSES
 from .transforms import load_rgb
 
 TILE = 160
@@ -58,33 +55,3 @@ def parsing_sheet(items, path: str) -> None:
                   colourise(gt).resize((TILE, TILE), Image.NEAREST),
                   colourise(pred).resize((TILE, TILE), Image.NEAREST)]
     _grid(tiles, 3).save(path)
-
-
-def _fmt(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4f}" if isinstance(v, float) else str(v))
-
-
-def summary_markdown(task: str, metrics: dict, info: dict) -> str:
-    """metrics.md: the scores (as fractions and as the paper's x100), then how the run was made."""
-    lines = [f"# Downstream {task}", ""]
-    if task == "alignment":
-        keys = ["nme_diag", "nme_box", "nme_inter_ocular", "auc_box_7", "fr_box_7",
-                "nme_diag_frontal", "nme_box_frontal", "nme_inter_ocular_frontal"]
-        lines += ["Lower is better for NME and FR, higher for AUC. Paper (MCF, AFLW-19 full): NME_diag x100 = 0.932.", ""]
-    else:
-        keys = ["f1_mean"] + [f"f1_{n}" for n in LAPA_CLASSES]
-        lines += ["Mean F1 over the 10 foreground classes (background excluded). Paper (MCF, LaPa): 93.96.", ""]
-    lines += ["| metric | value | x100 |", "| --- | ---: | ---: |"]
-    for k in keys:
-        if k in metrics:
-            v = metrics[k]
-            lines.append(f"| {k} | {_fmt(v)} | {_fmt(v * 100 if isinstance(v, float) else v)} |")
-    lines += ["", f"Scored on {metrics.get('num_images')} test images "
-                  f"({info['eval_split']}), at the original image resolution.", "", "## Run", ""]
-    for k in ("encoder", "arch", "protocol", "warp_factor", "img_size", "freeze_backbone", "steps", "batch_size", "lr",
-              "backbone_lr_scale", "layer_decay", "schedule", "ema_decay", "head_width", "seed", "train_images",
-              "train_seconds", "device"):
-        if k in info:
-            lines.append(f"- {k}: {info[k]}")
-    lines += ["", "![predictions](predictions.png)", ""]
-    return "\n".join(lines)

@@ -14,7 +14,7 @@ about 80% of the link rate on large messages (its usual bus-bandwidth share), wh
 """
 from __future__ import annotations
 
-from .memory import param_bytes, units
+from .memory import is_teacher_unit, param_bytes, units
 
 LINK_EFFICIENCY = 0.8
 
@@ -28,7 +28,7 @@ def per_step(trace, cfg, world: int, precision: str) -> dict:
     share = (world - 1) / world
     pb = param_bytes(precision)
     u = units(trace, cfg.dist.teacher_sharding)
-    teacher_units = {k: v for k, v in u.items() if k.startswith("perceptual.teacher")}
+    teacher_units = {k: v for k, v in u.items() if is_teacher_unit(trace, k, cfg.dist.teacher_sharding)}
     model_units = {k: v for k, v in u.items() if k not in teacher_units}
     fwd = sum(v["numel"] for v in model_units.values())
     bwd = (sum(v["numel"] for k, v in model_units.items() if v["trainable"] and k != "root")

@@ -9,14 +9,14 @@ full gradients. A sharded run (world > 1, `train/fsdp.py`) differs in what this 
     traced weight casts disappear and the gathered units take their place: the root unit for the whole
     step, two block units at a time (the current and the prefetched), two units' unsharded gradients
     plus their fp32 copies for the reduce-scatter.
-The units mirror `train/fsdp.py`'s layout: each block of every ViT (online encoder, target encoder, and the
-teacher when sharded) and then the ViT itself (its stem and final norm), each decoder block, each MoCo
-head, and the root that holds everything else (the decoder's embed, mask token, norm and pixel head).
+The units are `train/fsdp.py`'s own layout (`unit_layout`, recorded by the trace from the built model):
+each block of every ViT (online encoder, target encoder, and the teacher when sharded) and then the
+ViT itself (its stem and final norm), each decoder block, each MoCo head, and the root that holds
+everything else (the decoder's embed, mask token, norm and pixel head).
 """
 from __future__ import annotations
 
 import math
-import re
 
 from .hardware import GiB
 
@@ -31,26 +31,15 @@ NCCL_BUFFERS = GiB // 2
 # growth for 856 MiB of live tensors (+37%) with the default malloc settings on this project's CPU box.
 CPU_FRAGMENTATION = 0.40
 
-_BLOCK = re.compile(r"^(encoder\.blocks|decoder_blocks|target_encoder\.blocks|perceptual\.teacher\.blocks)\.(\d+)\.")
-_HEADS = ("projector.", "predictor.", "target_projector.")
-TEACHER_PREFIX = "perceptual.teacher."
-_VITS = ("encoder.", "target_encoder.", TEACHER_PREFIX)  # a ViT's own unit holds its stem and final norm
+def unit_of(trace, name: str, teacher_sharding: str) -> str | None:
+    """The FSDP2 unit holding parameter `name` ('root' for the model's own); None for a replicated
+    (unmanaged) teacher tensor. From train/fsdp.py's layout of the traced model."""
+    u = trace.layouts[teacher_sharding].unit_of(name)
+    return "root" if u == "" else u
 
 
-def unit_of(name: str, teacher_sharding: str) -> str | None:
-    """The FSDP2 unit holding parameter `name`; None for a replicated (unmanaged) teacher tensor."""
-    m = _BLOCK.match(name)
-    if name.startswith(TEACHER_PREFIX) and teacher_sharding != "shard":
-        return None
-    if m:
-        return f"{m.group(1)}.{m.group(2)}"
-    for h in _HEADS:
-        if name.startswith(h):
-            return h[:-1]
-    for v in _VITS:
-        if name.startswith(v):
-            return v[:-1]
-    return "root"
+def is_teacher_unit(trace, unit: str, teacher_sharding: str) -> bool:
+    return trace.layouts[teacher_sharding].is_teacher(unit)
 
 
 def shard_bytes(numel: int, dim0: int, nbytes: int, world: int) -> int:
@@ -66,7 +55,7 @@ def units(trace, teacher_sharding: str) -> dict[str, dict]:
     for t in trace.tensors:
         if t.kind not in ("trainable", "frozen", "teacher"):
             continue
-        u = unit_of(t.name, teacher_sharding)
+        u = unit_of(trace, t.name, teacher_sharding)
         if u is None:
             continue
         d = out.setdefault(u, {"numel": 0, "trainable": 0})
@@ -142,5 +131,5 @@ def headroom(allocated: int, capacity: int, world: int, on_gpu: bool, context_in
             "fits": needed <= capacity}
 
 
-__all__ = ["per_gpu", "peak_view", "headroom", "unit_of", "units", "shard_bytes", "fsdp_buffers", "param_bytes",
-           "GPU_FRAGMENTATION", "GPU_CONTEXT", "NCCL_BUFFERS", "CPU_FRAGMENTATION"]
+__all__ = ["per_gpu", "peak_view", "headroom", "unit_of", "is_teacher_unit", "units", "shard_bytes", "fsdp_buffers",
+           "param_bytes", "GPU_FRAGMENTATION", "GPU_CONTEXT", "NCCL_BUFFERS", "CPU_FRAGMENTATION"]

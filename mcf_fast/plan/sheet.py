@@ -112,8 +112,9 @@ def speed_sheet(tr, cfg, target: Target, precision: str, m: hardware.Machine, to
     return out
 
 
-def plan_sheet(cfg, target: Target, *, with_fixes: bool = True) -> dict:
-    """The whole sheet for a validated Config on `target` (see the module docstring)."""
+def plan_sheet(cfg, target: Target, *, with_fixes: bool = True, with_loader: bool = True) -> dict:
+    """The whole sheet for a validated Config on `target` (see the module docstring). `with_loader=False`
+    leaves the loader out (its rate is measured for about a second): 'loader' is then None."""
     precision, why = resolve_precision(cfg, target)
     m = machine_for(target, precision)
     tr = traced(cfg, precision)
@@ -127,9 +128,9 @@ def plan_sheet(cfg, target: Target, *, with_fixes: bool = True) -> dict:
     traffic = comms.per_step(tr, cfg, target.world, precision)
     link = comms.link_time(traffic, m, target.nodes)
     likely_step = speed["range"]["likely"]["step_s"]
-    rate = _loader(cfg, target)
+    rate = _loader(cfg, target) if with_loader else None
     ips = {k: v["images_per_s_per_gpu"] for k, v in speed["range"].items()}
-    bpi = target.image_kb * 1024 if target.image_kb else rate.get("bytes_per_image")
+    bpi = target.image_kb * 1024 if target.image_kb else (rate or {}).get("bytes_per_image")
     mem = memory_sheet(tr, cfg, target, precision, m)
     sheet = {
         "run": {"preset": cfg.preset, "machine": m.name, "gpus_per_node": target.gpus, "nodes": target.nodes,
@@ -143,7 +144,8 @@ def plan_sheet(cfg, target: Target, *, with_fixes: bool = True) -> dict:
         "memory": mem,
         "speed": speed,
         "comms": {"per_step": traffic, **link, "share_of_likely_step": link["seconds"] / likely_step},
-        "loader": {**rate, "cores_per_gpu": {k: loader_rate.cores_needed(v, rate) for k, v in ips.items()}},
+        "loader": {**rate, "cores_per_gpu": {k: loader_rate.cores_needed(v, rate) for k, v in ips.items()}}
+        if rate else None,
         "storage": {**storage.job_storage(tr, cfg, total_steps or 0, images, bpi),
                     "bytes_source": "given" if target.image_kb else "measured"},
         "trace": {"seconds": tr.seconds, "micro_steps": tr.micro_steps, "unlabelled_parts": tr.missing_parts,

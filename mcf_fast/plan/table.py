@@ -105,6 +105,8 @@ def comms_block(s: dict) -> list[str]:
 
 def loader_block(s: dict) -> list[str]:
     ld = s["loader"]
+    if ld is None:
+        return ["", "Loader: not planned (the sheet was made without measuring the loader)"]
     where = (f"measured here: {ld['decoder']} decode + resize/crop/flip of {ld['source_px']} px JPEGs, per second of "
              f"one core's CPU time, load average {ld['load_average']:.1f}") if ld["measured"] else "given"
     cores = " / ".join(f"{k} {v:.1f}" for k, v in ld["cores_per_gpu"].items())

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from .tracer import StepTracer
 
@@ -50,6 +50,7 @@ class StepTrace:
     seconds: float | None = None  # how long the trace took (set by the caller)
     notes: list = field(default_factory=list)  # what the trace assumed in place of missing files
     accumulating: bool = False  # earlier micro-batches' gradients were live during the traced one
+    layouts: dict = field(default_factory=dict)  # teacher_sharding -> train/fsdp.py's UnitLayout of this model
 
     @property
     def flops_per_image(self) -> float:
@@ -173,7 +174,8 @@ class _Batches:
     def __next__(self):
         from types import SimpleNamespace
         imgs = torch.empty(self.batch, 3, self.size, self.size, dtype=self.dtype)
-        ids = self.ids + self.i * self.batch
+        with unset_fake_temporarily():  # real values: the mask generator reads them
+            ids = self.ids + self.i * self.batch
         self.i += 1
         return SimpleNamespace(images=imgs, sample_ids=ids)
 
@@ -185,6 +187,7 @@ def trace_step(cfg, precision: str) -> StepTrace:
     before it (made inside the trace, so they count), as in every micro-batch but the first."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mcf_fast.train.fsdp import unit_layout
     from mcf_fast.train.optim import build_optimizer
     from mcf_fast.train.runtime import Runtime
     from mcf_fast.train.step import TrainStep
@@ -197,6 +200,7 @@ def trace_step(cfg, precision: str) -> StepTrace:
     ids = torch.arange(B, dtype=torch.int64)  # real: made before the fake mode
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = _fake_model(cfg, mode)
+    layouts = {s: unit_layout(model, s) for s in ("replicate", "shard")}
     dev = torch.device("cpu")
     registry = FlopCounterMode(display=False, custom_mapping=sdpa_cpu_flops()).flop_registry
     with mode:
@@ -207,6 +211,7 @@ def trace_step(cfg, precision: str) -> StepTrace:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step = TrainStep(model, optimizer, cfg, Runtime(dev, precision, 0, 1, 0))
+        step.masks = _drawn_for_real(step.masks)
         persistent = (list(model.parameters()) + list(model.buffers()) + [step._zero]
                       + [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)])
         tracer = StepTracer(persistent, model.parameters(), registry)
@@ -224,7 +229,16 @@ def trace_step(cfg, precision: str) -> StepTrace:
         rows = _inventory(model, optimizer)
     parts = {p: int(tracer.flops.get(p, 0)) for p in PARTS}
     return StepTrace(B, 1, precision, sum(parts.values()), parts, dict(tracer.flops_by_op), dict(tracer.peak),
-                     dict(tracer.at_peak), rows, missing, notes=notes, accumulating=accumulating)
+                     dict(tracer.at_peak), rows, missing, notes=notes, accumulating=accumulating, layouts=layouts)
+
+
+def _drawn_for_real(generator):
+    """The step's mask generator run outside the fake mode: it reads the sample ids' values, whichever
+    backend draws them (the compiled op or the torch ops); the tracer still counts the masks' bytes."""
+    def draw(*args, **kwargs):
+        with unset_fake_temporarily():
+            return generator(*args, **kwargs)
+    return draw
 
 
 class _Phases:
@@ -240,7 +254,8 @@ class _Phases:
 
 def sdpa_cpu_flops() -> dict:
     """FlopCounterMode counts CUDA's attention kernels but not the CPU flash kernel the fake step
-    dispatches to: torch's own SDPA formulas for it (the step benchmark counts the same way)."""
+    dispatches to: torch's own SDPA formulas for it. The one statement of this mapping: the benchmarks'
+    `count_flops` (benchmarks/flops.py) uses it too, so the sheet and the step suite count alike."""
     from torch.utils import flop_counter as fc
     aten = torch.ops.aten
     if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):

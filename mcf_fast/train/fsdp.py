@@ -11,6 +11,8 @@ Layout of the sharding units (each `fully_shard` call is one all-gather / reduce
   - the root (MCFModel), which owns what is left: the decoder's embed / mask token / position table /
     norm / pixel head, gathered by the root's pre-hook on `MCFModel.forward` and on
     `MCFModel.reconstruct` (the pictures, which every rank runs together).
+`unit_layout(model, teacher_sharding)` states this layout as data; `shard_model` applies it, and the
+cost sheet (mcf_fast/plan/memory.py) reads it to model the shards without a process group.
 
 Every parameter is sharded on dim 0 over the same 1-D mesh, so the target encoder's local shard of a
 tensor covers exactly the rows of the online encoder's local shard of the same tensor: the EMA update
@@ -22,6 +24,7 @@ Single-process runs never call `shard_model`; `full_encoder` then returns the en
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -35,6 +38,58 @@ VIT_METHODS = ("forward_visible", "forward_intermediates")  # how MCFModel calls
 def _teacher(model) -> nn.Module | None:
     perceptual = getattr(model, "perceptual", None)
     return getattr(perceptual, "teacher", None) if perceptual is not None else None
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    """The FSDP2 units `shard_model` makes, as data (the cost sheet reads it to model the shards).
+
+    `units`: module paths in the order `fully_shard` is applied (each block before its ViT, the root
+    '' last); `vits`: the unit paths that are ViTs (their forward methods are registered); `teacher`: the
+    frozen teacher's path (None without one); `teacher_replicated`: its parameters are kept out of
+    every unit (whole on each rank)."""
+    units: tuple
+    vits: tuple
+    teacher: str | None
+    teacher_replicated: bool
+
+    def unit_of(self, name: str) -> str | None:
+        """The unit holding parameter `name` (the innermost unit path it lies under; '' = the root);
+        None for a replicated teacher's parameter, which no unit manages."""
+        if self.teacher_replicated and _under(name, self.teacher):
+            return None
+        return max((u for u in self.units if u and _under(name, u)), key=len, default="")
+
+    def is_teacher(self, unit: str) -> bool:
+        return _under(unit, self.teacher) or unit == self.teacher
+
+
+def _under(name: str, prefix: str | None) -> bool:
+    return prefix is not None and name.startswith(prefix + ".")
+
+
+def unit_layout(model, teacher_sharding: str) -> UnitLayout:
+    """The layout `shard_model(model, cfg)` makes for `cfg.dist.teacher_sharding` (module docstring).
+    Reads only the model's structure: a model on the meta device or with fake tensors works."""
+    paths = {id(m): n for n, m in model.named_modules()}
+    units: list[str] = []
+    vits: list[str] = []
+
+    def vit_units(vit: nn.Module) -> None:
+        units.extend(paths[id(blk)] for blk in vit.blocks)
+        units.append(paths[id(vit)])
+        vits.append(paths[id(vit)])
+
+    for vit in (model.encoder, model.target_encoder):
+        vit_units(vit)
+    units.extend(paths[id(blk)] for blk in model.decoder_blocks)
+    units.extend(paths[id(head)] for head in (model.projector, model.predictor, model.target_projector))
+    teacher = _teacher(model)
+    if teacher is not None and teacher_sharding == "shard":
+        vit_units(teacher)
+    units.append("")  # the root: what no unit above holds
+    return UnitLayout(tuple(units), tuple(vits), paths[id(teacher)] if teacher is not None else None,
+                      teacher is not None and teacher_sharding != "shard")
 
 
 def mixed_precision(precision: str):
@@ -61,36 +116,24 @@ def shard_model(model, cfg, rt: Runtime):
     mp = mixed_precision(rt.precision)
     reshard = bool(cfg.dist.reshard_after_forward)
 
-    def unit(module: nn.Module, **kw) -> None:
-        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=kw.pop("reshard", reshard), **kw)
-
-    def vit_units(vit: nn.Module, **kw) -> None:
-        for blk in vit.blocks:
-            unit(blk, **kw)
-        unit(vit, **kw)
-        for method in VIT_METHODS:  # the model calls these, not forward: hook them too
-            register_fsdp_forward_method(vit, method)
-
-    for vit in (model.encoder, model.target_encoder):
-        vit_units(vit)
-    for blk in model.decoder_blocks:
-        unit(blk)
-    for head in (model.projector, model.predictor, model.target_projector):
-        unit(head)
+    layout = unit_layout(model, cfg.dist.teacher_sharding)
+    for path in layout.units[:-1]:  # the root last, below
+        module = model.get_submodule(path)
+        # A sharded teacher runs twice per step (real image without graph, prediction with graph) and
+        # once more in backward for the input gradient: free its units after each use.
+        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard or layout.is_teacher(path))
+        if path in layout.vits:
+            for method in VIT_METHODS:  # the model calls these, not forward: hook them too
+                register_fsdp_forward_method(module, method)
 
     teacher = _teacher(model)
     ignored: set[nn.Parameter] = set()
-    if teacher is not None:
-        if cfg.dist.teacher_sharding == "shard":
-            # The teacher runs twice per step (real image without graph, prediction with graph) and
-            # once more in backward for the input gradient: free its units after each use.
-            vit_units(teacher, reshard=True)
-        else:
-            ignored = set(teacher.parameters())
-            if mp.param_dtype is not None:
-                # Frozen: no fp32 master copy is needed. Stored in the compute dtype it takes half the
-                # memory and gets inputs of that dtype, as the sharded units' all-gathered weights do.
-                teacher.to(mp.param_dtype)
+    if teacher is not None and layout.teacher_replicated:
+        ignored = set(teacher.parameters())
+        if mp.param_dtype is not None:
+            # Frozen: no fp32 master copy is needed. Stored in the compute dtype it takes half the
+            # memory and gets inputs of that dtype, as the sharded units' all-gathered weights do.
+            teacher.to(mp.param_dtype)
     # The root keeps its parameters gathered from forward to the end of backward (FSDP2's default
     # for the root): they are read again by backward immediately anyway.
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
@@ -136,4 +179,4 @@ def full_encoder(model, rt: Runtime) -> nn.Module | None:
     return enc
 
 
-__all__ = ["shard_model", "full_encoder", "mixed_precision", "local_numel_bytes"]
+__all__ = ["shard_model", "unit_layout", "UnitLayout", "full_encoder", "mixed_precision", "local_numel_bytes"]

@@ -13,6 +13,20 @@ from .window import term_key
 log = logging.getLogger("mcf_fast")
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """A StreamHandler on whatever `sys.stderr` is when each record is written: a handler bound to the
+    stream of its setup would write into a closed or replaced stream later in the same process (a
+    notebook cell, a test harness, a caller that redirects stderr)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):  # StreamHandler.__init__ assigns it; the property always follows sys.stderr
+        pass
+
+
 def setup_logging(out_dir: str | None, rank: int) -> None:
     """Console + OUT/train.log on rank 0; other ranks only warn."""
     root = logging.getLogger("mcf_fast")
@@ -20,7 +34,7 @@ def setup_logging(out_dir: str | None, rank: int) -> None:
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    h = logging.StreamHandler(sys.stderr)
+    h = ConsoleHandler()
     h.setFormatter(fmt)
     root.addHandler(h)
     if out_dir and rank == 0:

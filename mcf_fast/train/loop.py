@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from mcf_fast.data import build_pretrain_loader
+from mcf_fast.model.card import write_model_card
 from mcf_fast.model.mcf import MCFModel
 from mcf_fast.model.vit import save_encoder
 from mcf_fast.plan.check import check_fits
@@ -318,6 +319,9 @@ def _finish(w: Wiring, start: int, t_start: float) -> dict:
             st, js = save_encoder(enc, out, extra={"source": "mcf_fast.pretrain", "steps": w.total,
                                                    "preset": cfg.preset}, mean=cfg.data.mean, std=cfg.data.std)
             summary["encoder"] = st
+            write_model_card(out, cfg.to_dict(), steps=w.total, steps_per_epoch=w.steps_per_epoch, eff_batch=w.eff_batch,
+                             num_samples=getattr(w.loader, "num_samples", None), world_size=rt.world_size,
+                             precision=rt.precision)
     if rt.is_main:
         runfolder.write_json(os.path.join(out, "summary.json"), summary)  # atomic and fsynced
         log.info("done in %.1f s. Run folder %s: config.json, metrics.jsonl, train.log, summary.json, tb/ "

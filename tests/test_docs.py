@@ -197,6 +197,20 @@ def test_readme_is_a_guide_of_at_most_300_lines():
     assert "docs/README.md" in text
 
 
+def test_the_install_ships_every_package():
+    """setup.py installs every package of mcf_fast (a non-editable install of a package left out of its list
+    would lack that code), and kernels/ as mcf_fast.kernels."""
+    import ast
+    call = next(n for n in ast.walk(ast.parse(_text("setup.py"))) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "setup")
+    kw = {k.arg: k.value for k in call.keywords}
+    listed = set(ast.literal_eval(kw["packages"]))
+    found = {os.path.relpath(d, ROOT).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(ROOT, "mcf_fast"))
+             if "__init__.py" in files and "__pycache__" not in d}
+    assert found and found | {"mcf_fast.kernels"} == listed
+    assert ast.literal_eval(kw["package_dir"]) == {"mcf_fast.kernels": "kernels"}
+
+
 HISTORY = re.compile(r"\b(issues?|sessions?|developers?|the lead|lent|5-minute goal|diar(y|ies))\b", re.I)
 
 

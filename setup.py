@@ -159,7 +159,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mcf_fast", "mcf_fast.model", "mcf_fast.data", "mcf_fast.train", "mcf_fast.eval",
+    packages=["mcf_fast", "mcf_fast.model", "mcf_fast.data", "mcf_fast.train", "mcf_fast.eval", "mcf_fast.plan",
               "mcf_fast.kernels"],
     package_dir={"mcf_fast.kernels": "kernels"},
     ext_modules=ext_modules,

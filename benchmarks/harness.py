@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from mcf_fast.procmem import status_kib
+
 from .budget import Budget, BudgetSpent
 
 NO_GPU = "not measured: no GPU"
@@ -138,17 +140,6 @@ def summarize(samples_ms: list[float]) -> dict:
 
 
 # ----------------------------------------------------------------------------- memory
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _malloc_trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -158,7 +149,7 @@ def _malloc_trim() -> None:
 
 def cpu_peak_supported() -> tuple[bool, str]:
     """(ok, why not): the RSS high-water method needs Linux's /proc/self/clear_refs and VmHWM."""
-    if _proc_status_kib("VmHWM") is None:
+    if status_kib("VmHWM") is None:
         return False, "not measured: /proc/self/status has no VmHWM (not Linux)"
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -184,11 +175,11 @@ def peak_bytes(fn: Callable, device: torch.device | str = "cpu") -> int | None:
         fn()
         return None
     _malloc_trim()
-    rss0 = _proc_status_kib("VmRSS")
+    rss0 = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     fn()
-    hwm = _proc_status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     return max(0, hwm - rss0) * 1024
 
 

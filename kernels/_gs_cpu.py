@@ -1,6 +1,6 @@
 """The torch formulation of the gather / scatter ops used for CPU tensors (and for `cpu` on any device).
 
-Why this shape (measured on a 2-core AMX CPU, N=256, L=196, D=768, fp32; see docs/notes/issue-3.md):
+Why this shape (measured on a 2-core AMX CPU, N=256, L=196, D=768, fp32; see dev/notes/kernels.md):
 - rows are moved with a flattened `index_select` on [N*L, D] with an [N*K] index instead of
   `gather` with an index expanded (or, as MAE does, repeated) to [N, K, D]: no D-times-larger int64
   index, and one contiguous row copy per selected token;

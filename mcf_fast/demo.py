@@ -116,7 +116,30 @@ def summary_table(s: dict) -> str:
         f"reconstruction below the mean-colour baseline: {'yes' if s['recon_below_baseline'] else 'NO'}; "
         f"encoder better than scratch on both probes: {'yes' if s['beats_scratch'] else 'NO'}",
     ]
+    m = s.get("ran_on")
+    if m:  # summaries written before this field existed have no machine line
+        lines.append(f"ran on: {m['cpu']} ({m['cores']} cores), {m['device']}, {m['precision']} ({m['why']}), "
+                     f"torch {m['torch']}")
     return "\n".join(lines)
+
+
+def ran_on(cfg) -> dict:
+    """Where the numbers came from: the CPU, its cores, the precision the run chose and why, torch."""
+    import platform
+
+    import torch
+
+    from mcf_fast.train.runtime import resolve_precision
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    device = torch.device("cuda" if cfg.run.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    precision, why = resolve_precision(cfg.run.precision, device)
+    return {"cpu": cpu, "cores": os.cpu_count(), "device": device.type, "precision": precision, "why": why,
+            "torch": torch.__version__}
 
 
 def run_demo(out: str = "runs/demo", seed: int = 0, teacher_steps: int = 300, steps: int = 150,
@@ -145,6 +168,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, teacher_steps: int = 300, st
     s["recon_below_baseline"] = s["recon_mcf"]["masked_mse"] < s["recon_mcf"]["mean_colour_mse"]
     s["beats_scratch"] = pre["nme_diag"] < rnd["nme_diag"] and pre["f1_mean"] > rnd["f1_mean"]
     s["wall_s"] = round(time.perf_counter() - t0, 1)
+    s["ran_on"] = ran_on(mcfg)
     with open(os.path.join(out, "demo_summary.json"), "w") as f:
         json.dump(s, f, indent=2)
     print(summary_table(s) + f"\nwall clock {s['wall_s']:.0f} s; pictures: {out}/images/recon_*.png (MCF), "

@@ -5,7 +5,7 @@ in this process: convert FILE / RUN, pretrain's teacher check, the init / decode
 --boxes, the resume checkpoint scan and load, scan and the loader on an LMDB, eval's encoder, the image
 decoder. Every entry point is first run once on a good file (so one-time costs such as imports and
 thread pools are in the baseline). Prints one JSON line: per case whether it was refused with one line,
-its message and seconds, and how far the peak RSS (ru_maxrss) grew over the baseline.
+its message and seconds, and how far the peak RSS (VmHWM) grew over the baseline.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import io
 import json
 import os
 import pickle
-import resource
 import sys
 import tempfile
 import time
@@ -22,9 +21,11 @@ import time
 import hostile
 import torch
 
+from mcf_fast.procmem import peak_rss_bytes
+
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20  # VmHWM: ru_maxrss would include the test runner's peak (procmem.py)
 
 
 def _call(fn):

@@ -72,3 +72,6 @@ def test_demo_runs_both_stages_and_summarises(tmp_path, capsys):
     assert json.load(open(os.path.join(out, "demo_summary.json")))["steps"] == 3
     printed = capsys.readouterr().out
     assert "mean-colour baseline" in printed and "gain over scratch" in printed
+    ran_on = json.load(open(os.path.join(out, "demo_summary.json")))["ran_on"]  # where the numbers came from
+    assert ran_on["device"] == "cpu" and ran_on["precision"] in ("bf16", "fp32") and ran_on["cores"] >= 1
+    assert f"ran on: {ran_on['cpu']}" in printed

@@ -1,6 +1,6 @@
 """The light install of the kernels (kernels/pyproject.toml -> `mcf_fast_kernels`): torch and triton only.
 
-The fresh-venv install itself (`pip install ./kernels`, pip list) is recorded in docs/notes/issue-16.md;
+The fresh-venv install itself (`pip install ./kernels`, pip list) is recorded in dev/notes/mae-dropins.md;
 these tests pin what makes it work: kernels/ imports nothing outside torch, triton and the standard
 library, the distribution declares nothing else, and the light copy loads beside mcf_fast.kernels.
 """

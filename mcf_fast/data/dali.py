@@ -50,7 +50,7 @@ def unavailable_reason(cfg, source, device, auto: bool = False) -> str | None:
                 "`python -m mcf_fast.data.prepare` or use data.loader=torch")
     if auto and not _on_cuda(device):
         return ("the training device is the CPU, where DALI's CPU pipeline costs 2.2 ms per 224-px image "
-                "against the torch loader's 1.0 (docs/notes/issue-5.md); data.loader=dali forces it")
+                "against the torch loader's 1.0 (dev/notes/data-path.md); data.loader=dali forces it")
     try:
         _dali()
     except ImportError as e:

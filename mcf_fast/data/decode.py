@@ -14,7 +14,7 @@ may cost at most what a JPEG_SCAN_WORK-scan image of `max_pixels` costs, and at 
 scans whatever its size.
 
 Decoders (JPEG only; other formats always go through pillow): simplejpeg (libjpeg-turbo, measured the
-fastest here, see docs/notes/issue-5.md), cv2, torchvision.io.decode_jpeg, pillow.
+fastest here, see dev/notes/data-path.md), cv2, torchvision.io.decode_jpeg, pillow.
 """
 from __future__ import annotations
 

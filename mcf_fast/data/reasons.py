@@ -1,8 +1,8 @@
 """The one vocabulary of data problems: every tool (loader, scan, prepare, DALI index) counts by these names.
 
 `SKIP` maps each reason a sample, file, folder or shard is left out for to a one-line meaning;
-`CONVERT` does the same for images that are used after a conversion. README's "Reliability" section
-shows the same table. `BadSample(reason)` is how a reader or decoder says "leave this one out".
+`CONVERT` does the same for images that are used after a conversion. docs/data.md ("What is skipped
+and counted") shows the same table. `BadSample(reason)` is how a reader or decoder says "leave this one out".
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class BadSample(Exception):
 
 
 def table_markdown() -> str:
-    """The vocabulary as a Markdown table (README's copy is checked against it in the tests)."""
+    """The vocabulary as a Markdown table (docs/data.md's copy is checked against it in the tests)."""
     rows = [f"| `{k}` | skipped | {v} |" for k, v in SKIP.items()]
     rows += [f"| `{k}` | converted | {v} |" for k, v in CONVERT.items()]
     return "\n".join(["| reason | kind | meaning |", "| --- | --- | --- |", *rows])

@@ -20,6 +20,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from mcf_fast.procmem import rss_bytes
+
 log = logging.getLogger(__name__)
 
 GB = 1e9
@@ -106,21 +108,6 @@ def _trace(cfg, arch: dict, task_cls, batch: int) -> tuple[int, int]:
         loss, _ = task.loss(model, batch_in, meta)
         loss.backward()
     return mode.peak, sum(p.numel() for p in model.parameters())
-
-
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc; elsewhere its peak so far)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    import sys
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def available_bytes() -> int | None:

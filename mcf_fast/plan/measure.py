@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import torch
 
+from mcf_fast.procmem import status_kib
+
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number
 
 
@@ -42,11 +44,10 @@ def cpu_measurable() -> tuple[bool, str]:
 
 
 def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {key}")
+    kib = status_kib(key)
+    if kib is None:
+        raise OSError(f"/proc/self/status has no {key}")
+    return kib
 
 
 def _cpu_peak(fn) -> int:

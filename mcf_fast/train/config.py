@@ -272,7 +272,7 @@ SECTIONS = ("model", "optim", "data", "run", "dist")
 
 # ----------------------------------------------------------------------------------------- presets
 PRESETS: dict[str, dict] = {
-    # Small enough to pre-train on 2 CPU cores in minutes on synthetic faces (README: measured time).
+    # Small enough to pre-train on 2 CPU cores in minutes on synthetic faces (README's demo, docs/training.md).
     "demo": {
         "model": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=128,
                       decoder_depth=2, decoder_num_heads=4, proj_hidden=512, proj_dim=128,

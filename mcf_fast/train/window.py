@@ -9,12 +9,13 @@ model (unweighted, as computed) and `term_weights`, so a new term is logged with
 """
 from __future__ import annotations
 
-import resource
 import time
 from typing import Mapping
 
 import torch
 import torch.distributed as dist
+
+from mcf_fast.procmem import peak_rss_bytes
 
 from .runtime import Runtime
 from .step import StepResult
@@ -55,7 +56,7 @@ class TimedBatches:
 def peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_bytes() / 2**20
 
 
 def reduce(values: torch.Tensor, rt: Runtime, op=None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 and the 2-rank teacher replicated vs sharded, interleaved inside one 2-process job so that the
 ambient load of other processes hits every variant alike.
 
-    python docs/notes/issue-6-bench.py [ROUNDS]
+    python dev/notes/scale-fsdp2-bench.py [ROUNDS]
 
 Phase "one": rank 0 trains the unsharded model on the global batch with 2 threads while rank 1 waits
 in a blocking barrier; phases "two"/"two_shard": both ranks train FSDP2 models on half the batch,

@@ -26,6 +26,11 @@ def demo_fp32():
     return trace_step(_cfg("demo", 8), "fp32")
 
 
+@pytest.fixture(scope="module")
+def demo_bf16():
+    return trace_step(_cfg("demo", 8), "bf16")
+
+
 # ----------------------------------------------------------------------------- the tracer's bookkeeping
 def test_tracer_counts_each_storage_once_while_it_lives():
     """Views share their storage's bytes; a storage counts until its last view dies; pre-existing
@@ -117,22 +122,23 @@ def test_masks_are_drawn_for_real_by_either_backend(demo_fp32, monkeypatch):
     assert tr.flops == demo_fp32.flops and abs(tr.peak["all"] / demo_fp32.peak["all"] - 1) < 0.01
 
 
-def test_bf16_trace_sees_weight_casts_and_fp32_none(demo_fp32):
+def test_bf16_trace_sees_weight_casts_and_fp32_none(demo_fp32, demo_bf16):
     """autocast's weight copies are a category of their own (FSDP2 bf16 runs do without them)."""
-    bf = trace_step(_cfg("demo", 8), "bf16")
+    bf = demo_bf16
     assert bf.peak["act+cast"] > bf.peak["act"] and demo_fp32.peak["act+cast"] == demo_fp32.peak["act"]
 
 
 # ----------------------------------------------------------------------------- FLOPs
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_flops_equal_the_step_suite_count(precision):
-    """The plan's FLOPs per step are exactly the step benchmark's FlopCounterMode count."""
+def test_flops_equal_the_step_suite_count(precision, request):
+    """The plan's FLOPs per step are exactly the step benchmark's FlopCounterMode count (demo, batch 8: the
+    module's traces)."""
     from benchmarks.step_child import flops_of
     from mcf_fast.model.mcf import MCFModel
-    cfg = _cfg("demo", 4)
-    tr = trace_step(cfg, precision)
+    cfg = _cfg("demo", 8)
+    tr = request.getfixturevalue(f"demo_{precision}")
     model = MCFModel.from_config(cfg.model, seed=0).train()
-    suite = flops_of(model, cfg, torch.device("cpu"), precision, 4, "engine")["total"]
+    suite = flops_of(model, cfg, torch.device("cpu"), precision, 8, "engine")["total"]
     assert tr.flops == suite
 
 

@@ -6,6 +6,8 @@ time the other tests leave idle instead of adding its minutes after them (test m
     result(name)                    waits for it: fn's return value, or its exception raised here
     run(cmd, ...)                   subprocess.run at the idle CPU priority, in its own process group,
                                     killed at its timeout or when the session ends first
+    overdue(started, timeout)       the timeout's clock: it runs from when a test first waits for a
+                                    result (until then the foreground may leave the job no CPU)
     popen(cmd, ...)                 the same for a Popen
     workdir()                       a folder for the session's background files, removed at exit
 
@@ -30,6 +32,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 
 if shutil.which("chrt"):
     IDLE = ["chrt", "--idle", "0"]
@@ -47,6 +50,7 @@ _BEGUN: list = []             # non-empty once the workers may start
 _THREADS: list = []
 _PROCS: list = []             # subprocesses started by popen() and run()
 _DIR: list = []               # the session's work folder, once made
+_WAITED: list = []            # when a test first waited for a result (the foreground then leaves cores free)
 
 
 def _worker() -> None:
@@ -90,6 +94,8 @@ def started(name: str) -> bool:
 def result(name: str):
     """Wait for the job `name`; its value, or the exception it ended with."""
     job = _JOBS[name]
+    if not _WAITED:
+        _WAITED.append(time.monotonic())
     begin()
     job["done"].wait()
     if "error" in job:
@@ -107,16 +113,29 @@ def popen(cmd: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
     return p
 
 
+def overdue(started: float, timeout: float) -> bool:
+    """Has a job started at `started` (time.monotonic()) had `timeout` seconds of fair running? Counted
+    from when a test first waited for a result, if later: until then the foreground tests may take every
+    core and the idle priority may leave the job none."""
+    return time.monotonic() - max(started, _WAITED[0] if _WAITED else float("inf")) > timeout
+
+
 def run(cmd: list[str], timeout: float = 2400, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     """subprocess.run(cmd, capture_output=True, text=True, **kw) through popen(); its whole process group is
-    killed at its timeout (the result then has returncode -9 and whatever it printed)."""
+    killed after `timeout` seconds of fair running (overdue(); the result then has returncode -9 and
+    whatever it printed)."""
     p = popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        err += f"\n[background.run: killed after {timeout:.0f} s]"
+    started = time.monotonic()
+    while True:
+        try:
+            out, err = p.communicate(timeout=5.0)
+            break
+        except subprocess.TimeoutExpired:  # retrying loses no output
+            if overdue(started, timeout):
+                os.killpg(p.pid, signal.SIGKILL)
+                out, err = p.communicate()
+                err += f"\n[background.run: killed after {timeout:.0f} s of fair running]"
+                break
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
@@ -136,4 +155,4 @@ def _stop():
         shutil.rmtree(d, ignore_errors=True)
 
 
-__all__ = ["start", "begin", "started", "result", "popen", "run", "workdir", "ENV", "IDLE", "WORKERS"]
+__all__ = ["start", "begin", "started", "result", "overdue", "popen", "run", "workdir", "ENV", "IDLE", "WORKERS"]

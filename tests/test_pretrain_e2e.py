@@ -55,8 +55,8 @@ def _killed_then_rerun(out: str) -> dict:
     """The same 20-step command, SIGKILLed once its step-10 checkpoint is complete, then run again."""
     marker = pathlib.Path(out) / "checkpoints" / "step_00000010" / "COMPLETE"
     p = background.popen(_cmd(out, *RUN_ARGS), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    deadline = time.time() + 300
-    while not marker.exists() and p.poll() is None and time.time() < deadline:
+    started = time.monotonic()
+    while not marker.exists() and p.poll() is None and not background.overdue(started, 300):
         time.sleep(0.05)
     seen = {"out": pathlib.Path(out), "checkpointed": marker.exists()}
     p.send_signal(signal.SIGKILL)

@@ -18,14 +18,14 @@ import time
 
 import torch
 
+from mcf_fast.plan.hardware import H100
+
 from . import harness as H
 from .budget import Budget
 from .machine import matmul_peak
 from .rows import add_ratios, row, unmeasured
 from .tables import fmt
 
-H100_BF16_DENSE = 989e12  # FLOP/s, the datasheet's dense bf16 tensor-core peak (SXM)
-PROJ_MFU = 0.40
 PROJ_PRESET = "vit-b-paper"  # projections only for the paper-size model: a demo-size rate says nothing about it
 CHILD_MIN_S = 20.0  # below this, a configuration is not started: a child imports torch and builds two models
 GRACE_S = 10.0      # the child aims to end this long before it is stopped
@@ -145,15 +145,21 @@ def _rows(res: dict, peaks: dict) -> list[dict]:
 
 
 def projections(results) -> list[dict]:
-    """H100 rows for the paper-size preset only, from its counted FLOPs at PROJ_MFU of the bf16 peak:
-    a model, labelled as one (fp32 and bf16 count the same FLOPs, so one row)."""
+    """H100 rows for the paper-size preset only, from its counted FLOPs at the cost sheet's MFU range
+    (mcf_fast.plan.hardware, the same assumptions `python -m mcf_fast.plan` states): a model, labelled as
+    one (fp32 and bf16 count the same FLOPs, so one row, at the likely MFU)."""
+    mfu = {k: v[0] for k, v in H100.mfu_range().items()}
+    peak = H100.peak["bf16"]
     for r in results:
         f = r.get("flops_per_image_engine")
         if f and r["preset"] == PROJ_PRESET:
-            ips = PROJ_MFU * H100_BF16_DENSE / f
+            ips = mfu["likely"] * peak / f
             return [row("projection", f"H100 {r['preset']} bf16 (model)", "per GPU", "bf16", "engine (model)",
-                        note=f"model, not measured: {f / 1e9:.1f} counted GFLOP per image (fwd+bwd) at "
-                             f"{PROJ_MFU:.0%} of 989 TFLOP/s", images_per_s=ips, hours_per_epoch=20e6 / ips / 3600)]
+                        note=f"model, not measured: {f / 1e9:.1f} counted GFLOP per image (fwd+bwd) at the cost "
+                             f"sheet's likely {mfu['likely']:.0%} MFU ({mfu['low']:.0%}-{mfu['high']:.0%}: "
+                             f"{mfu['low'] * peak / f:.0f}-{mfu['high'] * peak / f:.0f} images/s) of "
+                             f"{peak / 1e12:.0f} TFLOP/s; `python -m mcf_fast.plan` for the whole sheet",
+                        images_per_s=ips, hours_per_epoch=20e6 / ips / 3600)]
     return []
 
 

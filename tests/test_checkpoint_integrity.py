@@ -1,5 +1,5 @@
 """Checkpoints that are verified, durable and recoverable: digests in COMPLETE, fallback past damaged or
-non-finite ones, fsync before the rename, garbled markers, leftover rotation, disk-full messages (issue 13)."""
+non-finite ones, fsync before the rename, garbled markers, leftover rotation, disk-full messages."""
 from __future__ import annotations
 
 import errno

@@ -87,7 +87,7 @@ def test_help_shows_the_preset_defaults(capsys):
     assert "(default: None)" not in vits
 
 
-CASES = [  # issue 13 item 22 and issue 14 item 2: each is refused before any work
+CASES = [  # each is refused before any work
     (["--optim.batch_size", "1"], "BatchNorm"),
     (["--optim.batch_size", "1000000"], "synthetic_size"),
     (["--model.mlp_ratio", "-1"], "mlp_ratio"),

@@ -1,5 +1,5 @@
 """A run folder's DCP files execute nothing: hostile `.metadata` or byte entries are refused on resume and
-convert, naming the class and the file, and a marker file the payload would create never appears (issue 13)."""
+convert, naming the class and the file, and a marker file the payload would create never appears."""
 from __future__ import annotations
 
 import hashlib

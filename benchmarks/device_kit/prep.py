@@ -49,8 +49,8 @@ def prep(packages=PACKAGES) -> int:
     size = sum(os.path.getsize(os.path.join(WHEELS, w)) for w in whls)
     for w in whls:
         print(f"  {w}: needs {', '.join(_requires(os.path.join(WHEELS, w))) or 'nothing'}")
-    print(f"{len(whls)} wheels, {size / 2**20:.1f} MiB in {WHEELS} (carry limit {CARRY_LIMIT / 2**20:.0f} MiB "
-          "with the working tree); GIT_SHA recorded")
+    print(f"{len(whls)} wheels, {size / 2**20:.1f} MiB in {WHEELS} (copied with the working tree: kept "
+          f"under {CARRY_LIMIT / 2**20:.0f} MiB in all); GIT_SHA recorded")
     return 0 if size < CARRY_LIMIT / 2 else 1
 
 

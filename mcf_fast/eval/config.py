@@ -16,7 +16,7 @@ OUR_CHOICES = dict(precision="auto", head_init="torch", ema_warmup=True, warp_fr
 CHOICES = dict(precision=("fp32", "bf16", "auto"), head_init=("mmcv", "torch"), warp_frame=("blueprint", "centre"),
                auc_grid=("farl", "closed"), absent_class=("nan", "skip"))
 # FaRL's values (farl/experiments/face_{alignment,parsing}/optimizers/refine_backbone.yaml, trainers/*.yaml),
-# then the simple protocols' (issue 8). Fields left at their sentinel take these.
+# then the simple protocols'. Fields left at their sentinel take these.
 PROTOCOL_DEFAULTS = {
     ("farl", "alignment"): dict(lr=1e-2, backbone_lr_scale=0.01, weight_decay=1e-5, layer_decay=1.0, warmup_steps=0,
                                 schedule="step", clip_grad=0.0, ema_decay=0.999, head_width=768, warp_factor=0.0,

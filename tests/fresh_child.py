@@ -38,9 +38,8 @@ def _rss(key: str) -> int:
 
 def nce_memory(N: int = 8192, C: int = 256) -> dict:
     """fwd+bwd at N = M = 8192, C = 256 on the CPU: {'ours'|'naive': {peak above base, loss, |d q|}}."""
-    import torch
-
     import mcf_fast.kernels as K
+    import torch
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(N, C, generator=g).requires_grad_(True)

@@ -26,7 +26,8 @@ def install(ctx: Context, deadline: float) -> dict:
     """The wheels carried in gpu_wheels/ into a private folder on PYTHONPATH: no network, no deps."""
     whls = sorted(glob.glob(os.path.join(prep.WHEELS, "*.whl")))
     if not whls:
-        return {"status": "skipped", "summary": "skipped: no gpu_wheels/*.whl (run --prep where pip works and copy gpu_wheels/ here)"}
+        return {"status": "skipped",
+                "summary": "skipped: no gpu_wheels/*.whl (run --prep where pip works and copy gpu_wheels/ here)"}
     site = ctx.env["MCF_KIT_SITE"]
     rc, out = run_cmd(ctx, "install", [ctx.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                                        "--no-compile", "--disable-pip-version-check", "--upgrade", "--target", site]

@@ -326,7 +326,7 @@ def _finish(w: Wiring, start: int, t_start: float) -> dict:
         runfolder.write_json(os.path.join(out, "summary.json"), summary)  # atomic and fsynced
         log.info("done in %.1f s. Run folder %s: config.json, metrics.jsonl, train.log, summary.json, tb/ "
                  "(TensorBoard), checkpoints/, images/recon_latest.png%s", summary["wall_s"], out,
-                 ", encoder.safetensors + encoder.json" if cfg.run.export else "")
+                 ", encoder.safetensors + encoder.json + MODEL_CARD.md" if cfg.run.export else "")
     return summary
 
 

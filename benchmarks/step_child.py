@@ -279,6 +279,9 @@ def measure_config(spec: dict) -> dict:
 
 def profile_table(step, device, rows=30) -> str:
     """torch.profiler's top operators (by self time) over one engine step."""
+    # The profiler's library logs to stderr (a start/stop line each time, and on a CUDA build of torch with
+    # no GPU an ERROR line about the device count); the report holds its table, so its log is silenced.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:

@@ -7,6 +7,7 @@ opcode family; the dispatch is a 256-entry table. What each refusal means is in 
 from __future__ import annotations
 
 import codecs
+import pickle
 import struct
 
 from .pickle_bounds import MAX_INT_BYTES, PROTOCOL_MAX, Node, PickleBoundsError, RefusedFile, Walk, budget
@@ -311,4 +312,15 @@ def check_pickle(data, source: str, *, persistent: bool = False, max_nodes: int 
     return w
 
 
-__all__ = ["check_pickle", "PickleBoundsError", "RefusedFile", "Walk"]
+def check_untrusted(data, source: str, refusal: type[Exception]) -> Walk:
+    """check_pickle for a reader that unpickles next: a stream that is not a pickle at all raises
+    pickle.UnpicklingError (damage), one out of bounds raises `refusal` (one line)."""
+    try:
+        return check_pickle(data, source)
+    except PickleBoundsError as e:
+        if e.malformed:
+            raise pickle.UnpicklingError(str(e)) from None
+        raise refusal(str(e)) from None
+
+
+__all__ = ["check_pickle", "check_untrusted", "PickleBoundsError", "RefusedFile", "Walk"]

@@ -26,8 +26,8 @@ import os
 import pickle
 from collections import Counter
 
-from mcf_fast.pickle_bounds import PickleBoundsError, RefusedFile
-from mcf_fast.pickle_walk import check_pickle
+from mcf_fast.pickle_bounds import RefusedFile
+from mcf_fast.pickle_walk import check_untrusted
 
 from .files import MAX_FILE_MB
 from .reasons import BadSample
@@ -56,12 +56,7 @@ class _PlainUnpickler(pickle.Unpickler):
 
 def safe_loads(data: bytes, source: str = "pickle"):
     """pickle.loads for untrusted bytes: bounded, plain containers and scalars only (see the module docstring)."""
-    try:
-        check_pickle(data, source)
-    except PickleBoundsError as e:
-        if e.malformed:
-            raise pickle.UnpicklingError(str(e)) from None
-        raise UnsafePickle(str(e)) from None
+    check_untrusted(data, source, UnsafePickle)
     return _PlainUnpickler(io.BytesIO(data)).load()
 
 

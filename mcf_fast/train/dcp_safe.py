@@ -28,8 +28,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
-from mcf_fast.pickle_bounds import PickleBoundsError, RefusedFile
-from mcf_fast.pickle_walk import check_pickle
+from mcf_fast.pickle_bounds import RefusedFile
+from mcf_fast.pickle_walk import check_untrusted
 from mcf_fast.safe_load import check_torch_file
 
 _DCP_META = "torch.distributed.checkpoint.metadata"
@@ -106,12 +106,7 @@ def read_metadata_file(path: str) -> Metadata:
         data = f.read()
     if not data:
         raise pickle.UnpicklingError(f"{path} is empty")
-    try:
-        check_pickle(data, path)
-    except PickleBoundsError as e:
-        if e.malformed:
-            raise pickle.UnpicklingError(str(e)) from None
-        raise UnsafeCheckpointError(str(e)) from None
+    check_untrusted(data, path, UnsafeCheckpointError)
     try:
         md = _RestrictedUnpickler(io.BytesIO(data), path).load()
     except (UnsafeCheckpointError, pickle.UnpicklingError, EOFError):

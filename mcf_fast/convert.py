@@ -84,14 +84,11 @@ def load_model_state(ckpt: str) -> dict[str, torch.Tensor]:
 def _run_config(ckpt: str) -> dict | None:
     """The run's config.json (two levels up from a step folder), if present."""
     from mcf_fast.train.checkpoint import CheckpointError
-    from mcf_fast.train.ckpt_integrity import read_json
+    from mcf_fast.train.ckpt_integrity import read_json_or_why
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "config.json")
     if not os.path.exists(path):
         return None
-    try:
-        cfg = read_json(path)
-    except (OSError, ValueError) as e:
-        cfg, why = None, (str(e).splitlines() or [type(e).__name__])[0][:120]
+    cfg, why = read_json_or_why(path)
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model", {}), dict):
         raise CheckpointError(f"{path} is empty or garbled ({why if cfg is None else 'not a config'}): restore it, "
                               "or move it away and pass --num-heads")

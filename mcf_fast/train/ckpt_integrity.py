@@ -68,6 +68,14 @@ def read_json(path: str):
         raise ValueError("nested too deeply") from None
 
 
+def read_json_or_why(path: str) -> tuple:
+    """(read_json(path), "") or, when it cannot be read or parsed, (None, the first line of why)."""
+    try:
+        return read_json(path), ""
+    except (OSError, ValueError) as e:
+        return None, (str(e).splitlines() or [type(e).__name__])[0][:120]
+
+
 def write_durable(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)

@@ -22,7 +22,7 @@ import stat
 
 import torch.distributed as dist
 
-from .ckpt_integrity import read_json, write_json
+from .ckpt_integrity import read_json, read_json_or_why, write_json
 from .config import Config
 from .dcp_safe import CheckpointError
 from .runtime import Runtime
@@ -120,12 +120,8 @@ def _saved_config(out: str) -> dict | None:
     path = os.path.join(out, "config.json")
     if not os.path.exists(path):
         return None
-    try:
-        cfg = read_json(path)
-    except (OSError, ValueError) as e:
-        cfg, why = None, (str(e).splitlines() or [type(e).__name__])[0][:120]
-    else:
-        why = "not a JSON object of config sections"
+    cfg, why = read_json_or_why(path)
+    why = why or "not a JSON object of config sections"
     sections = ("model", "optim", "data", "run", "dist")
     if (not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), dict) for k in ("model", "optim"))
             or not all(isinstance(v, dict) for k, v in cfg.items() if k in sections)):
